@@ -1,2 +1,194 @@
-def main() -> int:
+"""The kproxy command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from kproxy.errors import KproxyError
+
+PROG = "kproxy"
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KproxyError(f"label {pair!r} must be KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise KproxyError("this command creates namespaces and links: run it as root (sudo)")
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    from kproxy.lab import build
+    from kproxy.lab.topology import load_topology
+
+    topology = load_topology(Path(args.file) if args.file else None, args.name, args.overlay)
+    _need_root()
+    started = time.monotonic()
+    state, report = build.up(topology)
+    took = time.monotonic() - started
+    print(f"lab {state.name} is up ({state.overlay}): {len(state.nodes)} nodes, {len(state.pods)} pods "
+          f"({report.created_pods} wired now, {report.removed_pods} removed) in {took:.2f}s")
+    print(f"  kproxy lab status {state.name}    kproxy exec --lab {state.name} POD -- CMD    "
+          f"kproxy lab down {state.name}")
     return 0
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from kproxy.lab import build
+    from kproxy.lab.state import choose_lab
+
+    _need_root()
+    name = choose_lab(args.name)
+    removed = build.teardown(name)
+    print(f"lab {name} is down ({len(removed)} namespaces removed)")
+    return 0
+
+
+def cmd_lab_ls(args: argparse.Namespace) -> int:
+    from kproxy.lab.state import existing_labs, lab_namespaces, load_state
+
+    for name in existing_labs():
+        state = load_state(name)
+        if state is None:
+            print(f"{name}\t(no state: leftovers, remove with 'kproxy lab down {name}')")
+        else:
+            print(f"{name}\t{state.overlay}\t{len(state.nodes)} nodes\t{len(state.pods)} pods\t"
+                  f"{len(lab_namespaces(name))} namespaces")
+    return 0
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from kproxy.lab import build
+    from kproxy.lab.state import choose_lab
+
+    info = build.status(choose_lab(args.name))
+    if args.output == "json":
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"lab {info['name']}  overlay {info['overlay']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
+          f"external {info['external']['ip']}")
+    print()
+    rows = [["NODE", "IP", "POD CIDR", "LABELS", "WORKLOAD", "NAMESPACE"]]
+    for n in info["nodes"]:
+        workload = f"pid {n['workloadPid']}" if n["workloadPid"] else "DEAD"
+        rows.append([n["name"], n["ip"], n["podCIDR"], _fmt_labels(n["labels"]), workload,
+                     n["namespace"] if n["present"] else "MISSING"])
+    print(_table(rows))
+    print()
+    rows = [["POD", "NODE", "IP", "PORTS", "LABELS", "STATE"]]
+    for p in info["pods"]:
+        rows.append([p["name"], p["node"], p["ip"], ",".join(map(str, p["ports"])), _fmt_labels(p["labels"]),
+                     "ok" if p["wired"] else ("MISSING" if not p["present"] else "NOT WIRED")])
+    print(_table(rows))
+    return 0
+
+
+def _fmt_labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def cmd_lab_add_node(args: argparse.Namespace) -> int:
+    from kproxy.lab import build
+    from kproxy.lab.state import choose_lab
+
+    _need_root()
+    state, _ = build.add_node(choose_lab(args.lab), args.node, _labels(args.label))
+    print(f"node {args.node} joined lab {state.name} ({state.nodes[args.node].ip}, {state.nodes[args.node].pod_cidr})")
+    return 0
+
+
+def cmd_lab_remove_node(args: argparse.Namespace) -> int:
+    from kproxy.lab import build
+    from kproxy.lab.state import choose_lab
+
+    _need_root()
+    state, report = build.remove_node(choose_lab(args.lab), args.node)
+    print(f"node {args.node} left lab {state.name} ({report.removed_pods} pods removed or moved)")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from kproxy.lab.state import choose_lab, lab_namespaces, ns_name, ns_path
+
+    lab = choose_lab(args.lab)
+    if ns_name(lab, args.target) not in lab_namespaces(lab):
+        raise KproxyError(f"lab {lab} has no pod, node or namespace named {args.target!r} (see 'kproxy lab status')")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise KproxyError("no command given: kproxy exec TARGET -- CMD [ARGS...]")
+    _need_root()
+    os.execvp("nsenter", ["nsenter", f"--net={ns_path(lab, args.target)}", "--", *command])
+    return 127  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="The Kubernetes Service data plane, for real, in namespaces.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    lab = sub.add_parser("lab", help="start, inspect and stop labs (nodes and pods as namespaces)")
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
+    p = lab_sub.add_parser("up", help="build or reconcile a lab from a topology file")
+    p.add_argument("-f", "--file", help="topology YAML (default: examples/lab.yaml)")
+    p.add_argument("--name", help="lab name (default: the file's name field)")
+    p.add_argument("--overlay", choices=("vxlan", "host-gw"), help="overlay between nodes (default: the file's)")
+    p.set_defaults(func=cmd_lab_up)
+    p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
+    p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.set_defaults(func=cmd_lab_down)
+    p = lab_sub.add_parser("ls", help="list labs on this machine")
+    p.set_defaults(func=cmd_lab_ls)
+    p = lab_sub.add_parser("status", help="nodes, pods, IPs, overlay and workloads of a lab")
+    p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_lab_status)
+    p = lab_sub.add_parser("add-node", help="add a node; every other node's overlay learns it")
+    p.add_argument("node")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.set_defaults(func=cmd_lab_add_node)
+    p = lab_sub.add_parser("remove-node", help="remove a node, its pinned pods, and its overlay entries everywhere")
+    p.add_argument("node")
+    p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.set_defaults(func=cmd_lab_remove_node)
+
+    p = sub.add_parser("exec", help="run a command in a pod, node, external or underlay namespace")
+    p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.add_argument("target", help="pod or node name, 'external' or 'underlay'")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_exec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KproxyError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Where a lab keeps what it built: /run/kproxy/<lab>/state.json, written atomically.
+
+The state records every assignment that must survive a re-run of `up`
+(node IPs, pod CIDRs, VTEP MACs, pod placement), so reconciling never renumbers
+a running lab. Namespace names are derived from the lab name, so `down` finds
+everything even when the state file is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kproxy.errors import KproxyError
+
+NETNS_DIR = Path("/var/run/netns")
+
+
+def state_root() -> Path:
+    return Path(os.environ.get("KPROXY_STATE_DIR", "/run/kproxy"))
+
+
+def ns_prefix(lab: str) -> str:
+    # "_" never appears in lab, node or pod names, so prefixes of two labs never clash.
+    return f"kp_{lab}_"
+
+
+def ns_name(lab: str, member: str) -> str:
+    return f"{ns_prefix(lab)}{member}"
+
+
+def ns_path(lab: str, member: str) -> str:
+    return str(NETNS_DIR / ns_name(lab, member))
+
+
+@dataclass
+class NodeState:
+    ip: str
+    pod_cidr: str
+    vtep_mac: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PodState:
+    node: str
+    labels: dict[str, str] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)
+    ip: str = ""
+
+
+@dataclass
+class LabState:
+    name: str
+    overlay: str
+    pod_cidr: str
+    node_cidr: str
+    external_ip: str
+    nodes: dict[str, NodeState] = field(default_factory=dict)
+    pods: dict[str, PodState] = field(default_factory=dict)
+    topology: dict[str, Any] = field(default_factory=dict)  # topology.to_raw() of what was applied
+    generation: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return lab_dir(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> LabState:
+        nodes = {k: NodeState(**v) for k, v in raw.pop("nodes", {}).items()}
+        pods = {k: PodState(**v) for k, v in raw.pop("pods", {}).items()}
+        return cls(**raw, nodes=nodes, pods=pods)
+
+
+def lab_dir(name: str) -> Path:
+    return state_root() / name
+
+
+def state_file(name: str) -> Path:
+    return lab_dir(name) / "state.json"
+
+
+def load_state(name: str) -> LabState | None:
+    try:
+        return LabState.from_json(json.loads(state_file(name).read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise KproxyError(f"the state of lab {name} is damaged ({exc}); run 'kproxy lab down {name}'") from None
+
+
+def save_state(state: LabState) -> None:
+    state.generation += 1
+    path = state_file(state.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(state.to_json(), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def existing_labs() -> list[str]:
+    """Labs that have a state directory or namespaces on this machine."""
+    names = set()
+    if state_root().is_dir():
+        names.update(p.name for p in state_root().iterdir() if (p / "state.json").exists())
+    if NETNS_DIR.is_dir():
+        for entry in NETNS_DIR.iterdir():
+            parts = entry.name.split("_")
+            if len(parts) == 3 and parts[0] == "kp":
+                names.add(parts[1])
+    return sorted(names)
+
+
+def lab_namespaces(name: str) -> list[str]:
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(ns_prefix(name)))
+
+
+def choose_lab(explicit: str | None) -> str:
+    """--lab, else $KPROXY_LAB, else the only lab there is."""
+    if explicit:
+        return explicit
+    if os.environ.get("KPROXY_LAB"):
+        return os.environ["KPROXY_LAB"]
+    labs = existing_labs()
+    if len(labs) == 1:
+        return labs[0]
+    if not labs:
+        raise KproxyError("no lab is running; start one with 'kproxy lab up'")
+    raise KproxyError(f"several labs are running ({', '.join(labs)}); choose one with --lab NAME or KPROXY_LAB")
