@@ -35,6 +35,7 @@ from cni.spec import Request, validate_ifname
 DEFAULT_BRIDGE = "cni0"
 DEFAULT_MTU = 1500
 IFF_PROMISC = 0x100
+RTPROT_BOOT = 3  # what the reference's routes carry (pyroute2 would say "static")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,13 @@ def _first(ipr: IPRoute, ifname: str) -> int | None:
     return found[0] if found else None
 
 
+def _broadcast(iface: Any) -> dict[str, str]:
+    """IPv4 addresses get a broadcast address, as the reference (Go netlink) sets."""
+    if iface.version == 4 and iface.network.prefixlen < 31:
+        return {"broadcast": str(iface.network.broadcast_address)}
+    return {}
+
+
 def _netlink(what: str, exc: NetlinkError) -> CNIError:
     return CNIError(NETLINK_FAILURE, f"{what}: {os.strerror(exc.code)}")
 
@@ -131,6 +139,8 @@ class Bridge:
                 if _first(pod, req.ifname) is not None:
                     raise CNIError(INTERFACE_EXISTS, f"interface {req.ifname} already exists in {req.netns}")
                 bridge_index = self._ensure_bridge(host, cfg)
+                # The bridge's own MAC before a port joins: it adopts the lowest port MAC otherwise.
+                bridge_mac = host.get_links(bridge_index)[0].get("IFLA_ADDRESS")
                 host_veth = self._create_veth(host, pod, netns_fd, req.ifname, cfg)
             finally:
                 os.close(netns_fd)
@@ -142,13 +152,16 @@ class Bridge:
                 pod_index = _first(pod, req.ifname)
                 for ip in ips:
                     iface = ipaddress.ip_interface(ip["address"])
-                    pod.addr("add", index=pod_index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                    pod.addr("add", index=pod_index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                             **_broadcast(iface))
                 pod.link("set", index=pod_index, state="up")
                 for route in routes:
                     self._add_route(pod, pod_index, route, gateways)
                 if cfg.is_gateway:
                     for gw in gateways:
                         self._ensure_address(host, bridge_index, cfg, gw)
+                    if gateways:  # as the reference: pin the MAC so it does not change as pods churn
+                        self._pin_mac(host, bridge_index, bridge_mac)
                     write_sysctl(self.host_ns, "net/ipv4/ip_forward", "1")
                 if cfg.ip_masq:
                     masq.setup(self.host_ns, req.network, req.container_id, [ip["address"] for ip in ips])
@@ -165,13 +178,11 @@ class Bridge:
                 raise
         for ip in ips:
             ip["interface"] = 2
-        return {
-            "cniVersion": req.version,
-            "interfaces": interfaces,
-            "ips": ips,
-            "routes": routes,
-            "dns": req.config.get("dns") or ipam_result.get("dns") or {},
-        }
+        result: dict[str, Any] = {"cniVersion": req.version, "interfaces": interfaces, "ips": ips}
+        if routes:  # like the reference (Go omitempty): no "routes" key when there are none
+            result["routes"] = routes
+        result["dns"] = req.config.get("dns") or ipam_result.get("dns") or {}
+        return result
 
     @staticmethod
     def _ensure_bridge(host: IPRoute, cfg: BridgeConfig) -> int:
@@ -193,6 +204,17 @@ class Bridge:
         return index  # type: ignore[no-any-return]
 
     @staticmethod
+    def _pin_mac(host: IPRoute, index: int, mac: str | None) -> None:
+        """Set the bridge's MAC explicitly, so the kernel stops following the lowest port MAC.
+
+        A bridge whose ports all left has 00:00:00:00:00:00 until one joins; then
+        the MAC it has now (its new port's) is the one to keep.
+        """
+        if not mac or mac == "00:00:00:00:00:00":
+            mac = host.get_links(index)[0].get("IFLA_ADDRESS")
+        host.link("set", index=index, address=mac)
+
+    @staticmethod
     def _create_veth(host: IPRoute, pod: IPRoute, netns_fd: int, ifname: str, cfg: BridgeConfig) -> str:
         for _ in range(5):  # random names may collide; the reference retries too
             name = "veth" + secrets.token_hex(4)
@@ -211,7 +233,7 @@ class Bridge:
     def _add_route(pod: IPRoute, index: int, route: dict[str, str], gateways: list[Any]) -> None:
         dst = ipaddress.ip_network(route["dst"], strict=False)
         gw = route.get("gw") or next((str(g.ip) for g in gateways if g.version == dst.version), None)
-        kwargs: dict[str, Any] = {"dst": str(dst), "oif": index}
+        kwargs: dict[str, Any] = {"dst": str(dst), "oif": index, "proto": RTPROT_BOOT}
         if gw:
             kwargs["gateway"] = gw
         try:
@@ -236,7 +258,7 @@ class Bridge:
                     )
                 host.addr("del", index=index, address=str(have.ip), prefixlen=have.network.prefixlen)
         try:
-            host.addr("add", index=index, address=str(gw.ip), prefixlen=gw.network.prefixlen)
+            host.addr("add", index=index, address=str(gw.ip), prefixlen=gw.network.prefixlen, **_broadcast(gw))
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:  # a concurrent ADD set the same address
                 raise

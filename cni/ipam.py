@@ -253,7 +253,11 @@ class HostLocal:
                 for ip in reserved:
                     store.release(ip)
                 raise
-        return {"cniVersion": req.version, "ips": ips, "routes": list(cfg.routes), "dns": dict(cfg.dns)}
+        result: dict[str, Any] = {"cniVersion": req.version, "ips": ips}
+        if cfg.routes:  # like the reference (Go omitempty): no "routes" key when there are none
+            result["routes"] = list(cfg.routes)
+        result["dns"] = dict(cfg.dns)
+        return result
 
     @staticmethod
     def _reserve_one(store: Store, index: int, ranges: list[Range], req: Request) -> tuple[Range, IPAddress]:
