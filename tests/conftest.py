@@ -57,7 +57,7 @@ def root_namespace_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
     before = root_namespace_snapshot()
     yield
     after = root_namespace_snapshot()
-    changed = [key for key in before if before[key] != after[key]]
+    changed = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
     assert not changed, f"the root namespace changed during the tests: {changed}"
 
 

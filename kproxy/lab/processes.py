@@ -90,7 +90,8 @@ def stop_workload(lab_dir: Path, node: str) -> None:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        # A zombie has an empty cmdline, so running_pid() no longer calls it ours.
+        while time.monotonic() < deadline and running_pid(lab_dir, node) == pid:
             try:
                 os.waitpid(pid, os.WNOHANG)  # reap it if it happens to be our child
             except ChildProcessError:

@@ -1,0 +1,58 @@
+"""Driving labs through the real `kproxy` command, and cleaning them up."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from tests.runtime import VENV_BIN
+
+KPROXY = str(VENV_BIN / "kproxy")
+_labs = itertools.count()
+
+
+def kproxy(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([KPROXY, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+    if check and done.returncode != 0:
+        raise AssertionError(f"kproxy {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+def unique_lab_name() -> str:
+    return f"t{os.getpid() % 100000}x{next(_labs)}"
+
+
+def status(name: str) -> dict[str, Any]:
+    return json.loads(kproxy("lab", "status", name, "-o", "json").stdout)
+
+
+def write_topology(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@contextmanager
+def running_lab(*up_args: str, name: str | None = None) -> Iterator[str]:
+    """A lab brought up with `kproxy lab up`; always `down` afterwards."""
+    name = name or unique_lab_name()
+    try:
+        kproxy("lab", "up", "--name", name, *up_args)
+        yield name
+    finally:
+        kproxy("lab", "down", name, check=False)
+
+
+def pod_ip(info: dict[str, Any], pod: str) -> str:
+    return next(p["ip"] for p in info["pods"] if p["name"] == pod)
+
+
+def node_ip(info: dict[str, Any], node: str) -> str:
+    return next(n["ip"] for n in info["nodes"] if n["name"] == node)

@@ -1,0 +1,227 @@
+"""Labs on the real kernel: reachability over each overlay, what crosses the
+underlay, reconciling, several labs at once, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
+from kproxy.lab.state import NETNS_DIR, lab_dir, ns_name, ns_path
+from tests.labtools import kproxy, node_ip, pod_ip, running_lab, status, unique_lab_name, write_topology
+from tests.runtime import in_ns
+
+pytestmark = pytest.mark.kernel
+
+OVERLAYS = ["vxlan", "host-gw"]
+
+
+def lab_traces(name: str) -> list[str]:
+    """Everything of a lab a person could find on the machine."""
+    found = [p.name for p in NETNS_DIR.glob(f"kp_{name}_*")] if NETNS_DIR.exists() else []
+    if lab_dir(name).exists():
+        found.append(str(lab_dir(name)))
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    found += [line for line in ps.splitlines() if "kproxy.lab.workload" in line and f"/{name}/" in line]
+    return found
+
+
+def answer(lab: str, src: str, ip: str, port: int = 8080) -> dict[str, str]:
+    return parse_answer(probe_tcp(ns_path(lab, src), ip, port, timeout=3))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_full_reachability_matrix(overlay: str) -> None:
+    with running_lab("--overlay", overlay) as lab:
+        info = status(lab)
+        assert info["overlay"] == overlay
+        client_ip = pod_ip(info, "client")  # client and web-1 share node1
+        # pod -> pod on the same node and across nodes, over TCP and UDP; the pod sees the real source.
+        for target in ("web-1", "web-2", "web-3"):
+            got = answer(lab, "client", pod_ip(info, target))
+            assert got["pod"] == target and got["client"].split(":")[0] == client_ip
+            assert parse_answer(probe_udp(ns_path(lab, "client"), pod_ip(info, target), 8080))["pod"] == target
+        # a second port of a pod
+        assert answer(lab, "web-3", pod_ip(info, "echo"), 9090)["pod"] == "echo"
+        # node -> pod, on its own node and on others
+        for node in ("node1", "node2", "node3"):
+            assert answer(lab, node, pod_ip(info, "web-1"))["pod"] == "web-1"
+        # external -> every node IP, and node -> node
+        for node in ("node1", "node2", "node3"):
+            assert in_ns(ns_path(lab, "external"), "ping", "-c1", "-W2", node_ip(info, node), check=False).returncode == 0
+        assert in_ns(ns_path(lab, "node1"), "ping", "-c1", "-W2", node_ip(info, "node3"), check=False).returncode == 0
+        # pod MTU follows the overlay
+        mtu = json.loads(in_ns(ns_path(lab, "web-1"), "ip", "-j", "link", "show", "eth0").stdout)[0]["mtu"]
+        assert mtu == (1450 if overlay == "vxlan" else 1500)
+
+
+def capture(lab: str, action: Any, count: int = 2) -> list[Any]:
+    """Packets seen on the underlay bridge while action runs (scapy reads the pcap)."""
+    from scapy.all import rdpcap  # imported late: scapy snapshots interfaces at import
+
+    pcap = Path(f"/tmp/kproxy-test-{lab}.pcap")
+    dumper = subprocess.Popen(["nsenter", f"--net={ns_path(lab, 'underlay')}", "--", "tcpdump", "-i", "br0",
+                               "-U", "-w", str(pcap), "-c", str(count), "udp or icmp"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not pcap.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # tcpdump creates the file before the capture is armed
+        action()
+        dumper.wait(timeout=10)
+        return list(rdpcap(str(pcap)))
+    finally:
+        if dumper.poll() is None:
+            dumper.terminate()
+            dumper.wait()
+        pcap.unlink(missing_ok=True)
+
+
+def test_vxlan_traffic_is_vxlan_on_udp_8472_with_vni_1() -> None:
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.vxlan import VXLAN
+
+    with running_lab("--overlay", "vxlan") as lab:
+        info = status(lab)
+        src, dst = pod_ip(info, "client"), pod_ip(info, "web-3")
+        packets = capture(lab, lambda: in_ns(ns_path(lab, "client"), "ping", "-c1", "-W2", dst))
+        request = packets[0]
+        assert request[IP].src == node_ip(info, "node1") and request[IP].dst == node_ip(info, "node3")
+        assert request[UDP].dport == 8472
+        assert request[VXLAN].vni == 1
+        inner = request[VXLAN].payload
+        assert inner[IP].src == src and inner[IP].dst == dst and inner[ICMP].type == 8
+
+
+def test_host_gw_traffic_is_plain_ip_between_pods() -> None:
+    from scapy.layers.inet import ICMP, IP, UDP
+
+    with running_lab("--overlay", "host-gw") as lab:
+        info = status(lab)
+        src, dst = pod_ip(info, "client"), pod_ip(info, "web-3")
+        packets = capture(lab, lambda: in_ns(ns_path(lab, "client"), "ping", "-c1", "-W2", dst))
+        request = packets[0]
+        assert request[IP].src == src and request[IP].dst == dst and request[ICMP].type == 8
+        assert UDP not in request
+
+
+def overlay_entries(lab: str, node: str) -> str:
+    ns = ns_path(lab, node)
+    return "\n".join(in_ns(ns, *cmd).stdout for cmd in (
+        ("ip", "route"), ("bridge", "fdb", "show", "dev", "flannel.1"), ("ip", "neigh", "show", "dev", "flannel.1")))
+
+
+def test_adding_and_removing_a_node_updates_every_other_node() -> None:
+    with running_lab() as lab:
+        kproxy("lab", "add-node", "--lab", lab, "node4", "--label", "zone=c")
+        info = status(lab)
+        node4 = next(n for n in info["nodes"] if n["name"] == "node4")
+        for node in ("node1", "node2", "node3"):
+            entries = overlay_entries(lab, node)
+            assert f"{node4['podCIDR']} via {node4['podCIDR'].split('/')[0]} dev flannel.1 onlink" in entries
+            assert f"dst {node4['ip']} self permanent" in entries
+        kproxy("lab", "remove-node", "--lab", lab, "node4")
+        for node in ("node1", "node2", "node3"):
+            entries = overlay_entries(lab, node)
+            assert node4["podCIDR"] not in entries and node4["ip"] not in entries
+        assert not (NETNS_DIR / ns_name(lab, "node4")).exists()
+
+
+def test_reapplying_a_topology_adds_a_node_with_a_pod_reachable_from_everywhere(tmp_path: Path) -> None:
+    raw = {"nodes": ["n1", "n2"], "pods": [{"name": "a", "nodeName": "n1"}]}
+    with running_lab("-f", str(write_topology(tmp_path / "lab.yaml", raw))) as lab:
+        raw["nodes"].append("n3")
+        raw["pods"].append({"name": "c", "nodeName": "n3"})
+        kproxy("lab", "up", "--name", lab, "-f", str(write_topology(tmp_path / "lab.yaml", raw)))
+        info = status(lab)
+        assert answer(lab, "a", pod_ip(info, "c"))["pod"] == "c"
+        assert answer(lab, "c", pod_ip(info, "a"))["pod"] == "a"
+
+
+def test_up_again_changes_nothing_and_reconciles_what_broke() -> None:
+    with running_lab() as lab:
+        before = status(lab)
+        again = kproxy("lab", "up", "--name", lab)
+        assert "(0 wired now, 0 removed)" in again.stdout
+        assert status(lab) == before
+
+        # A workload dies and a pod's namespace disappears: up brings both back.
+        workload = int((lab_dir(lab) / "workload-node3.pid").read_text())
+        os.kill(workload, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns_name(lab, "web-2")], check=True)
+        broken = status(lab)
+        assert next(n for n in broken["nodes"] if n["name"] == "node3")["workloadPid"] is None
+        assert next(p for p in broken["pods"] if p["name"] == "web-2")["present"] is False
+        kproxy("lab", "up", "--name", lab)
+        info = status(lab)
+        assert all(p["wired"] for p in info["pods"]) and all(n["workloadPid"] for n in info["nodes"])
+        assert answer(lab, "client", pod_ip(info, "web-3"))["pod"] == "web-3"
+        assert answer(lab, "client", pod_ip(info, "web-2"))["pod"] == "web-2"
+
+
+def test_up_after_a_crash_that_lost_the_state_does_not_trip_on_leftovers() -> None:
+    with running_lab() as lab:
+        (lab_dir(lab) / "state.json").unlink()  # as if up died before writing it
+        again = kproxy("lab", "up", "--name", lab)
+        assert "File exists" not in again.stderr
+        info = status(lab)
+        assert answer(lab, "client", pod_ip(info, "web-3"))["pod"] == "web-3"
+
+
+def test_down_removes_a_half_built_lab_without_state() -> None:
+    lab = unique_lab_name()
+    try:
+        for member in ("node1", "web-1"):
+            subprocess.run(["ip", "netns", "add", ns_name(lab, member)], check=True)
+        assert lab in kproxy("lab", "ls").stdout
+        kproxy("lab", "down", lab)
+        assert lab_traces(lab) == []
+    finally:
+        for member in ("node1", "web-1"):
+            subprocess.run(["ip", "netns", "del", ns_name(lab, member)], capture_output=True)
+
+
+def test_two_labs_at_once_and_down_leaves_nothing() -> None:
+    with running_lab() as one, running_lab("--overlay", "host-gw") as two:
+        for lab in (one, two):
+            info = status(lab)
+            assert answer(lab, "client", pod_ip(info, "web-3"))["pod"] == "web-3"
+        # Several labs and none chosen: commands say so.
+        ambiguous = kproxy("exec", "web-1", "--", "true", check=False, env={"KPROXY_LAB": ""})
+        assert ambiguous.returncode == 1 and "several labs are running" in ambiguous.stderr
+        kproxy("lab", "down", one)
+        assert lab_traces(one) == []
+        info = status(two)
+        assert answer(two, "client", pod_ip(info, "web-3"))["pod"] == "web-3"
+    assert lab_traces(two) == []
+
+
+def test_exec_runs_in_the_namespace_and_passes_the_exit_status() -> None:
+    with running_lab() as lab:
+        info = status(lab)
+        shown = kproxy("exec", "--lab", lab, "web-1", "--", "ip", "-4", "-o", "addr", "show", "eth0")
+        assert pod_ip(info, "web-1") in shown.stdout
+        assert kproxy("exec", "--lab", lab, "node1", "--", "sh", "-c", "exit 7", check=False).returncode == 7
+        missing = kproxy("exec", "--lab", lab, "nope", "--", "true", check=False)
+        assert missing.returncode == 1 and "has no pod, node or namespace named 'nope'" in missing.stderr
+        by_env = kproxy("exec", "web-2", "--", "true", env={"KPROXY_LAB": lab}, check=False)
+        assert by_env.returncode == 0
+
+
+def test_a_bad_topology_creates_nothing(tmp_path: Path) -> None:
+    lab = unique_lab_name()
+    bad = write_topology(tmp_path / "bad.yaml", {"nodes": ["n1"], "pods": [{"name": "a", "nodeName": "n2"}]})
+    done = kproxy("lab", "up", "--name", lab, "-f", str(bad), check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "kproxy: error: pod a: nodeName 'n2' is not a node of this lab"
+    assert lab_traces(lab) == []
+    missing = kproxy("lab", "up", "--name", lab, "-f", str(tmp_path / "nope.yaml"), check=False)
+    assert missing.returncode == 1 and "cannot read topology" in missing.stderr
