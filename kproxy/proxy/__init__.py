@@ -1,0 +1,1 @@
+"""Proxy modes: one module per mode behind the Proxier interface (types.py)."""

@@ -1,0 +1,86 @@
+"""What every proxy mode sees: service ports, their endpoints, and the node.
+
+This is the seam between the control plane (store, controllers) and the
+proxy modes. Like kube-proxy's ServicePortInfo and Endpoint: one ServicePort
+per (service, port), endpoints already resolved to pod IP and target port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    namespace: str
+    name: str  # the Service's name
+    port_name: str  # the port's name; "" when unnamed
+    protocol: str  # "TCP" or "UDP"
+    cluster_ip: str
+    port: int
+    node_port: int = 0  # 0: not a NodePort service
+    affinity_seconds: int = 0  # ClientIP session affinity timeout; 0: no affinity
+    scheduler: str = ""  # IPVS scheduler annotation; "" for the lab default
+
+    @property
+    def service_port_name(self) -> str:
+        """kube-proxy's ServicePortName: "ns/name:port", or "ns/name" when the port is unnamed."""
+        base = f"{self.namespace}/{self.name}"
+        return f"{base}:{self.port_name}" if self.port_name else base
+
+    @property
+    def key(self) -> str:
+        return f"{self.service_port_name}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ip: str
+    port: int
+    node: str  # the node the pod runs on
+    ready: bool = True
+    terminating: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    ip: str  # the node's InternalIP (eth0 on the underlay)
+    cluster_cidr: str  # kube-proxy's --cluster-cidr: traffic from outside it to a ClusterIP is masqueraded
+
+
+@dataclass
+class ProxyState:
+    """Desired state for one sync: every service port and its endpoints (by ServicePort.key)."""
+
+    services: list[ServicePort] = field(default_factory=list)
+    endpoints: dict[str, list[Endpoint]] = field(default_factory=dict)
+
+    def endpoints_of(self, svc: ServicePort) -> list[Endpoint]:
+        return self.endpoints.get(svc.key, [])
+
+
+@dataclass
+class SyncResult:
+    full: bool  # a full resync (as opposed to a partial one)
+    changed_chains: int = 0  # or services, for modes without chains
+    seconds: float = 0.0
+
+
+class Proxier(Protocol):
+    """One mode. Runs inside its node's network namespace (the agent's)."""
+
+    mode: str
+
+    def sync(self, state: ProxyState) -> SyncResult:
+        """Make the kernel match state (atomically where the kernel allows)."""
+        ...
+
+    def cleanup(self) -> None:
+        """Remove every trace of this mode from the node."""
+        ...
