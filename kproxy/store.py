@@ -1,0 +1,180 @@
+"""The lab's embedded store: desired state as Kubernetes-shaped objects.
+
+Like etcd in miniature: a snapshot plus an append-only journal, one version
+counter. A write is one journal line ({"v": N, "changes": {key: obj | null}})
+appended under flock, so a batch is atomic for readers, who only consume
+complete lines. Watchers (the node agents) keep the objects in memory and
+read only the journal lines past their version, so a change costs its own
+size, not the size of the cluster. When the journal grows past the snapshot,
+a writer folds it into a new snapshot (atomic rename) and starts a new
+journal file; watchers notice the new file and reload.
+
+Keys are "Kind/namespace/name" ("Node/name" for cluster-scoped objects).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+Obj = dict[str, Any]
+SNAPSHOT = "snapshot.json"
+JOURNAL = "journal.jsonl"
+VERSION = "version"  # the latest version, so a writer need not read the whole store
+LOCK = "lock"
+COMPACT_MIN_BYTES = 1 << 20
+
+
+def key_of(kind: str, namespace: str, name: str) -> str:
+    return f"{kind}/{namespace}/{name}" if namespace else f"{kind}/{name}"
+
+
+@dataclass
+class View:
+    """The store as of one version."""
+
+    version: int = 0
+    objects: dict[str, Obj] = field(default_factory=dict)
+
+    def of_kind(self, kind: str) -> list[Obj]:
+        prefix = kind + "/"
+        return [obj for key, obj in sorted(self.objects.items()) if key.startswith(prefix)]
+
+
+class Store:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def read(self) -> View:
+        view, _, _ = self._load()
+        return view
+
+    def _load(self) -> tuple[View, int, int]:
+        """Snapshot + journal: (view, journal inode, bytes of journal consumed)."""
+        while True:
+            try:
+                snap = json.loads((self.dir / SNAPSHOT).read_text())
+                view = View(snap["version"], snap["objects"])
+            except FileNotFoundError:
+                view = View()
+            try:
+                with open(self.dir / JOURNAL, "rb") as journal:
+                    inode = os.fstat(journal.fileno()).st_ino
+                    data = journal.read()
+            except FileNotFoundError:
+                return view, 0, 0
+            consumed = _apply_lines(view, data)
+            if consumed is not None:
+                return view, inode, consumed
+            # The journal belongs to a newer snapshot than the one read: read again.
+
+    def version(self) -> int:
+        try:
+            return int((self.dir / VERSION).read_text())
+        except FileNotFoundError:
+            return 0
+
+    def write(self, changes: Mapping[str, Obj | None]) -> int:
+        """Apply a batch atomically; returns the new version."""
+        with self._locked():
+            version = self.version() + 1
+            line = json.dumps({"v": version, "changes": dict(changes)}, separators=(",", ":")) + "\n"
+            with open(self.dir / JOURNAL, "ab") as journal:
+                journal.write(line.encode())
+                journal_size = journal.tell()
+            tmp = self.dir / f".{VERSION}.tmp"
+            tmp.write_text(str(version))
+            os.replace(tmp, self.dir / VERSION)
+            snapshot = self.dir / SNAPSHOT
+            if journal_size > max(COMPACT_MIN_BYTES, snapshot.stat().st_size if snapshot.exists() else 0):
+                self._compact()
+            return version
+
+    def _compact(self) -> None:
+        view, _, _ = self._load()
+        tmp = self.dir / f".{SNAPSHOT}.tmp"
+        tmp.write_text(json.dumps({"version": view.version, "objects": view.objects}, separators=(",", ":")))
+        empty = self.dir / f".{JOURNAL}.tmp"
+        empty.write_bytes(json.dumps({"base": view.version}).encode() + b"\n")
+        os.replace(tmp, self.dir / SNAPSHOT)
+        os.replace(empty, self.dir / JOURNAL)
+
+    def watch(self) -> Watcher:
+        return Watcher(self)
+
+
+def _apply_lines(view: View, data: bytes, changed: set[str] | None = None) -> int | None:
+    """Apply complete journal lines newer than view, noting keys in changed;
+    bytes consumed, None if the journal starts past the view (a compaction
+    raced with our snapshot read)."""
+    consumed = 0
+    while True:
+        end = data.find(b"\n", consumed)
+        if end < 0:
+            return consumed
+        entry = json.loads(data[consumed:end])
+        consumed = end + 1
+        if "base" in entry:
+            if entry["base"] > view.version:
+                return None
+            continue
+        if entry["v"] <= view.version:
+            continue
+        for key, obj in entry["changes"].items():
+            if changed is not None:
+                changed.add(key)
+            if obj is None:
+                view.objects.pop(key, None)
+            else:
+                view.objects[key] = obj
+        view.version = entry["v"]
+
+
+class Watcher:
+    """Follows the store: poll() returns the keys that changed since the last call."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.view, self._inode, self._offset = store._load()
+
+    def poll(self) -> set[str]:
+        path = self.store.dir / JOURNAL
+        try:
+            with open(path, "rb") as journal:
+                inode = os.fstat(journal.fileno()).st_ino
+                if inode == self._inode:
+                    journal.seek(self._offset)
+                    data = journal.read()
+                    if not data:
+                        return set()
+                    changed: set[str] = set()
+                    consumed = _apply_lines(self.view, data, changed)
+                    if consumed is not None:
+                        self._offset += consumed
+                        return changed
+        except FileNotFoundError:
+            if self._inode == 0:
+                return set()
+        before = self.view.objects
+        self.view, self._inode, self._offset = self.store._load()
+        return _changed(before, self.view.objects)
+
+
+def _changed(before: Mapping[str, Obj], after: Mapping[str, Obj]) -> set[str]:
+    keys = set(before) | set(after)
+    return {k for k in keys if before.get(k) is not after.get(k) and before.get(k) != after.get(k)}
