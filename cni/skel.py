@@ -45,6 +45,11 @@ def dispatch(plugin: Plugin, env: Mapping[str, str], stdin: bytes) -> tuple[dict
         return CNIError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}").to_dict(version), 1
 
 
+def render(out: dict[str, Any] | None) -> str:
+    """What a plugin prints on stdout for dispatch's answer (the server sends the same)."""
+    return "" if out is None else json.dumps(out) + "\n"
+
+
 def main(plugin: Plugin, about: str) -> int:
     """Entry point for an exec'd plugin."""
     if any(arg in ("-h", "--help", "--version") for arg in sys.argv[1:]):
@@ -58,6 +63,5 @@ def main(plugin: Plugin, about: str) -> int:
         return 1
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     out, status = dispatch(plugin, os.environ, stdin)
-    if out is not None:
-        sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.write(render(out))
     return status
