@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kproxy.errors import KproxyError
+from kproxy.proxy import DEFAULT_MODE, MODES
 
 PROG = "kproxy"
 
@@ -37,10 +38,10 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     topology = load_topology(Path(args.file) if args.file else None, args.name, args.overlay)
     _need_root()
     started = time.monotonic()
-    state, report = build.up(topology)
+    state, report = build.up(topology, args.mode)
     took = time.monotonic() - started
-    print(f"lab {state.name} is up ({state.overlay}): {len(state.nodes)} nodes, {len(state.pods)} pods "
-          f"({report.created_pods} wired now, {report.removed_pods} removed) in {took:.2f}s")
+    print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
+          f"{len(state.pods)} pods ({report.wired} wired now, {report.removed} removed) in {took:.2f}s")
     print(f"  kproxy lab status {state.name}    kproxy exec --lab {state.name} POD -- CMD    "
           f"kproxy lab down {state.name}")
     return 0
@@ -83,19 +84,21 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(info, indent=2))
         return 0
-    print(f"lab {info['name']}  overlay {info['overlay']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
+    print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
           f"external {info['external']['ip']}")
     print()
-    rows = [["NODE", "IP", "POD CIDR", "LABELS", "WORKLOAD", "NAMESPACE"]]
+    rows = [["NODE", "IP", "POD CIDR", "LABELS", "AGENT", "WORKLOAD", "NETNS"]]
     for n in info["nodes"]:
-        workload = f"pid {n['workloadPid']}" if n["workloadPid"] else "DEAD"
-        rows.append([n["name"], n["ip"], n["podCIDR"], _fmt_labels(n["labels"]), workload,
+        rows.append([n["name"], n["ip"], n["podCIDR"], _fmt_labels(n["labels"]),
+                     f"pid {n['agentPid']}" if n["agentPid"] else "DEAD",
+                     f"pid {n['workloadPid']}" if n["workloadPid"] else "DEAD",
                      n["namespace"] if n["present"] else "MISSING"])
     print(_table(rows))
     print()
-    rows = [["POD", "NODE", "IP", "PORTS", "LABELS", "STATE"]]
+    rows = [["NAMESPACE", "POD", "NODE", "IP", "PORTS", "LABELS", "STATE"]]
     for p in info["pods"]:
-        rows.append([p["name"], p["node"], p["ip"], ",".join(map(str, p["ports"])), _fmt_labels(p["labels"]),
+        rows.append([p["namespace"], p["name"], p["node"], p["ip"], ",".join(map(str, p["ports"])),
+                     _fmt_labels(p["labels"]),
                      "ok" if p["wired"] else ("MISSING" if not p["present"] else "NOT WIRED")])
     print(_table(rows))
     return 0
@@ -121,7 +124,7 @@ def cmd_lab_remove_node(args: argparse.Namespace) -> int:
 
     _need_root()
     state, report = build.remove_node(choose_lab(args.lab), args.node)
-    print(f"node {args.node} left lab {state.name} ({report.removed_pods} pods removed or moved)")
+    print(f"node {args.node} left lab {state.name} ({report.removed} pods removed or moved)")
     return 0
 
 
@@ -139,6 +142,110 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def _objects(files: list[str]) -> list[dict[str, Any]]:
+    from kproxy.cluster import read_manifest_files
+    from kproxy.model import parse_manifests, to_k8s
+
+    objects = []
+    for text, source in read_manifest_files(files):
+        objects += [to_k8s(obj) for obj in parse_manifests(text, source)]
+    if not objects:
+        raise KproxyError("no objects found in " + ", ".join(files))
+    return objects
+
+
+def _report(outcome: Any) -> int:
+    for line in outcome.changed:
+        print(line)
+    if outcome.lagging:
+        print(f"{PROG}: error: not synced on: {', '.join(outcome.lagging)} "
+              "(agent logs: /run/kproxy/LAB/agent-NODE.log)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.lab.state import choose_lab
+
+    objects = _objects(args.file)
+    _need_root()
+    lab = choose_lab(args.lab)
+    with lab_lock(lab):
+        return _report(Cluster(lab).apply(objects))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.getcmd import resolve_kind
+    from kproxy.lab.state import choose_lab
+
+    if args.file:
+        targets = [(o["kind"], o["metadata"].get("namespace", "default"), o["metadata"]["name"])
+                   for o in _objects(args.file)]
+    elif args.kind and args.names:
+        targets = [(resolve_kind(args.kind), args.namespace, name) for name in args.names]
+    else:
+        raise KproxyError("say what to delete: -f FILE, or KIND NAME...")
+    _need_root()
+    lab = choose_lab(args.lab)
+    with lab_lock(lab):
+        return _report(Cluster(lab).delete(targets))
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from kproxy import getcmd
+    from kproxy.lab.state import choose_lab, lab_dir
+    from kproxy.selectors import parse_selector
+    from kproxy.store import Store
+
+    kind = getcmd.resolve_kind(args.kind)
+    selector = parse_selector(args.selector) if args.selector else None
+    view = Store(lab_dir(choose_lab(args.lab)) / "store").read()
+    namespace = None if args.all_namespaces else args.namespace
+    items = getcmd.select(view, kind, namespace, selector, args.name)
+    if args.output in ("json", "yaml"):
+        print(getcmd.render(items, args.output, single=args.name is not None))
+        return 0
+    if not items:
+        print(f"No resources found in {namespace or 'any'} namespace." if kind != "Node" else "No resources found.",
+              file=sys.stderr)
+        return 0
+    table = getcmd.rows(kind, items, args.output == "wide", args.all_namespaces)
+    getcmd.with_ready_count(view, items, kind, table)
+    print(_table(table))
+    return 0
+
+
+def _deployment_ref(ref: str) -> str:
+    kind, sep, name = ref.partition("/")
+    if not sep or kind not in ("deploy", "deployment", "deployments", "deployment.apps") or not name:
+        raise KproxyError(f"expected deploy/NAME, not {ref!r}")
+    return name
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.lab.state import choose_lab
+
+    name = _deployment_ref(args.ref)
+    _need_root()
+    lab = choose_lab(args.lab)
+    with lab_lock(lab):
+        return _report(Cluster(lab).scale(args.namespace, name, args.replicas))
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.lab.state import choose_lab
+
+    name = _deployment_ref(args.ref)
+    _need_root()
+    lab = choose_lab(args.lab)
+    with lab_lock(lab):
+        return _report(Cluster(lab).rollout_restart(args.namespace, name, on_step=lambda step: print(f"  {step}")))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="The Kubernetes Service data plane, for real, in namespaces.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -149,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", help="topology YAML (default: examples/lab.yaml)")
     p.add_argument("--name", help="lab name (default: the file's name field)")
     p.add_argument("--overlay", choices=("vxlan", "host-gw"), help="overlay between nodes (default: the file's)")
+    p.add_argument("--mode", choices=MODES, help=f"proxy mode of the node agents (default: {DEFAULT_MODE}, "
+                                                 "or the running lab's)")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")
@@ -168,6 +277,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")
     p.set_defaults(func=cmd_lab_remove_node)
+
+    lab_help = "lab name (default: $KPROXY_LAB, else the only lab)"
+    p = sub.add_parser("apply", help="create or update Services, Pods and Deployments from Kubernetes YAML")
+    p.add_argument("-f", "--file", action="append", required=True, help="YAML file (repeatable; - for stdin)")
+    p.add_argument("--lab", help=lab_help)
+    p.set_defaults(func=cmd_apply)
+    p = sub.add_parser("delete", help="delete objects: -f FILE, or KIND NAME...")
+    p.add_argument("-f", "--file", action="append", help="YAML file naming the objects (repeatable)")
+    p.add_argument("kind", nargs="?", help="svc, pod, deploy")
+    p.add_argument("names", nargs="*", help="object names")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--lab", help=lab_help)
+    p.set_defaults(func=cmd_delete)
+    p = sub.add_parser("get", help="list nodes, pods, svc, endpoints or deployments")
+    p.add_argument("kind", help="nodes | pods | svc | endpoints | deployments")
+    p.add_argument("name", nargs="?", help="one object by name")
+    p.add_argument("-o", "--output", choices=("wide", "json", "yaml"), help="output format")
+    p.add_argument("-l", "--selector", help="label selector, e.g. 'app=web,env in (a,b)'")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("--lab", help=lab_help)
+    p.set_defaults(func=cmd_get)
+    p = sub.add_parser("scale", help="set a Deployment's replicas: scale deploy/NAME --replicas N")
+    p.add_argument("ref", metavar="deploy/NAME")
+    p.add_argument("--replicas", type=int, required=True)
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--lab", help=lab_help)
+    p.set_defaults(func=cmd_scale)
+    p = sub.add_parser("rollout", help="rollout restart deploy/NAME: replace pods one at a time, no failed requests")
+    p.add_argument("action", choices=("restart",))
+    p.add_argument("ref", metavar="deploy/NAME")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--lab", help=lab_help)
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("exec", help="run a command in a pod, node, external or underlay namespace")
     p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")

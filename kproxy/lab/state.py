@@ -46,10 +46,19 @@ class NodeState:
 
 @dataclass
 class PodState:
+    """A pod the kubelet wired: its namespace is kp_<lab>_<member_name(namespace, name)>."""
+
+    name: str
     node: str
+    namespace: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
     ip: str = ""
+
+
+def member_name(namespace: str, name: str) -> str:
+    """A pod's member name in the lab: its name, plus ".<namespace>" outside "default"."""
+    return name if namespace == "default" else f"{name}.{namespace}"
 
 
 @dataclass
@@ -59,6 +68,7 @@ class LabState:
     pod_cidr: str
     node_cidr: str
     external_ip: str
+    mode: str = "iptables"
     nodes: dict[str, NodeState] = field(default_factory=dict)
     pods: dict[str, PodState] = field(default_factory=dict)
     topology: dict[str, Any] = field(default_factory=dict)  # topology.to_raw() of what was applied

@@ -1,0 +1,145 @@
+"""The kubelet of every node at once: pods in the store become pods in the kernel.
+
+For each Pod the store assigns to a node: a namespace, an interface and address
+from our CNI (in-process), the workload listening on its ports; then a
+readiness probe (the pod is Ready once its workload answers), the Pod's
+status written back, and the EndpointSlices brought up to date. Pods gone
+from the store are unwired and their namespaces removed.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kproxy import controllers
+from kproxy.lab import processes
+from kproxy.lab.probe import probe_tcp
+from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
+from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, run_cni, wire_pod
+from kproxy.store import Store, View
+
+DEFAULT_PORT = 8080
+READY_TIMEOUT = 10.0
+
+
+@dataclass
+class Report:
+    wired: int = 0
+    removed: int = 0
+
+
+def pod_ports(pod: dict[str, Any], services: list[dict[str, Any]]) -> list[int]:
+    """What the pod's workload listens on: its declared ports, and every numeric
+    targetPort of a Service selecting it (our workload stands in for any image)."""
+    ports = {int(p["containerPort"]) for p in controllers.container_ports(pod)}
+    labels = pod["metadata"].get("labels") or {}
+    for svc in services:
+        if svc["metadata"].get("namespace", "default") == pod["metadata"].get("namespace", "default") and \
+                controllers.selects(svc["spec"].get("selector") or {}, labels):
+            for port in svc["spec"].get("ports", []):
+                target = controllers.resolve_target_port(port, pod)
+                if target is not None:
+                    ports.add(target)
+    return sorted(ports) or [DEFAULT_PORT]
+
+
+def _desired(state: LabState, view: View) -> dict[str, dict[str, Any]]:
+    out = {}
+    for pod in view.of_kind("Pod"):
+        if pod["spec"].get("nodeName") in state.nodes:
+            out[member_name(pod["metadata"].get("namespace", "default"), pod["metadata"]["name"])] = pod
+    return out
+
+
+def pod_is_wired(state: LabState, member: str) -> bool:
+    spec = state.pods.get(member)
+    return spec is not None and bool(spec.ip) and pod_address(state.name, member) == spec.ip
+
+
+def _ready(state: LabState, member: str) -> bool:
+    spec = state.pods[member]
+    try:
+        probe_tcp(ns_path(state.name, spec.node), spec.ip, spec.ports[0], timeout=READY_TIMEOUT)
+        return True
+    except OSError:
+        return False
+
+
+def sync(state: LabState, store: Store) -> Report:
+    report = Report()
+    view = store.read()
+    desired = _desired(state, view)
+    services = view.of_kind("Service")
+
+    present = set(lab_namespaces(state.name))
+    gone = [m for m in state.pods if m not in desired]
+    for member in gone:
+        spec = state.pods.pop(member)
+        if spec.node in state.nodes and ns_name(state.name, member) in present:
+            run_cni(state, spec.node, member, "DEL")
+        report.removed += 1
+    delete_namespaces([ns_name(state.name, m) for m in gone if ns_name(state.name, m) in present])
+
+    ensure_namespaces(state.name, list(desired))
+    rewired_nodes: set[str] = set()
+    fresh: set[str] = set()
+    for member, pod in desired.items():
+        meta = pod["metadata"]
+        old = state.pods.get(member)
+        state.pods[member] = PodState(meta["name"], pod["spec"]["nodeName"], meta.get("namespace", "default"),
+                                      dict(meta.get("labels") or {}), pod_ports(pod, services),
+                                      old.ip if old and old.node == pod["spec"]["nodeName"] else "")
+        if wire_pod(state, member):
+            report.wired += 1
+            rewired_nodes.add(pod["spec"]["nodeName"])
+            fresh.add(member)
+    directory = lab_dir(state.name)
+    for node in state.nodes:
+        workload_pods = [{"name": spec.name, "netns": ns_path(state.name, m), "tcp": spec.ports, "udp": spec.ports}
+                         for m, spec in sorted(state.pods.items()) if spec.node == node]
+        processes.ensure_workload(directory, node, ns_path(state.name, node), workload_pods,
+                                  reload=node in rewired_nodes)
+
+    changes = _pod_statuses(state, desired, fresh)
+    pods_now = [changes.get(f"Pod/{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}") or pod
+                for pod in desired.values()]
+    previous = {key: obj for key, obj in view.objects.items() if key.startswith("EndpointSlice/")}
+    changes.update(controllers.all_endpoint_slices(services, pods_now, previous))
+    if changes:
+        store.write(changes)
+    return report
+
+
+def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: set[str]) -> dict[str, Any]:
+    """Probe pods whose status is stale; the changed Pod objects by store key."""
+    stale = [m for m, pod in desired.items() if m in fresh or not controllers.pod_is_ready(pod)
+             or pod.get("status", {}).get("podIP") != state.pods[m].ip]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        ready = dict(zip(stale, pool.map(lambda m: _ready(state, m), stale)))
+    changes = {}
+    for member in stale:
+        pod = json.loads(json.dumps(desired[member]))
+        spec = state.pods[member]
+        pod["status"] = {
+            "phase": "Running",
+            "podIP": spec.ip,
+            "podIPs": [{"ip": spec.ip}],
+            "hostIP": state.nodes[spec.node].ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready[member] else "False",
+                            "lastTransitionTime": controllers.now_iso()}],
+        }
+        changes[f"Pod/{spec.namespace}/{spec.name}"] = pod
+    return changes
+
+
+def ensure_agent(state: LabState, node: str) -> int:
+    directory = lab_dir(state.name)
+    pid = processes.running_pid(processes.AGENT, directory, node)
+    if pid is not None:
+        return pid
+    return processes.start(processes.AGENT, directory, node, ns_path(state.name, node),
+                           ["--lab-dir", str(directory), "--node", node, "--mode", state.mode,
+                            "--cluster-cidr", state.pod_cidr])
