@@ -29,7 +29,8 @@ def lab_traces(name: str) -> list[str]:
     if lab_dir(name).exists():
         found.append(str(lab_dir(name)))
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    found += [line for line in ps.splitlines() if "kproxy.lab.workload" in line and f"/{name}/" in line]
+    found += [line for line in ps.splitlines()
+              if ("kproxy.lab.workload" in line or "kproxy.agent" in line) and f"/{name}" in line]
     return found
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from kproxy.errors import KproxyError
 from kproxy.lab.build import plan
-from kproxy.lab.topology import default_topology_path, load_topology, parse_topology
+from kproxy.lab.topology import default_topology_path, load_topology, parse_topology, place_pods
 
 
 def topo(**over: Any) -> dict[str, Any]:
@@ -28,8 +28,7 @@ def test_pods_are_placed_by_name_then_selector_then_spread() -> None:
     raw = topo(nodes=[{"name": "n1", "labels": {"zone": "a"}}, {"name": "n2", "labels": {"zone": "b"}}],
                pods=[{"name": "pinned", "nodeName": "n1"}, {"name": "picky", "nodeSelector": {"zone": "a"}},
                      {"name": "s1"}, {"name": "s2"}])
-    state = plan(parse_topology(raw), None)
-    placed = {name: p.node for name, p in state.pods.items()}
+    placed = place_pods(parse_topology(raw))
     assert placed["pinned"] == "n1" and placed["picky"] == "n1"
     assert {placed["s1"], placed["s2"]} == {"n2"}  # spread: n2 had fewer pods
 
