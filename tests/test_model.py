@@ -1,0 +1,513 @@
+"""The Kubernetes object layer: manifests parse, validate and print like Kubernetes (no root)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from kproxy import model
+from kproxy.errors import KproxyError
+from kproxy.model import (
+    Container,
+    ContainerPort,
+    Deployment,
+    EndpointSlice,
+    Pod,
+    PodSpec,
+    Service,
+    ServicePortSpec,
+    SliceEndpoint,
+    SlicePort,
+    k8s_list,
+    node_to_k8s,
+    parse_manifests,
+    parse_object,
+    to_k8s,
+)
+from kproxy.selectors import parse_selector
+
+# --- the examples of the Kubernetes docs, unchanged ------------------------------------
+
+DOCS_NODEPORT = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: service-python
+spec:
+  ports:
+  - port: 3000
+    protocol: TCP
+    targetPort: 80
+    nodePort: 30080
+  selector:
+    run: pod-python
+  type: NodePort
+"""
+
+DOCS_NGINX_DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: nginx-deployment
+  labels:
+    app: nginx
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: nginx
+  template:
+    metadata:
+      labels:
+        app: nginx
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.14.2
+        ports:
+        - containerPort: 80
+"""
+
+DOCS_NAMED_TARGET_PORT = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: nginx
+  labels:
+    app.kubernetes.io/name: proxy
+spec:
+  containers:
+  - name: nginx
+    image: nginx:stable
+    ports:
+      - containerPort: 80
+        name: http-web-svc
+
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: nginx-service
+spec:
+  selector:
+    app.kubernetes.io/name: proxy
+  ports:
+  - name: name-of-service-port
+    protocol: TCP
+    port: 80
+    targetPort: http-web-svc
+"""
+
+DOCS_MULTI_PORT = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-service
+spec:
+  selector:
+    app.kubernetes.io/name: MyApp
+  ports:
+    - name: http
+      protocol: TCP
+      port: 80
+      targetPort: 9376
+    - name: https
+      protocol: TCP
+      port: 443
+      targetPort: 9377
+"""
+
+DOCS_NODEPORT_MYAPP = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-service
+spec:
+  type: NodePort
+  selector:
+    app.kubernetes.io/name: MyApp
+  ports:
+    - port: 80
+      # By default and for convenience, the `targetPort` is set to
+      # the same value as the `port` field.
+      targetPort: 80
+      # Optional field
+      # By default and for convenience, the Kubernetes control plane
+      # will allocate a port from a range (default: 30000-32767)
+      nodePort: 30007
+"""
+
+
+def test_docs_nodeport_service() -> None:
+    [svc] = parse_manifests(DOCS_NODEPORT, "svc.yaml")
+    assert svc == Service(
+        name="service-python",
+        type="NodePort",
+        selector={"run": "pod-python"},
+        ports=(ServicePortSpec(port=3000, target_port=80, protocol="TCP", node_port=30080),),
+    )
+    assert svc.namespace == "default" and svc.cluster_ip == "" and svc.session_affinity == "None"
+    assert svc.key == "Service/default/service-python"
+    assert str(svc.label_selector) == "run=pod-python"
+
+
+def test_docs_nginx_deployment() -> None:
+    [dep] = parse_manifests(DOCS_NGINX_DEPLOYMENT, "nginx.yaml")
+    assert isinstance(dep, Deployment)
+    assert (dep.name, dep.namespace, dep.replicas, dep.strategy) == ("nginx-deployment", "default", 3, "RollingUpdate")
+    assert dep.labels == {"app": "nginx"}
+    assert dep.selector == parse_selector("app=nginx")
+    assert dep.template.labels == {"app": "nginx"}
+    assert dep.template.spec.containers == (
+        Container(name="nginx", image="nginx:1.14.2", ports=(ContainerPort(container_port=80),)),
+    )
+
+
+def test_docs_named_target_port() -> None:
+    pod, svc = parse_manifests(DOCS_NAMED_TARGET_PORT, "nginx.yaml")
+    assert isinstance(pod, Pod) and isinstance(svc, Service)
+    assert svc.ports == (ServicePortSpec(port=80, target_port="http-web-svc", name="name-of-service-port"),)
+    assert svc.label_selector.matches(pod.labels)
+    assert pod.spec.find_port(svc.ports[0].target_port, "TCP") == 80
+    assert pod.spec.find_port("http-web-svc", "UDP") is None
+    assert pod.spec.find_port(8080) == 8080
+
+
+def test_docs_multi_port_and_nodeport() -> None:
+    [multi] = parse_manifests(DOCS_MULTI_PORT, "a.yaml")
+    assert [(p.name, p.port, p.target_port) for p in multi.ports] == [("http", 80, 9376), ("https", 443, 9377)]
+    [np] = parse_manifests(DOCS_NODEPORT_MYAPP, "b.yaml")
+    assert np.ports == (ServicePortSpec(port=80, target_port=80, node_port=30007),)
+
+
+def test_defaults() -> None:
+    [svc, pod, dep] = parse_manifests(
+        """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, annotations: {kproxy.io/scheduler: wrr}}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, labels: {app: web}}
+spec:
+  nodeName: node1
+  nodeSelector: {kubernetes.io/hostname: node1}
+  containers: [{name: c, ports: [{containerPort: 53, protocol: UDP, name: dns}]}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  selector: {matchExpressions: [{key: app, operator: In, values: [web]}]}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c}]}
+""",
+        "all.yaml",
+    )
+    assert svc.namespace == "shop" and svc.annotations == {"kproxy.io/scheduler": "wrr"}
+    assert svc.type == "ClusterIP" and svc.affinity_timeout_seconds == 10800
+    assert svc.ports == (ServicePortSpec(port=80, target_port=80, protocol="TCP"),)
+    assert pod.spec == PodSpec(
+        containers=(Container(name="c", ports=(ContainerPort(53, "dns", "UDP"),)),),
+        node_name="node1",
+        node_selector={"kubernetes.io/hostname": "node1"},
+    )
+    assert dep.replicas == 1 and dep.strategy == "RollingUpdate"
+
+
+def test_list_and_empty_documents() -> None:
+    text = "---\n" + DOCS_MULTI_PORT + "---\n---\n" + yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(DOCS_NODEPORT), yaml.safe_load(DOCS_NGINX_DEPLOYMENT)]}
+    )
+    names = [(o.kind, o.name) for o in parse_manifests(text, "x.yaml")]
+    assert names == [("Service", "my-service"), ("Service", "service-python"), ("Deployment", "nginx-deployment")]
+    assert parse_manifests("", "empty.yaml") == []
+
+
+# --- invalid input: the exact message ------------------------------------------------------
+
+
+def service(spec: dict[str, Any], name: str = "web", **meta: Any) -> str:
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, **meta}, "spec": spec})
+
+
+def ports(*items: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {"selector": {"app": "web"}, "ports": list(items), **spec}
+
+
+SERVICE_ERRORS = [
+    (
+        ports({"name": "a", "port": 80, "nodePort": 30080}, {"name": "b", "port": 81, "nodePort": 40000}, type="NodePort"),
+        "Service default/web: spec.ports[1].nodePort: 40000 is outside the NodePort range 30000-32767",
+    ),
+    (ports({"port": 0}), "Service default/web: spec.ports[0].port: 0 is not a valid port number (1-65535)"),
+    (ports({"port": 65536}), "Service default/web: spec.ports[0].port: 65536 is not a valid port number (1-65535)"),
+    (ports({"port": "80"}), 'Service default/web: spec.ports[0].port: must be an integer, got "80"'),
+    (ports({"name": "x"}), "Service default/web: spec.ports[0].port: required"),
+    (ports({"port": 80, "targetPort": 70000}),
+     "Service default/web: spec.ports[0].targetPort: 70000 is not a valid port number (1-65535)"),
+    (ports({"port": 80, "targetPort": "8080"}),
+     'Service default/web: spec.ports[0].targetPort: "8080" is not a valid port name: must contain at least one letter (a-z)'),
+    (ports({"port": 80, "targetPort": "Http"}),
+     'Service default/web: spec.ports[0].targetPort: "Http" is not a valid port name: '
+     "must contain only lowercase alphanumeric characters (a-z, 0-9) and '-'"),
+    (ports({"port": 80, "protocol": "SCTP"}),
+     'Service default/web: spec.ports[0].protocol: unsupported protocol "SCTP" (kproxy supports TCP and UDP)'),
+    (ports({"port": 80, "protocol": "tcp"}),
+     'Service default/web: spec.ports[0].protocol: unsupported protocol "tcp" (TCP or UDP)'),
+    (ports({"port": 80}, {"port": 81}),
+     "Service default/web: spec.ports[0].name: required when the Service has more than one port"),
+    (ports({"name": "http", "port": 80}, {"name": "http", "port": 81}),
+     'Service default/web: spec.ports[1].name: duplicate port name "http" (also spec.ports[0])'),
+    (ports({"name": "a", "port": 80}, {"name": "b", "port": 80}),
+     "Service default/web: spec.ports[1]: duplicate port 80/TCP (also spec.ports[0])"),
+    (ports({"name": "a", "port": 53, "protocol": "UDP", "nodePort": 30053},
+           {"name": "b", "port": 54, "protocol": "UDP", "nodePort": 30053}, type="NodePort"),
+     "Service default/web: spec.ports[1].nodePort: duplicate nodePort 30053/UDP (also spec.ports[0])"),
+    (ports({"port": 80, "nodePort": 30080}),
+     "Service default/web: spec.ports[0].nodePort: may not be used when spec.type is ClusterIP"),
+    (ports({"name": "Http", "port": 80}),
+     'Service default/web: spec.ports[0].name: "Http" is not a valid port name: a DNS-1123 label (lowercase '
+     "alphanumeric characters or '-', starting and ending with an alphanumeric character, at most 63 characters)"),
+    (ports({"port": 80, "nodeport": 30080}), 'Service default/web: spec.ports[0]: unknown field "nodeport"'),
+    ({"selector": {"app": "web"}}, "Service default/web: spec.ports: required (at least one port)"),
+    (ports({"port": 80}, clusterIP="None"),
+     "Service default/web: spec.clusterIP: headless Services (clusterIP: None) are not supported"),
+    (ports({"port": 80}, clusterIP="10.96.0.300"),
+     'Service default/web: spec.clusterIP: "10.96.0.300" is not a valid IP address'),
+    (ports({"port": 80}, clusterIP="fd00::1"), 'Service default/web: spec.clusterIP: "fd00::1": IPv6 is not supported'),
+    (ports({"port": 80}, clusterIP="10.96.0.10", clusterIPs=["10.96.0.11"]),
+     'Service default/web: spec.clusterIPs[0]: "10.96.0.11" must match spec.clusterIP "10.96.0.10"'),
+    (ports({"port": 80}, type="LoadBalancer"),
+     'Service default/web: spec.type: unsupported Service type "LoadBalancer" (ClusterIP or NodePort)'),
+    (ports({"port": 80}, type="Nodeport"),
+     'Service default/web: spec.type: "Nodeport" is not a valid Service type (ClusterIP or NodePort)'),
+    (ports({"port": 80}, sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 86401}}),
+     "Service default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is outside the range 1-86400"),
+    (ports({"port": 80}, sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}),
+     "Service default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is outside the range 1-86400"),
+    (ports({"port": 80}, sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}),
+     "Service default/web: spec.sessionAffinityConfig: must not be set when spec.sessionAffinity is None"),
+    (ports({"port": 80}, sessionAffinity="Sticky"),
+     'Service default/web: spec.sessionAffinity: "Sticky" is not valid (None or ClientIP)'),
+    (ports({"port": 80}, externalTrafficPolicy="Local", type="NodePort"),
+     'Service default/web: spec.externalTrafficPolicy: "Local" is unsupported (kproxy implements Cluster)'),
+    (ports({"port": 80}, selectr={"app": "web"}), 'Service default/web: spec: unknown field "selectr"'),
+    ({"selector": {"version": 1}, "ports": [{"port": 80}]},
+     "Service default/web: spec.selector.version: label value must be a string, got 1 (quote it)"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), SERVICE_ERRORS)
+def test_service_errors(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(KproxyError) as e:
+        parse_manifests(service(spec), "web.yaml")
+    assert str(e.value) == message
+
+
+def test_service_names() -> None:
+    with pytest.raises(KproxyError) as e:
+        parse_manifests(service(ports({"port": 80}), name="1web"), "web.yaml")
+    assert str(e.value) == (
+        'Service default/1web: metadata.name: "1web" is not a valid Service name: a DNS-1035 label (lowercase '
+        "alphanumeric characters or '-', starting with a letter and ending with an alphanumeric character, "
+        "at most 63 characters)"
+    )
+    with pytest.raises(KproxyError, match=r'^Service Shop/web: metadata.namespace: "Shop" is not a valid namespace'):
+        parse_manifests(service(ports({"port": 80}), namespace="Shop"), "web.yaml")
+    # Pods may start with a digit and hold dots (DNS-1123 subdomain)
+    pod = yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "1.web"},
+                          "spec": {"containers": [{"name": "c"}]}})
+    assert parse_manifests(pod, "p.yaml")[0].name == "1.web"
+
+
+def test_node_port_range_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = service(ports({"port": 80, "nodePort": 40000}, type="NodePort"))
+    monkeypatch.setattr(model, "NODE_PORT_RANGE", (20000, 40000))
+    assert parse_manifests(text, "web.yaml")[0].ports[0].node_port == 40000
+    monkeypatch.setattr(model, "NODE_PORT_RANGE", (20000, 39999))
+    with pytest.raises(KproxyError, match="outside the NodePort range 20000-39999$"):
+        parse_manifests(text, "web.yaml")
+
+
+def deployment(spec: dict[str, Any]) -> str:
+    return yaml.safe_dump({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": spec})
+
+
+TEMPLATE = {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c"}]}}
+
+DEPLOYMENT_ERRORS = [
+    ({"template": TEMPLATE}, "Deployment default/web: spec.selector: required"),
+    ({"selector": {}, "template": TEMPLATE},
+     "Deployment default/web: spec.selector: empty selector is invalid for a Deployment"),
+    ({"selector": {"matchLabels": {"app": "db"}}, "template": TEMPLATE},
+     "Deployment default/web: spec.template.metadata.labels: selector 'app=db' does not match template labels"),
+    ({"selector": {"matchExpressions": [{"key": "app", "operator": "In"}]}, "template": TEMPLATE},
+     "Deployment default/web: spec.selector.matchExpressions[0].values: must be specified when operator is In or NotIn"),
+    ({"selector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["web"]}]}, "template": TEMPLATE},
+     "Deployment default/web: spec.selector.matchExpressions[0].values: "
+     "may not be specified when operator is Exists or DoesNotExist"),
+    ({"selector": {"matchLabel": {"app": "web"}}, "template": TEMPLATE},
+     "Deployment default/web: spec.selector: unknown field 'matchLabel' (expected matchLabels or matchExpressions)"),
+    ({"replicas": -1, "selector": {"matchLabels": {"app": "web"}}, "template": TEMPLATE},
+     "Deployment default/web: spec.replicas: -1 must be greater than or equal to 0"),
+    ({"selector": {"matchLabels": {"app": "web"}}, "template": TEMPLATE, "strategy": {"type": "BlueGreen"}},
+     'Deployment default/web: spec.strategy.type: "BlueGreen" is not valid (RollingUpdate or Recreate)'),
+    ({"selector": {"matchLabels": {"app": "web"}},
+      "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}}},
+     "Deployment default/web: spec.template.spec.containers: required (at least one container)"),
+    ({"selector": {"matchLabels": {"app": "web"}},
+      "template": {"metadata": {"labels": {"app": "web"}},
+                   "spec": {"containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]},
+                                           {"name": "b", "ports": [{"name": "http", "containerPort": 81}]}]}}},
+     'Deployment default/web: spec.template.spec.containers[1].ports[0].name: duplicate port name "http" '
+     "(also spec.template.spec.containers[0].ports[0])"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), DEPLOYMENT_ERRORS)
+def test_deployment_errors(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(KproxyError) as e:
+        parse_manifests(deployment(spec), "dep.yaml")
+    assert str(e.value) == message
+
+
+def pod(spec: dict[str, Any]) -> str:
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": spec})
+
+
+POD_ERRORS = [
+    ({"containers": [{"name": "c", "ports": [{"containerPort": 0}]}]},
+     "Pod default/p: spec.containers[0].ports[0].containerPort: 0 is not a valid port number (1-65535)"),
+    ({"containers": [{"name": "c", "ports": [{"name": "http"}]}]},
+     "Pod default/p: spec.containers[0].ports[0].containerPort: required"),
+    ({"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80},
+                                             {"name": "http", "containerPort": 81}]}]},
+     'Pod default/p: spec.containers[0].ports[1].name: duplicate port name "http" (also spec.containers[0].ports[0])'),
+    ({"containers": [{"name": "c", "ports": [{"name": "a-very-long-port-name", "containerPort": 80}]}]},
+     'Pod default/p: spec.containers[0].ports[0].name: "a-very-long-port-name" is not a valid port name: '
+     "must be no more than 15 characters"),
+    ({"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "SCTP"}]}]},
+     'Pod default/p: spec.containers[0].ports[0].protocol: unsupported protocol "SCTP" (kproxy supports TCP and UDP)'),
+    ({"containers": [{"image": "nginx"}]}, "Pod default/p: spec.containers[0].name: required"),
+    ({"containers": [{"name": "c"}, {"name": "c"}]}, 'Pod default/p: spec.containers[1].name: duplicate container name "c"'),
+    ({}, "Pod default/p: spec.containers: required (at least one container)"),
+    ({"containers": [{"name": "c"}], "nodeSelector": {"disk": True}},
+     "Pod default/p: spec.nodeSelector.disk: label value must be a string, got true (quote it)"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), POD_ERRORS)
+def test_pod_errors(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(KproxyError) as e:
+        parse_manifests(pod(spec), "pod.yaml")
+    assert str(e.value) == message
+
+
+DOCUMENT_ERRORS = [
+    ("apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: web}\n",
+     'web.yaml: document 1 (Ingress/web): unknown kind "Ingress" '
+     "(kproxy knows v1 Service, v1 Pod, apps/v1 Deployment and v1 List)"),
+    (DOCS_NODEPORT + "---\napiVersion: extensions/v1beta1\nkind: Deployment\nmetadata: {name: old}\n",
+     'web.yaml: document 2 (Deployment/old): unknown apiVersion "extensions/v1beta1" for kind Deployment (use apps/v1)'),
+    ("kind: Service\nmetadata: {name: web}\n", "web.yaml: document 1 (Service/web): apiVersion not set"),
+    ("metadata: {name: web}\n", "web.yaml: document 1: apiVersion and kind not set"),
+    ("apiVersion: v1\nkind: Service\nspec: {}\n", "web.yaml: document 1 (Service): metadata.name: required"),
+    ("- a\n- b\n", "web.yaml: document 1: not a Kubernetes object (a map with apiVersion and kind)"),
+    ("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: c}}\n",
+     'web.yaml: document 1, items[0] (ConfigMap/c): unknown kind "ConfigMap" '
+     "(kproxy knows v1 Service, v1 Pod, apps/v1 Deployment and v1 List)"),
+    ("apiVersion: v1\nkind: Service\nmetadata: {name: web\n", "web.yaml: invalid YAML: expected ',' or '}', but got "
+     "'<stream end>' at line 4 column 1"),
+    ("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspecs: {}\n", 'Service default/web: unknown field "specs"'),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), DOCUMENT_ERRORS)
+def test_document_errors(text: str, message: str) -> None:
+    with pytest.raises(KproxyError) as e:
+        parse_manifests(text, "web.yaml")
+    assert str(e.value) == message
+
+
+# --- Kubernetes-shaped output ----------------------------------------------------------------
+
+
+def test_service_to_k8s_round_trip() -> None:
+    [svc] = parse_manifests(DOCS_NODEPORT, "svc.yaml")
+    allocated = Service(**{**svc.__dict__, "cluster_ip": "10.96.0.10"})
+    out = json.loads(json.dumps(to_k8s(allocated, uid="u-1", creation_timestamp="2024-01-01T00:00:00Z")))
+    assert out["apiVersion"] == "v1" and out["kind"] == "Service"
+    assert out["metadata"] == {"name": "service-python", "namespace": "default", "uid": "u-1",
+                               "creationTimestamp": "2024-01-01T00:00:00Z"}
+    assert out["spec"]["clusterIP"] == "10.96.0.10" and out["spec"]["clusterIPs"] == ["10.96.0.10"]
+    assert out["spec"]["ports"] == [{"port": 3000, "protocol": "TCP", "targetPort": 80, "nodePort": 30080}]
+    assert out["spec"]["type"] == "NodePort" and out["spec"]["sessionAffinity"] == "None"
+    assert out["spec"]["selector"] == {"run": "pod-python"}
+    assert out["status"] == {"loadBalancer": {}}
+    assert parse_object(out) == allocated
+
+
+def test_affinity_named_ports_round_trip() -> None:
+    text = service(ports({"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+                         {"name": "web", "port": 80, "targetPort": 8080},
+                         sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}),
+                   labels={"team": "a"}, annotations={"kproxy.io/scheduler": "rr"})
+    [svc] = parse_manifests(text, "web.yaml")
+    out = to_k8s(svc)
+    assert "clusterIP" not in out["spec"]
+    assert out["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 60}}
+    assert out["spec"]["ports"][0] == {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"}
+    assert out["metadata"]["annotations"] == {"kproxy.io/scheduler": "rr"}
+    assert parse_object(out) == svc
+
+
+def test_pod_and_deployment_round_trip() -> None:
+    pod_, _ = parse_manifests(DOCS_NAMED_TARGET_PORT, "nginx.yaml")
+    out = to_k8s(pod_, podIP="10.244.1.5", phase="Running")
+    assert out["status"] == {"podIP": "10.244.1.5", "phase": "Running"}
+    assert out["spec"]["containers"][0]["ports"] == [{"name": "http-web-svc", "containerPort": 80, "protocol": "TCP"}]
+    assert parse_object(out) == pod_
+    [dep] = parse_manifests(DOCS_NGINX_DEPLOYMENT, "nginx.yaml")
+    out = to_k8s(dep, readyReplicas=3)
+    assert out["apiVersion"] == "apps/v1" and out["spec"]["selector"] == {"matchLabels": {"app": "nginx"}}
+    assert out["spec"]["strategy"]["type"] == "RollingUpdate" and out["status"] == {"readyReplicas": 3}
+    assert parse_object(out) == dep
+
+
+def test_node_endpointslice_list() -> None:
+    node = node_to_k8s("node1", "192.168.50.11", "10.244.1.0/24", {"zone": "a"})
+    assert node["kind"] == "Node" and "namespace" not in node["metadata"]
+    assert node["metadata"]["labels"] == {"kubernetes.io/hostname": "node1", "kubernetes.io/os": "linux", "zone": "a"}
+    assert {"type": "InternalIP", "address": "192.168.50.11"} in node["status"]["addresses"]
+    assert node["spec"] == {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}
+
+    eps = EndpointSlice(
+        name="web-abc12", service_name="web",
+        endpoints=(SliceEndpoint("10.244.1.5", node_name="node1", pod_name="web-1"),
+                   SliceEndpoint("10.244.2.7", node_name="node2", ready=False, terminating=True)),
+        ports=(SlicePort(8080, name="http"),),
+    )
+    out = to_k8s(eps)
+    assert out["apiVersion"] == "discovery.k8s.io/v1" and out["addressType"] == "IPv4"
+    assert out["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
+    assert out["endpoints"][0] == {
+        "addresses": ["10.244.1.5"], "conditions": {"ready": True, "serving": True, "terminating": False},
+        "nodeName": "node1", "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default"},
+    }
+    assert out["endpoints"][1]["conditions"] == {"ready": False, "serving": True, "terminating": True}
+    assert out["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    assert to_k8s(EndpointSlice(name="e", service_name="web"))["endpoints"] is None
+
+    lst = k8s_list([node, out])
+    assert lst == {"apiVersion": "v1", "items": [node, out], "kind": "List", "metadata": {"resourceVersion": ""}}
+    json.dumps(lst)
