@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from kproxy.errors import KproxyError
 from kproxy.proxy import DEFAULT_MODE, MODES
 
@@ -246,6 +248,68 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         return _report(Cluster(lab).rollout_restart(args.namespace, name, on_step=lambda step: print(f"  {step}")))
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    from cni.netns import entered
+    from kproxy.lab.build import require
+    from kproxy.lab.state import choose_lab, lab_dir, ns_path
+    from kproxy.proxy import rules_text
+    from kproxy.proxy.source import node_info, proxy_state
+    from kproxy.store import Store
+
+    _need_root()
+    lab = choose_lab(args.lab)
+    state = require(lab)
+    if args.node not in state.nodes:
+        raise KproxyError(f"lab {lab} has no node {args.node!r} (nodes: {', '.join(sorted(state.nodes))})")
+    view = Store(lab_dir(lab) / "store").read()
+    service = args.service if args.service is None or "/" in args.service else f"{args.namespace}/{args.service}"
+    if service and not any(f"{s['metadata'].get('namespace', 'default')}/{s['metadata']['name']}" == service.split(":")[0]
+                           for s in view.of_kind("Service")):
+        raise KproxyError(f"service {service} not found")
+    desired = proxy_state(view.of_kind("Service"), view.of_kind("EndpointSlice"))
+    node = node_info(view.objects[f"Node/{args.node}"], state.pod_cidr)
+    with entered(ns_path(lab, args.node)):
+        print(rules_text(state.mode, desired, node, service))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from kproxy import controllers
+    from kproxy.cluster import read_manifest_files
+    from kproxy.model import parse_object, to_k8s
+    from kproxy.proxy import render_text
+    from kproxy.proxy.source import proxy_state
+    from kproxy.proxy.types import NodeInfo
+
+    services, pods, slices = [], [], []
+    for text, source in read_manifest_files(args.file):
+        try:
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as exc:
+            raise KproxyError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        for i, doc in enumerate(docs, start=1):
+            items = doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+            for item in items:
+                if isinstance(item, dict) and item.get("kind") == "EndpointSlice":
+                    slices.append(item)
+                    continue
+                obj = to_k8s(parse_object(item, f"{source}: document {i}"))
+                status = item.get("status") or {}
+                if obj["kind"] == "Pod" and status.get("podIP"):
+                    obj["status"] = {"podIP": status["podIP"], "conditions": status.get("conditions") or
+                                     [{"type": "Ready", "status": "True"}]}
+                    pods.append(obj)
+                elif obj["kind"] == "Service":
+                    services.append(obj)
+    controllers.allocate_cluster_ips(services, [])
+    controllers.allocate_node_ports(services, [])
+    for svc in services:
+        slices += controllers.endpoint_slices(svc, pods, {}).values()
+    state = proxy_state(services, slices)
+    print(render_text(args.mode, state, NodeInfo(args.node, args.node_ip, args.cluster_cidr)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="The Kubernetes Service data plane, for real, in namespaces.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -311,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--lab", help=lab_help)
     p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("rules", help="a node's live proxy rules (with packet counters), for one Service or all")
+    p.add_argument("node")
+    p.add_argument("--service", help="NAME, NAME:PORT, or NAMESPACE/NAME")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--lab", help=lab_help)
+    p.set_defaults(func=cmd_rules)
+    p = sub.add_parser("render", help="print the rules a mode would program for Service/EndpointSlice/Pod YAML "
+                                      "(no root, no lab)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
+    p.add_argument("-f", "--file", action="append", required=True, help="YAML file (repeatable; - for stdin)")
+    p.add_argument("--node", default="node1", help="node name (default node1)")
+    p.add_argument("--node-ip", default="172.18.0.2", help="the node's IP (default 172.18.0.2)")
+    p.add_argument("--cluster-cidr", default="10.244.0.0/16", help="the pod CIDR (default 10.244.0.0/16)")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("exec", help="run a command in a pod, node, external or underlay namespace")
     p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")

@@ -22,8 +22,8 @@ from kproxy.errors import KproxyError
 from kproxy.lab import kubelet, overlay, processes
 from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
-from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_namespaces, ensure_uplink, \
-    random_mac
+from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
+    ensure_namespaces, ensure_uplink, random_mac
 from kproxy.proxy import DEFAULT_MODE, MODES
 from kproxy.store import Store
 
@@ -143,6 +143,7 @@ def up(topology: Topology, mode: str | None = None) -> tuple[LabState, kubelet.R
     prefix = ipaddress.ip_network(state.node_cidr).prefixlen
     for node, spec in state.nodes.items():
         ensure_uplink(state.name, node, spec.ip, prefix)
+        ensure_default_route(state.name, node)
         write_sysctl(ns_path(state.name, node), "net/ipv4/ip_forward", "1")
         cni_dir = directory / "cni"
         cni_dir.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,14 @@ def ensure_uplink(lab: str, member: str, address: str, prefixlen: int) -> None:
         inside.link("set", index=uplink, state="up")
 
 
+def ensure_default_route(lab: str, member: str) -> None:
+    """A default route out of eth0, as real nodes have one: without it a node's own
+    connections to a ClusterIP fail with "Network is unreachable" before netfilter
+    can DNAT them. Nothing routes beyond the underlay, so nothing leaves the lab."""
+    with iproute_in(ns_path(lab, member)) as ipr:
+        ipr.route("replace", dst="0.0.0.0/0", oif=_index(ipr, NODE_UPLINK))
+
+
 def pod_address(lab: str, pod: str) -> str | None:
     """The IPv4 address on the pod's eth0, if it is wired."""
     try:
