@@ -243,3 +243,51 @@ def test_a_rollout_fails_no_request(lab: Lab) -> None:
 def test_rules_show_the_service(lab: Lab) -> None:
     shown = kproxy("rules", "--lab", lab.name, "node1", "--service", "web").stdout
     assert lab.ip("web") in shown
+
+
+def test_an_invalid_apply_stores_nothing(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> None:
+    bad = tmp_path_factory.mktemp("bad") / "bad.yaml"
+    bad.write_text("""
+apiVersion: v1
+kind: Service
+metadata: {name: fine}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: clash}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+""")
+    done = kproxy("apply", "--lab", lab.name, "-f", str(bad), check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("kproxy: error: Service default/clash: spec.ports[0].nodePort: 30080 is already "
+                                   "allocated to default/web")
+    names = {s["metadata"]["name"] for s in json.loads(kproxy("get", "svc", "--lab", lab.name, "-o", "json").stdout)["items"]}
+    assert "fine" not in names and "clash" not in names
+    named = bad.with_name("named.yaml")
+    named.write_text("""
+apiVersion: v1
+kind: Service
+metadata: {name: named}
+spec:
+  selector: {app: solo}
+  ports: [{port: 80, targetPort: grpc}]
+""")
+    done = kproxy("apply", "--lab", lab.name, "-f", str(named), check=False)
+    assert done.returncode == 1 and "spec.ports[0].targetPort: no pod selected by the Service declares a TCP port " \
+        "named 'grpc'" in done.stderr
+
+
+def test_agents_serve_healthz_and_kube_proxy_metrics(lab: Lab) -> None:
+    fetch = ("import urllib.request as u;"
+             "print(u.urlopen('http://127.0.0.1:10256/healthz').status);"
+             "print(u.urlopen('http://127.0.0.1:10249/metrics').read().decode())")
+    out = in_ns(lab.ns("node2"), "python3", "-c", fetch).stdout
+    assert out.startswith("200\n")
+    assert "kubeproxy_sync_proxy_rules_duration_seconds_count" in out
+    assert "kubeproxy_network_programming_duration_seconds_bucket" in out
