@@ -1,0 +1,288 @@
+"""The iptables mode's rendering, without root: names, rules and restore text as kube-proxy writes them.
+
+Expected values come from kube-proxy's own pkg/proxy/iptables/proxier_test.go
+(TestOverallIPTablesRules): its services ns1..ns6, cluster IPs 172.30.0.4x,
+endpoints 10.180.0.x and cluster CIDR 10.0.0.0/8, so the chain hashes below are
+kube-proxy's, not ours recomputed. Its expected text is grouped per chain
+(KUBE-NODEPORTS, KUBE-SERVICES first, then sorted), which is our order too.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from kproxy.proxy.iptables import (
+    Ruleset,
+    endpoint_chain_name,
+    parse_save,
+    probability,
+    render,
+    restore_input,
+    service_external_chain_name,
+    service_firewall_chain_name,
+    service_port_chain_name,
+    usable_endpoints,
+)
+from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
+
+NODE = NodeInfo(name="node1", ip="192.168.0.2", cluster_cidr="10.0.0.0/8")
+
+
+@pytest.mark.parametrize(("make", "args", "expected"), [
+    # All from proxier_test.go's TestOverallIPTablesRules.
+    (service_port_chain_name, ("ns1/svc1:p80", "tcp"), "KUBE-SVC-XPGD46QRK7WJZT7O"),
+    (service_port_chain_name, ("ns2/svc2:p80", "tcp"), "KUBE-SVC-GNZBNJ2PO5MGZ6GT"),
+    (service_port_chain_name, ("ns3/svc3:p80", "tcp"), "KUBE-SVC-X27LE4BHSL4DOUIK"),
+    (service_port_chain_name, ("ns4/svc4:p80", "tcp"), "KUBE-SVC-4SW47YFZTEDKD3PK"),
+    (service_port_chain_name, ("ns5/svc5:p80", "tcp"), "KUBE-SVC-NUKIZ6OKUXPJNT4C"),
+    (service_external_chain_name, ("ns3/svc3:p80", "tcp"), "KUBE-EXT-X27LE4BHSL4DOUIK"),
+    (service_firewall_chain_name, ("ns5/svc5:p80", "tcp"), "KUBE-FW-NUKIZ6OKUXPJNT4C"),
+    (endpoint_chain_name, ("ns1/svc1:p80", "tcp", "10.180.0.1:80"), "KUBE-SEP-SXIVWICOYRO3J4NJ"),
+    (endpoint_chain_name, ("ns2/svc2:p80", "tcp", "10.180.0.2:80"), "KUBE-SEP-RS4RBKLTHTF2IUXJ"),
+    (endpoint_chain_name, ("ns3/svc3:p80", "tcp", "10.180.0.3:80"), "KUBE-SEP-OYPFS5VJICHGATKP"),
+    (endpoint_chain_name, ("ns4/svc4:p80", "tcp", "10.180.0.4:80"), "KUBE-SEP-UKSFD7AGPMPPLUHC"),
+    (endpoint_chain_name, ("ns4/svc4:p80", "tcp", "10.180.0.5:80"), "KUBE-SEP-C6EBXVWJJZMIWKLZ"),
+    (endpoint_chain_name, ("ns5/svc5:p80", "tcp", "10.180.0.3:80"), "KUBE-SEP-I77PXRDZVX7PMWMN"),
+])
+def test_chain_names_are_kube_proxys(make, args, expected) -> None:
+    assert make(*args) == expected
+
+
+def test_protocol_case_and_port_name_enter_the_hash() -> None:
+    assert service_port_chain_name("ns1/svc1:p80", "TCP") == "KUBE-SVC-XPGD46QRK7WJZT7O"  # lowercased
+    assert service_port_chain_name("ns1/svc1:p80", "udp") != "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert service_port_chain_name("ns1/svc1", "tcp") != "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert ServicePort("ns1", "svc1", "", "TCP", "10.96.0.1", 80).service_port_name == "ns1/svc1"
+
+
+def small_state() -> ProxyState:
+    services = [
+        ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80),  # ClusterIP, 1 endpoint
+        ServicePort("ns3", "svc3", "p80", "TCP", "172.30.0.43", 80, node_port=3003),  # NodePort
+        ServicePort("ns4", "svc4", "p80", "TCP", "172.30.0.44", 80),  # ClusterIP, 2 endpoints
+        ServicePort("ns5", "svc5", "p80", "TCP", "172.30.0.45", 80, node_port=3002, affinity_seconds=10800),
+        ServicePort("ns6", "svc6", "p80", "TCP", "172.30.0.46", 80),  # no endpoints
+    ]
+    endpoints = {
+        services[0].key: [Endpoint("10.180.0.1", 80, "node1")],
+        services[1].key: [Endpoint("10.180.0.3", 80, "node1")],
+        # given out of order, and with a not-ready one: kube-proxy sorts and skips it
+        services[2].key: [Endpoint("10.180.0.5", 80, "node1"), Endpoint("10.180.0.9", 80, "node2", ready=False),
+                          Endpoint("10.180.0.4", 80, "node2")],
+        services[3].key: [Endpoint("10.180.0.3", 80, "node1")],
+        services[4].key: [Endpoint("10.180.0.6", 80, "node1", ready=False, terminating=True)],
+    }
+    return ProxyState(services=services, endpoints=endpoints)
+
+
+# kube-proxy's TestOverallIPTablesRules lines for these services, as it writes them (its
+# svc5 is a LoadBalancer; here the same service port is a plain NodePort, so its KUBE-FW
+# chain, loadbalancer IP and health check node port lines are not there). Differences
+# from that test's fake proxier, both as a real kube-proxy without nfacct writes them:
+# KUBE-FORWARD drops INVALID without "-m nfacct", and there are no 127.0.0.0/8 NodePort
+# rules (kube-proxy writes those only when the nfacct counter exists).
+EXPECTED = textwrap.dedent("""\
+    *filter
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-EXTERNAL-SERVICES - [0:0]
+    :KUBE-FIREWALL - [0:0]
+    :KUBE-FORWARD - [0:0]
+    :KUBE-PROXY-FIREWALL - [0:0]
+    -A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+    -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+    -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    COMMIT
+    *nat
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
+    :KUBE-MARK-MASQ - [0:0]
+    :KUBE-POSTROUTING - [0:0]
+    :KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
+    :KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]
+    :KUBE-SEP-OYPFS5VJICHGATKP - [0:0]
+    :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+    :KUBE-SEP-UKSFD7AGPMPPLUHC - [0:0]
+    :KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
+    :KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]
+    :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+    -A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK
+    -A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+    -A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
+    -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+    -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+    -A KUBE-EXT-NUKIZ6OKUXPJNT4C -m comment --comment "masquerade traffic for ns5/svc5:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-NUKIZ6OKUXPJNT4C -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment "masquerade traffic for ns3/svc3:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK
+    -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+    -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+    -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+    -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+    -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -s 10.180.0.5 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.5:80
+    -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+    -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+    -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+    -A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -s 10.180.0.4 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.4:80
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --rcheck --seconds 10800 --reap -j KUBE-SEP-I77PXRDZVX7PMWMN
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -j KUBE-SEP-I77PXRDZVX7PMWMN
+    -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.180.0.3:80" -j KUBE-SEP-OYPFS5VJICHGATKP
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+    COMMIT
+    """)
+
+
+def test_full_ruleset_line_by_line() -> None:
+    got = render(small_state(), NODE).restore_text()
+    assert got.splitlines() == EXPECTED.splitlines()
+
+
+def test_jumps_from_builtin_chains_are_kube_proxys() -> None:
+    specs = {(j.table, j.chain, j.spec) for j in render(small_state(), NODE).jumps}
+    assert ("nat", "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES') in specs
+    assert ("nat", "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES') in specs
+    assert ("nat", "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING') in specs
+    assert ("filter", "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD') in specs
+    assert ("filter", "FORWARD", '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" '
+            "-j KUBE-SERVICES") in specs
+    assert ("filter", "INPUT", "-j KUBE-FIREWALL") in specs
+    assert len(specs) == 14
+
+
+def test_nodeport_without_endpoints_is_rejected_in_external_services() -> None:
+    svc = ServicePort("ns7", "svc7", "", "UDP", "172.30.0.47", 53, node_port=30053)
+    filter_ = render(ProxyState([svc], {}), NODE).tables["filter"]
+    assert filter_["KUBE-SERVICES"] == [
+        '-A KUBE-SERVICES -m comment --comment "ns7/svc7 has no endpoints" -m udp -p udp -d 172.30.0.47 '
+        "--dport 53 -j REJECT"]
+    assert filter_["KUBE-EXTERNAL-SERVICES"] == [
+        '-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns7/svc7 has no endpoints" -m addrtype --dst-type LOCAL '
+        "-m udp -p udp --dport 30053 -j REJECT"]
+    assert not any(c.startswith("KUBE-SVC-") for c in render(ProxyState([svc], {}), NODE).tables["nat"])
+
+
+def test_three_endpoints_get_one_third_then_one_half_then_the_rest() -> None:
+    svc = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80)
+    eps = [Endpoint(f"10.180.0.{i}", 80, "node1") for i in (1, 2, 3)]
+    rules = render(ProxyState([svc], {svc.key: eps}), NODE).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
+    picks = [r for r in rules if "KUBE-SEP-" in r]
+    assert "--probability 0.3333333333 " in picks[0]
+    assert "--probability 0.5000000000 " in picks[1]
+    assert "statistic" not in picks[2]
+    assert probability(3) == "0.3333333333" and probability(2) == "0.5000000000" and probability(7) == "0.1428571429"
+
+
+def test_endpoints_sorted_as_strings_like_kube_proxy() -> None:
+    eps = [Endpoint("10.0.0.2", 80, "n"), Endpoint("10.0.0.10", 80, "n"), Endpoint("10.0.0.2", 80, "n"),
+           Endpoint("10.0.0.3", 80, "n", ready=False)]
+    assert [e.address for e in usable_endpoints(eps)] == ["10.0.0.10:80", "10.0.0.2:80"]
+
+
+def test_large_clusters_drop_endpoint_comments() -> None:
+    services = [ServicePort("ns", f"s{i}", "", "TCP", f"10.96.{i // 256}.{i % 256}", 80) for i in range(501)]
+    eps = {s.key: [Endpoint(f"10.244.{i // 128}.{2 * (i % 128)}", 80, "n"),
+                   Endpoint(f"10.244.{i // 128}.{2 * (i % 128) + 1}", 80, "n")] for i, s in enumerate(services)}
+    nat = render(ProxyState(services, eps), NODE).tables["nat"]
+    sep = nat[endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80")]
+    assert sep == ["-A " + endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80") + " -s 10.244.0.0 -j KUBE-MARK-MASQ",
+                   "-A " + endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80")
+                   + " -m tcp -p tcp -j DNAT --to-destination 10.244.0.0:80"]
+    svc = nat[service_port_chain_name("ns/s0", "tcp")]
+    assert '"ns/s0 cluster IP"' in svc[0] and "comment" not in svc[1]
+
+
+def test_no_cluster_cidr_means_no_cluster_ip_masquerade() -> None:
+    svc = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80)
+    rules = render(ProxyState([svc], {svc.key: [Endpoint("10.180.0.1", 80, "n")]}),
+                   NodeInfo("n", "192.168.0.2", "")).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
+    assert not any("KUBE-MARK-MASQ" in r for r in rules)
+
+
+def test_localhost_nodeports_off_excludes_loopback_and_kubelet_firewall() -> None:
+    r = render(small_state(), NODE, localhost_nodeports=False, conntrack_tcp_liberal=True)
+    assert r.tables["nat"]["KUBE-SERVICES"][-1].endswith(
+        "-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS")
+    assert "KUBE-FIREWALL" not in r.tables["filter"]
+    assert not any("INVALID" in rule for rule in r.tables["filter"]["KUBE-FORWARD"])
+
+
+def _changed(state: ProxyState) -> Ruleset:
+    svc4 = state.services[2]
+    state.endpoints[svc4.key] = [Endpoint("10.180.0.4", 80, "node2"), Endpoint("10.180.0.7", 80, "node1")]
+    return render(state, NODE)
+
+
+def test_partial_restore_only_touches_changed_chains() -> None:
+    old = render(small_state(), NODE)
+    new = _changed(small_state())
+    text, touched = restore_input(new, old)
+    declared = [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
+    sep_new = endpoint_chain_name("ns4/svc4:p80", "tcp", "10.180.0.7:80")
+    # filter: all (as kube-proxy); nat: top-level ones, ns4's SVC chain, its new SEP, its gone SEP.
+    assert declared == ["KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD",
+                        "KUBE-PROXY-FIREWALL",
+                        "KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-MARK-MASQ", "KUBE-POSTROUTING", sep_new,
+                        "KUBE-SVC-4SW47YFZTEDKD3PK", "KUBE-SEP-C6EBXVWJJZMIWKLZ"]
+    assert touched == len(declared)
+    assert text.splitlines()[-2:] == ["-X KUBE-SEP-C6EBXVWJJZMIWKLZ", "COMMIT"]
+    # Untouched services' chains are not even mentioned, except by the KUBE-SERVICES/KUBE-NODEPORTS jumps.
+    for chain in ("KUBE-SVC-XPGD46QRK7WJZT7O", "KUBE-SEP-SXIVWICOYRO3J4NJ", "KUBE-SEP-UKSFD7AGPMPPLUHC",
+                  "KUBE-EXT-NUKIZ6OKUXPJNT4C", "KUBE-SVC-NUKIZ6OKUXPJNT4C"):
+        assert not any(line.startswith((f":{chain} ", f"-A {chain} ")) for line in text.splitlines())
+    assert "-A KUBE-SVC-4SW47YFZTEDKD3PK" in text and f"--to-destination 10.180.0.7:80" in text
+
+
+def test_nothing_changed_rewrites_only_top_level_chains() -> None:
+    text, touched = restore_input(render(small_state(), NODE), render(small_state(), NODE))
+    assert touched == 6 + 4
+    assert "KUBE-SVC-" not in "\n".join(l for l in text.splitlines() if l.startswith(":"))
+
+
+def test_full_restore_deletes_stale_chains_and_adds_missing_jumps() -> None:
+    new = render(small_state(), NODE)
+    text, _ = restore_input(new, None, delete=[("nat", "KUBE-SVC-AAAAAAAAAAAAAAAA"), ("nat", "KUBE-SERVICES")],
+                            jumps=[new.jumps[-1]],
+                            unlink=[("nat", "-A OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA")])
+    lines = text.splitlines()
+    nat = lines[lines.index("*nat"):]
+    assert ":KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]" in nat  # flushed ...
+    assert nat[-3:] == ["-D OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA",  # ... unlinked ...
+                        "-X KUBE-SVC-AAAAAAAAAAAAAAAA", "COMMIT"]  # ... and deleted
+    assert "-X KUBE-SERVICES" not in lines  # still desired: never deleted
+    filter_ = lines[:lines.index("*nat")]
+    assert "-I OUTPUT 1 -j KUBE-FIREWALL" in filter_  # the last jump of the list: kubelet's, in filter
+
+
+def test_parse_save_reads_counters_and_chains() -> None:
+    saved = parse_save(textwrap.dedent("""\
+        # Generated by iptables-save
+        *nat
+        :PREROUTING ACCEPT [3:180]
+        :KUBE-SERVICES - [0:0]
+        :CNI-abc - [0:0]
+        [7:420] -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+        [0:0] -A KUBE-SERVICES -d 10.96.0.1/32 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        COMMIT
+        """), skip_own_rules=True)
+    assert saved["nat"] == {"PREROUTING": ['-A PREROUTING -m comment --comment "kubernetes service portals" '
+                                           "-j KUBE-SERVICES"], "KUBE-SERVICES": [], "CNI-abc": []}
