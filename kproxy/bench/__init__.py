@@ -1,1 +1,12 @@
 """Benchmarks a person runs by hand (scripts/bench-*); results live in docs/."""
+
+import os
+import sys
+
+
+def require_root(prog: str) -> bool:
+    """Benchmarks create namespaces: say so and refuse without root."""
+    if os.geteuid() == 0:
+        return True
+    print(f"{prog}: run as root (sudo scripts/{prog})", file=sys.stderr)
+    return False

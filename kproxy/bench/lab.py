@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from kproxy.bench import require_root
 from kproxy.lab.processes import DAEMONS, running_pid
 from kproxy.lab.state import lab_dir
 
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pods", type=int, default=200, help="pods on the single-node lab (default 200)")
     parser.add_argument("--runs", type=int, default=3, help="runs per case; medians are printed (default 3)")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench-lab: run as root (sudo scripts/bench-lab)", file=sys.stderr)
+    if not require_root("bench-lab"):
         return 1
     prefix = f"kpbench{os.getpid() % 10000}"
     print(f"kproxy lab benchmark: {os.cpu_count()} CPUs, medians of {args.runs} runs")

@@ -25,6 +25,7 @@ from typing import Any
 
 from cni.netns import entered
 from kproxy.agent import status_path
+from kproxy.bench import require_root
 from kproxy.lab.processes import AGENT, start, stop
 from kproxy.proxy import render_text
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, node_info, proxy_state
@@ -139,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,5000,10000")
     parser.add_argument("--mode", default="iptables")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench-services: run as root", file=sys.stderr)
+    if not require_root("bench-services"):
         return 1
     prefix = f"kpbench{os.getpid() % 10000}"
     print(f"mode {args.mode}, {os.cpu_count()} CPUs, 2 endpoints per service")

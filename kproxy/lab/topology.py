@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kproxy.errors import KproxyError
+from kproxy.selectors import validate_labels
 
 OVERLAYS = ("vxlan", "host-gw")
 DEFAULT_POD_CIDR = "10.244.0.0/16"
@@ -28,8 +29,6 @@ OBJECT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 NODE_NAME_MAX = 12  # "to-" + name must fit IFNAMSIZ
 RESERVED_NAMES = ("underlay", "external")
 PODS_PER_NODE = 253  # .2 .. .254 of the node's /24 (.1 is the bridge)
-LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 
 @dataclass(frozen=True)
@@ -75,17 +74,10 @@ def _name(value: object, what: str, pattern: re.Pattern[str] = OBJECT_NAME_RE) -
 
 
 def _labels(value: object, what: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise KproxyError(f"{what} must be a mapping of label keys to values")
-    out = {}
-    for key, val in value.items():
-        val = "" if val is None else str(val)
-        if not isinstance(key, str) or not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(val):
-            raise KproxyError(f"{what}: {key}={val} is not a valid label")
-        out[key] = val
-    return out
+    """Labels as Kubernetes validates them; YAML scalars (zone: 1) are taken as their text."""
+    if isinstance(value, dict):
+        value = {k: "" if v is None else v if isinstance(v, str) else str(v) for k, v in value.items()}
+    return validate_labels(value, what)
 
 
 def _network(value: object, what: str) -> ipaddress.IPv4Network:
