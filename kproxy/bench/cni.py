@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from kproxy.bench import require_root
+
 NETNS_DIR = Path("/var/run/netns")
 REFERENCE_DIR = "/usr/lib/cni"
 VENV_BIN = Path(sys.executable).parent
@@ -249,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(CONTENDERS)
     if unknown or not names or not 1 <= args.pods <= 60000:
         parser.error(f"unknown contenders {sorted(unknown)}" if unknown else "need 1..60000 pods and a contender")
-    if os.geteuid() != 0:
-        print("bench-cni: needs root (sudo scripts/bench-cni)", file=sys.stderr)
+    if not require_root("bench-cni"):
         return 1
     if "reference" in names and not os.access(f"{REFERENCE_DIR}/bridge", os.X_OK):
         print(f"bench-cni: no reference plugins in {REFERENCE_DIR} (apt-get install containernetworking-plugins)",
