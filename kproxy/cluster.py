@@ -11,12 +11,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from kproxy import controllers
 from kproxy.agent import status_path
@@ -311,7 +312,7 @@ def read_manifest_files(paths: list[str]) -> list[tuple[str, str]]:
     out = []
     for path in paths:
         try:
-            text = Path(path).read_text() if path != "-" else __import__("sys").stdin.read()
+            text = Path(path).read_text() if path != "-" else sys.stdin.read()
         except OSError as exc:
             raise KproxyError(f"cannot read {path}: {exc.strerror}") from None
         out.append((text, path))

@@ -207,12 +207,10 @@ def test_removed_udp_endpoint_loses_its_conntrack_entries(netns) -> None:
     with entered(node):
         proxier = IptablesProxier(NODE)
         proxier.sync(state(dns_endpoints=("10.180.0.1", "10.180.0.5")))
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for port in range(40000, 40020):  # several flows, so both endpoints get some
-                s2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s2.bind(("0.0.0.0", port))
-                s2.sendto(b"q", ("172.30.0.53", 53))
-                s2.close()
+        for port in range(40000, 40020):  # several flows, so both endpoints get some
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flow:
+                flow.bind(("0.0.0.0", port))
+                flow.sendto(b"q", ("172.30.0.53", 53))
         flows = subprocess.run(["conntrack", "-L", "-p", "udp", "--orig-dst", "172.30.0.53"],
                                capture_output=True, text=True).stdout
         proxier.sync(state(dns_endpoints=("10.180.0.1",)))

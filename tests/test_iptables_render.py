@@ -249,7 +249,7 @@ def test_partial_restore_only_touches_changed_chains() -> None:
     for chain in ("KUBE-SVC-XPGD46QRK7WJZT7O", "KUBE-SEP-SXIVWICOYRO3J4NJ", "KUBE-SEP-UKSFD7AGPMPPLUHC",
                   "KUBE-EXT-NUKIZ6OKUXPJNT4C", "KUBE-SVC-NUKIZ6OKUXPJNT4C"):
         assert not any(line.startswith((f":{chain} ", f"-A {chain} ")) for line in text.splitlines())
-    assert "-A KUBE-SVC-4SW47YFZTEDKD3PK" in text and f"--to-destination 10.180.0.7:80" in text
+    assert "-A KUBE-SVC-4SW47YFZTEDKD3PK" in text and "--to-destination 10.180.0.7:80" in text
 
 
 def test_nothing_changed_rewrites_only_top_level_chains() -> None:

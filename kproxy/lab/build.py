@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
-from dataclasses import dataclass
 from typing import Any
 
 from cni.netns import iproute_in, write_sysctl
