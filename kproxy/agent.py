@@ -67,11 +67,12 @@ class Metrics:
 
 
 class Agent:
-    def __init__(self, lab_dir: Path, node: str, mode: str, cluster_cidr: str) -> None:
+    def __init__(self, lab_dir: Path, node: str, mode: str, cluster_cidr: str, ipvs_scheduler: str = "") -> None:
         self.lab_dir = lab_dir
         self.node = node
         self.mode = mode
         self.cluster_cidr = cluster_cidr
+        self.ipvs_scheduler = ipvs_scheduler
         self.watcher = Store(lab_dir / "store").watch()
         self.metrics = Metrics()
         self.proxier = None
@@ -84,7 +85,8 @@ class Agent:
             node = view.objects.get(f"Node/{self.node}")
             if node is None:
                 raise RuntimeError(f"node {self.node} is not in the store")
-            self.proxier = make_proxier(self.mode, node_info(node, self.cluster_cidr))
+            self.proxier = make_proxier(self.mode, node_info(node, self.cluster_cidr),
+                                        ipvs_scheduler=self.ipvs_scheduler)
         return self.proxier
 
     def sync(self, changed: set[str]) -> None:
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="iptables")
     parser.add_argument("--cluster-cidr", default="10.244.0.0/16")
     parser.add_argument("--pidfile", type=Path)
+    parser.add_argument("--ipvs-scheduler", default="", help="IPVS mode: the default scheduler (rr)")
     args = parser.parse_args(argv)
-    agent = Agent(args.lab_dir, args.node, args.mode, args.cluster_cidr)
+    agent = Agent(args.lab_dir, args.node, args.mode, args.cluster_cidr, args.ipvs_scheduler)
 
     def stop(signum: int, frame: Any) -> None:
         agent.running = False

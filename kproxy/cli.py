@@ -14,6 +14,7 @@ import yaml
 
 from kproxy.errors import KproxyError
 from kproxy.proxy import DEFAULT_MODE, MODES
+from kproxy.proxy.ipvs import SCHEDULERS as IPVS_SCHEDULERS
 
 PROG = "kproxy"
 
@@ -40,7 +41,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     topology = load_topology(Path(args.file) if args.file else None, args.name, args.overlay)
     _need_root()
     started = time.monotonic()
-    state, report = build.up(topology, args.mode)
+    state, report = build.up(topology, args.mode, ipvs_scheduler=args.ipvs_scheduler)
     took = time.monotonic() - started
     print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
           f"{len(state.pods)} pods ({report.wired} wired now, {report.removed} removed) in {took:.2f}s")
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", choices=("vxlan", "host-gw"), help="overlay between nodes (default: the file's)")
     p.add_argument("--mode", choices=MODES, help=f"proxy mode of the node agents (default: {DEFAULT_MODE}, "
                                                  "or the running lab's)")
+    p.add_argument("--ipvs-scheduler", choices=IPVS_SCHEDULERS, metavar="SCHED",
+                   help="IPVS mode: the lab's scheduler (rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, "
+                        "mh; default rr); a Service's kproxy.io/ipvs-scheduler annotation overrides it")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")

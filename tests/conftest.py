@@ -41,6 +41,13 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The guest lane: ipvs tests run in a QEMU guest where this kernel has no IPVS (tests/guestlane.py).
+    from tests import guestlane
+
+    guestlane.configure(config)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Kernel tests need root; without it they fail loudly rather than skip.
     for item in items:

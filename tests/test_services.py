@@ -23,7 +23,8 @@ from tests.runtime import in_ns
 
 pytestmark = pytest.mark.kernel
 
-MODES = ["iptables"]
+MODES = ["iptables", "userspace",
+         pytest.param("ipvs", marks=pytest.mark.ipvs)]  # in a QEMU guest where this kernel lacks IPVS
 
 MANIFESTS = """
 apiVersion: v1
@@ -166,6 +167,13 @@ def test_load_spreads_over_endpoints_on_every_node(lab: Lab) -> None:
 def test_client_ip_affinity_keeps_a_client_on_one_endpoint_until_the_timeout(lab: Lab) -> None:
     picks = [lab.ask("client", lab.ip("sticky"), 81)["pod"] for _ in range(15)]
     assert len(set(picks)) == 1, picks
+    if lab.info["mode"] == "ipvs":
+        # IPVS persistence with the affinity timeout, as kube-proxy programs it. Its template only
+        # expires once the client's connections under it are gone, which IPVS keeps in TIME_WAIT for
+        # 2 min (kubernetes/kubernetes#89358): the 2 s expiry below is not observable in this mode.
+        shown = kproxy("rules", "--lab", lab.name, "node1", "--service", "sticky").stdout
+        assert f"{lab.ip('sticky')}:81 rr persistent 2" in shown, shown
+        return
     # After the 2 s timeout the choice is made afresh: over several expiries it moves.
     chosen = set(picks)
     for _ in range(8):

@@ -29,7 +29,8 @@ from kproxy.store import Store
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
 
 
-def plan(topology: Topology, previous: LabState | None, mode: str | None = None) -> LabState:
+def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
+         ipvs_scheduler: str | None = None) -> LabState:
     """The state this topology asks for, keeping every assignment previous made."""
     mode = mode or (previous.mode if previous else DEFAULT_MODE)
     if mode not in MODES:
@@ -49,6 +50,7 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None)
         node_cidr=str(topology.node_cidr),
         external_ip=str(hosts[-1]),
         mode=mode,
+        ipvs_scheduler=ipvs_scheduler or (previous.ipvs_scheduler if previous else ""),
         generation=previous.generation if previous else 0,
         pods=dict(previous.pods) if previous else {},
     )
@@ -120,11 +122,12 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
         store.write(changes)
 
 
-def up(topology: Topology, mode: str | None = None) -> tuple[LabState, kubelet.Report]:
+def up(topology: Topology, mode: str | None = None,
+       ipvs_scheduler: str | None = None) -> tuple[LabState, kubelet.Report]:
     previous = load_state(topology.name)
     if previous is None and lab_namespaces(topology.name):
         teardown(topology.name)  # leftovers of a crash before any state was written
-    state = plan(topology, previous, mode)
+    state = plan(topology, previous, mode, ipvs_scheduler)
     directory = lab_dir(state.name)
     directory.mkdir(parents=True, exist_ok=True)
     save_state(state)  # the intent first: a crash from here on is reconciled by the next up

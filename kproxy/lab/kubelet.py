@@ -142,4 +142,5 @@ def ensure_agent(state: LabState, node: str) -> int:
         return pid
     return processes.start(processes.AGENT, directory, node, ns_path(state.name, node),
                            ["--lab-dir", str(directory), "--node", node, "--mode", state.mode,
-                            "--cluster-cidr", state.pod_cidr])
+                            "--cluster-cidr", state.pod_cidr]
+                           + (["--ipvs-scheduler", state.ipvs_scheduler] if state.ipvs_scheduler else []))

@@ -5,15 +5,23 @@ from __future__ import annotations
 from kproxy.errors import KproxyError
 from kproxy.proxy.types import NodeInfo, Proxier, ProxyState
 
-MODES = ("iptables",)
+MODES = ("iptables", "userspace", "ipvs")
 DEFAULT_MODE = "iptables"
 
 
-def make_proxier(mode: str, node: NodeInfo) -> Proxier:
+def make_proxier(mode: str, node: NodeInfo, *, ipvs_scheduler: str = "") -> Proxier:
     if mode == "iptables":
         from kproxy.proxy.iptables import IptablesProxier
 
         return IptablesProxier(node)
+    if mode == "userspace":
+        from kproxy.proxy.userspace import UserspaceProxier
+
+        return UserspaceProxier(node)
+    if mode == "ipvs":
+        from kproxy.proxy.ipvs import IpvsProxier
+
+        return IpvsProxier(node, scheduler=ipvs_scheduler)  # "": $KPROXY_IPVS_SCHEDULER, else rr
     raise KproxyError(f"unknown proxy mode {mode!r} (known: {', '.join(MODES)})")
 
 
@@ -23,6 +31,14 @@ def render_text(mode: str, state: ProxyState, node: NodeInfo) -> str:
         from kproxy.proxy.iptables import render
 
         return render(state, node).restore_text()
+    if mode == "userspace":
+        from kproxy.proxy import userspace
+
+        return userspace.render_text(state, node)
+    if mode == "ipvs":
+        from kproxy.proxy.ipvs import render as render_ipvs
+
+        return render_ipvs(state, node).text()
     raise KproxyError(f"unknown proxy mode {mode!r} (known: {', '.join(MODES)})")
 
 
@@ -34,4 +50,14 @@ def rules_text(mode: str, state: ProxyState, node: NodeInfo, service: str | None
         proxier = IptablesProxier(node)
         proxier.ruleset = render(state, node)  # which chains belong to which service
         return proxier.rules_excerpt(service)
+    if mode == "userspace":
+        from kproxy.proxy.userspace import live_rules
+
+        return live_rules(service)
+    if mode == "ipvs":
+        from kproxy.proxy.ipvs import IpvsProxier, render as render_ipvs
+
+        ipvs = IpvsProxier(node)
+        ipvs.desired = render_ipvs(state, node)  # which virtual servers belong to which service
+        return ipvs.rules_excerpt(service)
     raise KproxyError(f"unknown proxy mode {mode!r} (known: {', '.join(MODES)})")
