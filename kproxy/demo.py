@@ -1,70 +1,107 @@
-"""The demo: a lab per overlay, a pod on node1 reaching a pod on node3, then down.
+"""The demo: a lab per proxy mode, traffic through a Service, the rules behind it.
 
-Run by `sudo scripts/demo`. Every step prints the command a person would type.
+Run by `sudo scripts/demo`. Each scene brings up the default lab (3 nodes,
+5 pods), shows a pod on node1 reaching a pod on node3 over the overlay,
+applies a ClusterIP + NodePort Service, sends traffic through it from a pod
+and from outside, prints the node's rules for it, and takes the lab down.
+Where this kernel has no IPVS, the IPVS scene runs inside a QEMU guest booting
+Debian's stock kernel (kproxy.guest), exactly as the test suite does.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
+from collections import Counter
+from pathlib import Path
 
+from kproxy import guest
 from kproxy.cli import main as kproxy_main
-from kproxy.lab.probe import probe_tcp
+from kproxy.lab.probe import parse_answer, probe_tcp
 from kproxy.lab.state import load_state, ns_path
 
-OVERLAYS = ("vxlan", "host-gw")
+SCENES = {"iptables": "vxlan", "userspace": "host-gw", "ipvs": "vxlan"}
+SERVICE = Path(__file__).resolve().parents[1] / "examples" / "services" / "web.yaml"
+NODE_PORT = 30080
 
 
 def step(title: str) -> None:
-    print(f"\n=== {title}")
+    print(f"\n=== {title}", flush=True)
 
 
 def run(*argv: str) -> None:
     print(f"$ kproxy {' '.join(argv)}", flush=True)
     status = kproxy_main(list(argv))
+    sys.stdout.flush()
     if status != 0:
         raise SystemExit(status)
 
 
-def show(ns: str, *argv: str) -> None:
-    print(f"$ {' '.join(argv)}", flush=True)
-    subprocess.run(["nsenter", f"--net={ns}", "--", *argv], check=False)
-
-
-def demo_overlay(overlay: str) -> None:
-    lab = f"demo-{overlay}"
-    step(f"A three-node lab over {overlay}")
-    run("lab", "up", "--name", lab, "--overlay", overlay)
+def scene(mode: str) -> None:
+    overlay = SCENES[mode]
+    lab = f"demo-{mode}"
+    step(f"{mode} mode: a three-node lab over {overlay}")
+    run("lab", "up", "--name", lab, "--overlay", overlay, "--mode", mode)
     try:
         run("lab", "status", lab)
         state = load_state(lab)
         assert state is not None
-        target = state.pods["web-3"]
-        step(f"client (on node1) reaches web-3 ({target.ip}, on node3)")
-        started = time.monotonic()
-        answer = probe_tcp(ns_path(lab, "client"), target.ip, 8080, timeout=3)
-        print(f"GET http://{target.ip}:8080/ from the client pod's namespace answers:")
-        print(f"  {answer}    ({(time.monotonic() - started) * 1000:.1f} ms; the pod saw the client's own IP: no NAT)")
-        step(f"How node1 routes to node3's pods ({overlay})")
-        show(ns_path(lab, "node1"), "ip", "route")
-        if overlay == "vxlan":
-            show(ns_path(lab, "node1"), "bridge", "fdb", "show", "dev", "flannel.1")
-            show(ns_path(lab, "node1"), "ip", "neigh", "show", "dev", "flannel.1")
+        web3 = next(p for p in state.pods.values() if p.name == "web-3")
+        step(f"client (node1) -> web-3 ({web3.ip}, node3), pod to pod over {overlay}")
+        print("  " + probe_tcp(ns_path(lab, "client"), web3.ip, 8080, timeout=5))
+
+        step("A Service over the web pods (examples/services/web.yaml)")
+        run("apply", "--lab", lab, "-f", str(SERVICE))
+        run("get", "svc", "--lab", lab, "-o", "wide")
+        run("get", "endpoints", "--lab", lab)
+
+        from kproxy.store import Store
+        from kproxy.lab.state import lab_dir
+
+        svc = Store(lab_dir(lab) / "store").read().objects["Service/default/web"]
+        cluster_ip = svc["spec"]["clusterIP"]
+        step(f"12 requests from the client pod to the ClusterIP {cluster_ip}:80")
+        answers = [parse_answer(probe_tcp(ns_path(lab, "client"), cluster_ip, 80, timeout=5)) for _ in range(12)]
+        for pod, count in sorted(Counter(a["pod"] for a in answers).items()):
+            print(f"  {pod}: {count}")
+        print(f"  (the pods saw the client as {answers[0]['client'].split(':')[0]})")
+        node3 = state.nodes["node3"].ip
+        step(f"From outside: the external namespace -> NodePort {node3}:{NODE_PORT}")
+        print("  " + probe_tcp(ns_path(lab, "external"), node3, NODE_PORT, timeout=5))
+        step(f"What node1 programmed for it ({mode} mode)")
+        run("rules", "--lab", lab, "node1", "--service", "web")
     finally:
         step("Tear down")
         run("lab", "down", lab)
 
 
+def ipvs_in_guest() -> int:
+    reason = guest.unavailable_reason()
+    if reason:
+        print(f"IPVS: this kernel has no IPVS and no guest can be booted: {reason}", file=sys.stderr)
+        return 1
+    print("\n=== ipvs mode: this kernel has no IPVS, so this scene runs in a QEMU guest booting Debian's "
+          "stock kernel (slow: emulated CPU) ...", flush=True)
+    result = guest.run([sys.executable, "-m", "kproxy.demo", "--mode", "ipvs"], timeout=900,
+                       log=lambda m: print(m, flush=True))
+    sys.stdout.write(result.console)
+    print(f"(guest finished with status {result.status} after {result.seconds:.0f} s)")
+    return result.status
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kproxy-demo", description=__doc__)
-    parser.add_argument("--overlay", choices=OVERLAYS, action="append", help="only this overlay (repeatable)")
+    parser = argparse.ArgumentParser(prog="kproxy-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=tuple(SCENES), action="append", help="only this mode (repeatable)")
     args = parser.parse_args(argv)
-    for overlay in args.overlay or OVERLAYS:
-        demo_overlay(overlay)
+    status = 0
+    for mode in args.mode or SCENES:
+        if mode == "ipvs" and not guest.host_has_ipvs() and not guest.in_guest():
+            status = status or ipvs_in_guest()
+        else:
+            scene(mode)
     print("\nDone: every namespace, link and process of the demo labs is gone.")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
