@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -61,6 +60,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from kproxy.proxy.kernel import run, set_sysctl
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants (kube-proxy's) --------------------------------------
@@ -477,7 +477,7 @@ class IptablesProxier:
         desired = render(state, self.node, localhost_nodeports=self.localhost_nodeports,
                          conntrack_tcp_liberal=self._tcp_liberal())
         if full:
-            saved = parse_save(_run([SAVE, "-t", "filter"]).stdout + _run([SAVE, "-t", "nat"]).stdout,
+            saved = parse_save(run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout,
                                skip_own_rules=True)
             stale = [(t, c) for t, chains in saved.items() for c in chains
                      if t in ("filter", "nat") and is_own_chain(t, c) and c not in desired.tables.get(t, {})]
@@ -512,7 +512,7 @@ class IptablesProxier:
     def _prepare_node(self) -> None:
         if self.localhost_nodeports:
             # NodePorts on 127.0.0.1 need DNAT of loopback-destined packets to route out.
-            _write_sysctl("net/ipv4/conf/all/route_localnet", "1")
+            set_sysctl("net/ipv4/conf/all/route_localnet", "1", "iptables")
 
     @staticmethod
     def _tcp_liberal() -> bool:
@@ -566,7 +566,7 @@ class IptablesProxier:
 
     def cleanup(self) -> None:
         """Remove every jump into our chains and all our chains (filter and nat), in one restore."""
-        saved = parse_save(_run([SAVE, "-t", "filter"]).stdout + _run([SAVE, "-t", "nat"]).stdout)
+        saved = parse_save(run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout)
         out: list[str] = []
         for table in ("filter", "nat"):
             chains = saved.get(table, {})
@@ -593,7 +593,7 @@ class IptablesProxier:
         """iptables-legacy-save -c (with [packets:bytes]) of the filter and nat tables, cut down to
         our rules, or to those of one service ("ns/name" or "ns/name:port"): its chains, and the
         lines of the shared chains that jump to them or name the service in a comment."""
-        text = _run([SAVE, "-c"]).stdout
+        text = run([SAVE, "-c"]).stdout
         mine: set[str] = set()
         if service is not None and self.ruleset is not None:
             mine = {c for c, owner in self.ruleset.owners.items() if _names(owner, service)}
@@ -628,19 +628,3 @@ class IptablesProxier:
 
 def _names(service_port_name: str, service: str) -> bool:
     return service_port_name == service or service_port_name.split(":")[0] == service
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done
-
-
-def _write_sysctl(name: str, value: str) -> None:
-    # /proc/sys/net follows the namespace of the thread that opens it.
-    try:
-        with open(os.path.join("/proc/sys", name), "w") as f:
-            f.write(value)
-    except OSError as exc:
-        print(f"kproxy iptables: cannot set {name}={value}: {exc}", file=sys.stderr)

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.proxy.iptables import usable_endpoints
+from kproxy.proxy.kernel import run, set_sysctl
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 DUMMY = "kube-ipvs0"
@@ -424,16 +425,16 @@ class IpvsProxier:
             sets: dict[str, list[str]] = {name: [] for name in IPSETS}
             for name, entry in self._entry_refs:
                 sets[name].append(entry)
-            _run(["ipset", "restore"], ipset_swap_text(sets))
+            run(["ipset", "restore"], ipset_swap_text(sets))
         else:
             back = {(n, e) for n, e in added_entries} & {(n, e) for n, e in deleted_entries}
             lines = [f"del {n} {e} -exist" for n, e in deleted_entries if (n, e) not in back]
             lines += [f"add {n} {e} -exist" for n, e in added_entries if (n, e) not in back]
             if lines:
-                _run(["ipset", "restore"], "\n".join(lines) + "\n")
+                run(["ipset", "restore"], "\n".join(lines) + "\n")
         iptables = iptables_rules(self.node)
         if iptables != kernel.iptables:
-            _run([RESTORE, "-w", "5", "--noflush"], iptables + self._missing_jumps())
+            run([RESTORE, "-w", "5", "--noflush"], iptables + self._missing_jumps())
             kernel.iptables = iptables
         # 2. ClusterIPs on kube-ipvs0.
         wanted_addresses = set(self._address_refs)
@@ -495,7 +496,7 @@ class IpvsProxier:
             links = self._ipr.link_lookup(ifname=DUMMY)
         self._ifindex = links[0]
         for name, value in SYSCTLS.items():  # /proc/sys/net/ipv4/vs exists once ip_vs is loaded (IPVS() loads it)
-            _write_sysctl(name, value)
+            set_sysctl(name, value, "ipvs")
 
     def _read_kernel(self) -> None:
         kernel = _Kernel()
@@ -565,7 +566,7 @@ class IpvsProxier:
                 if any(d.weight == 0 for d in self.kernel.dests.get(key, {}).values())}
 
     def _missing_jumps(self) -> str:
-        saved = {table: _run([SAVE, "-t", table]).stdout for table in ("nat", "filter")}
+        saved = {table: run([SAVE, "-t", table]).stdout for table in ("nat", "filter")}
         out = {"nat": [], "filter": []}
         for table, chain, comment, target in JUMPS:
             if f"-A {_jump_rule(chain, comment, target)}" not in saved[table]:
@@ -612,7 +613,7 @@ class IpvsProxier:
                 self._ipvs.service("del", service=_service_key(vs))
         for index in self._ipr.link_lookup(ifname=DUMMY):
             self._ipr.link("del", index=index)
-        saved = {table: _run([SAVE, "-t", table]).stdout for table in ("nat", "filter")}
+        saved = {table: run([SAVE, "-t", table]).stdout for table in ("nat", "filter")}
         out = []
         for table, chains in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
             ours = [c for c in chains if f":{c} " in saved[table]]
@@ -621,7 +622,7 @@ class IpvsProxier:
             if ours or lines:
                 out += [f"*{table}"] + [f":{c} - [0:0]" for c in ours] + lines + [f"-X {c}" for c in ours] + ["COMMIT"]
         if out:
-            _run([RESTORE, "-w", "5", "--noflush"], "\n".join(out) + "\n")
+            run([RESTORE, "-w", "5", "--noflush"], "\n".join(out) + "\n")
         for name in IPSETS:
             for set_name in (name, _tmp_set(name)):
                 subprocess.run(["ipset", "destroy", set_name], capture_output=True)
@@ -695,19 +696,3 @@ def _dest_spec(dest: tuple[str, int], weight: int) -> Any:
     from pyroute2 import IPVSDest
 
     return IPVSDest(addr=dest[0], port=dest[1], weight=weight, fwd_method=FWD_MASQ)
-
-
-def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, input=stdin, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done
-
-
-def _write_sysctl(name: str, value: str) -> None:
-    # /proc/sys/net follows the namespace of the thread that opens it.
-    try:
-        with open(os.path.join("/proc/sys", name), "w") as f:
-            f.write(value)
-    except OSError as exc:
-        print(f"kproxy ipvs: cannot set {name}={value}: {exc}", file=sys.stderr)

@@ -66,6 +66,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from kproxy.proxy.kernel import run
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants -----------------------------------------------------
@@ -935,7 +936,7 @@ class UserspaceProxier:
         return changed
 
     def _missing_jumps(self) -> list[Jump]:
-        saved = _run([SAVE, "-t", "filter"]).stdout + _run([SAVE, "-t", "nat"]).stdout
+        saved = run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout
         rules = _builtin_rules(saved)
         return [j for j in JUMPS
                 if not any(r.endswith(f"-j {j.target}") for r in rules.get((j.table, j.chain), []))]
@@ -960,7 +961,7 @@ class UserspaceProxier:
         self.proxies = {}
         self.loop = None
         self.status = None
-        saved = _run([SAVE, "-t", "filter"]).stdout + _run([SAVE, "-t", "nat"]).stdout
+        saved = run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout
         text = cleanup_input(saved)
         if text:
             self._restore(text)
@@ -1037,7 +1038,7 @@ def format_table(table: list[dict[str, Any]], service: str | None = None) -> str
 def live_rules(service: str | None, table: list[dict[str, Any]] | None = None) -> str:
     """Our portal rules from iptables-legacy-save -c (with [packets:bytes]), and the listener table;
     call inside the node's namespace. table None: ask the agent's proxy over its status socket."""
-    text = _run([SAVE, "-c"]).stdout
+    text = run([SAVE, "-c"]).stdout
     named = re.compile(re.escape(service) + r'(?=[:\s"/]|$)') if service is not None else None
     out: list[str] = []
     table_name = ""
@@ -1066,10 +1067,3 @@ def live_rules(service: str | None, table: list[dict[str, Any]] | None = None) -
         table = query_status()
     listeners = format_table(table, service) if table is not None else "(no userspace proxy answers in this node)\n"
     return "\n".join(out) + "\n\n# listeners\n" + listeners
-
-
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done
