@@ -516,8 +516,8 @@ class TcpConnection:
         self.dialling += 1  # the pending timer is now stale
         pipes = self.loop if self.proxy.copy == "splice" else None
         self.ways = (_Direction(self.client, self.backend, pipes), _Direction(self.backend, self.client, pipes))
-        self.loop.set_interest(self.backend.fileno(), 0, self._backend_event)
-        self.loop.handlers[self.client.fileno()] = self._client_event
+        self.loop.set_interest(self.backend.fileno(), 0, lambda mask: self._event(1, mask))
+        self.loop.handlers[self.client.fileno()] = lambda mask: self._event(0, mask)
         self.proxy.established += 1
         # The client has usually sent its request already: move it now instead of after another epoll round.
         self._pump(self.ways[0], False)
@@ -525,20 +525,14 @@ class TcpConnection:
 
     # copying ---------------------------------------------------------------------
 
-    def _client_event(self, mask: int) -> None:
+    def _event(self, side: int, mask: int) -> None:
+        """Readiness of one socket (0: the client, 1: the backend): read from it into the
+        way that starts there, write to it from the way that ends there."""
         assert self.ways is not None
         if mask & R:
-            self._pump(self.ways[0], bool(mask & RDHUP))
+            self._pump(self.ways[side], bool(mask & RDHUP))
         if mask & W and not self.closed:
-            self._pump(self.ways[1], True)
-        self._update()
-
-    def _backend_event(self, mask: int) -> None:
-        assert self.ways is not None
-        if mask & R:
-            self._pump(self.ways[1], bool(mask & RDHUP))
-        if mask & W and not self.closed:
-            self._pump(self.ways[0], True)
+            self._pump(self.ways[1 - side], True)
         self._update()
 
     def _pump(self, way: _Direction, drain: bool = True) -> None:
