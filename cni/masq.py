@@ -17,6 +17,7 @@ from cni.netns import nsenter_prefix
 # is the one the proxy modes use too: never mix backends in one namespace.
 IPTABLES = "iptables-legacy"
 IPTABLES_RESTORE = "iptables-legacy-restore"
+IPTABLES_SAVE = "iptables-legacy-save"
 
 
 def chain_name(network: str, container_id: str) -> str:

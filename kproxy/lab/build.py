@@ -97,13 +97,13 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
     """Nodes and the topology's pods into the store; pods of vanished nodes out."""
     view = store.read()
     changes: dict[str, Any] = {}
+    topology_pods = {f"Pod/default/{p.name}" for p in topology.pods}
     for key, obj in view.objects.items():
         if key.startswith("Node/") and obj["metadata"]["name"] not in state.nodes:
             changes[key] = None
         if key.startswith("Pod/"):
             from_topology = (obj["metadata"].get("annotations") or {}).get(TOPOLOGY_ANNOTATION)
-            if obj["spec"].get("nodeName") not in state.nodes or (from_topology and key not in
-                                                                  [f"Pod/default/{p.name}" for p in topology.pods]):
+            if obj["spec"].get("nodeName") not in state.nodes or (from_topology and key not in topology_pods):
                 changes[key] = None
     for name in state.nodes:
         obj = node_object(state, name)

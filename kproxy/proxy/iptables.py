@@ -60,7 +60,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from kproxy.proxy.kernel import run, set_sysctl
+from kproxy.proxy.kernel import SAVE, RestoreError, restore, run, set_sysctl
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants (kube-proxy's) --------------------------------------
@@ -88,8 +88,6 @@ MASQ_MARK = "0x4000"  # 1 << --iptables-masquerade-bit (default 14)
 LARGE_CLUSTER_ENDPOINTS = 1000  # above this many endpoints kube-proxy drops per-endpoint comments
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod (1 h) between forced full syncs
 
-RESTORE = "iptables-legacy-restore"
-SAVE = "iptables-legacy-save"
 
 
 def _hash16(text: str) -> str:
@@ -414,14 +412,6 @@ def is_own_chain(table: str, chain: str) -> bool:
 
 # --- applying ----------------------------------------------------------------
 
-class RestoreError(RuntimeError):
-    """iptables-legacy-restore refused the input.
-
-    Atomic per table, as for kube-proxy: the restore commits at each COMMIT,
-    filter first, so a table that fails keeps all its previous rules while a
-    table committed before it has its new ones. The proxier then forces the
-    next sync to be full, which repairs any mix.
-    """
 
 
 @dataclass
@@ -489,7 +479,7 @@ class IptablesProxier:
             text, touched = restore_input(desired, self.ruleset)
         self.last_restore = text
         try:
-            self._restore(text)
+            restore(text, counters=True)  # --counters, as kube-proxy
         except RestoreError:
             # The changes since the last good sync are still ours to compute (we keep the
             # previous ruleset), but the kernel may now hold half of them: resync fully.
@@ -501,13 +491,6 @@ class IptablesProxier:
             self._last_full = started
         self._clear_stale_conntrack(state)
         return SyncResult(full=full, changed_chains=touched, seconds=time.monotonic() - started)
-
-    def _restore(self, text: str) -> None:
-        # -w: wait for the xtables lock (a file shared by all namespaces); --counters as kube-proxy.
-        done = subprocess.run([RESTORE, "-w", "5", "--noflush", "--counters"], input=text, text=True,
-                              capture_output=True)
-        if done.returncode != 0:
-            raise RestoreError(f"{RESTORE} failed ({done.returncode}): {done.stderr.strip()}")
 
     def _prepare_node(self) -> None:
         if self.localhost_nodeports:
@@ -582,7 +565,7 @@ class IptablesProxier:
             out += [f"-X {c}" for c in ours]
             out.append("COMMIT")
         if out:
-            self._restore("\n".join(out) + "\n")
+            restore("\n".join(out) + "\n", counters=True)
         self.ruleset = None
         self._need_full = True
         self._applied = {}

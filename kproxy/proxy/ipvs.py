@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.proxy.iptables import usable_endpoints
-from kproxy.proxy.kernel import run, set_sysctl
+from kproxy.proxy.kernel import SAVE, restore, run, set_sysctl
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 DUMMY = "kube-ipvs0"
@@ -91,8 +91,6 @@ JUMPS = (
     ("nat", "POSTROUTING", "kubernetes postrouting rules", KUBE_POSTROUTING),
     ("filter", "FORWARD", "kubernetes forwarding rules", KUBE_FORWARD),
 )
-RESTORE = "iptables-legacy-restore"
-SAVE = "iptables-legacy-save"
 SYSCTLS = {
     "net/ipv4/vs/conntrack": "1",
     "net/ipv4/vs/expire_nodest_conn": "1",
@@ -434,7 +432,7 @@ class IpvsProxier:
                 run(["ipset", "restore"], "\n".join(lines) + "\n")
         iptables = iptables_rules(self.node)
         if iptables != kernel.iptables:
-            run([RESTORE, "-w", "5", "--noflush"], iptables + self._missing_jumps())
+            restore(iptables + self._missing_jumps())
             kernel.iptables = iptables
         # 2. ClusterIPs on kube-ipvs0.
         wanted_addresses = set(self._address_refs)
@@ -622,7 +620,7 @@ class IpvsProxier:
             if ours or lines:
                 out += [f"*{table}"] + [f":{c} - [0:0]" for c in ours] + lines + [f"-X {c}" for c in ours] + ["COMMIT"]
         if out:
-            run([RESTORE, "-w", "5", "--noflush"], "\n".join(out) + "\n")
+            restore("\n".join(out) + "\n")
         for name in IPSETS:
             for set_name in (name, _tmp_set(name)):
                 subprocess.run(["ipset", "destroy", set_name], capture_output=True)

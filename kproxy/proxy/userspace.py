@@ -59,14 +59,13 @@ import re
 import select
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from kproxy.proxy.kernel import run
+from kproxy.proxy.kernel import SAVE, RestoreError, restore, run
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants -----------------------------------------------------
@@ -93,8 +92,6 @@ COPY_MODES = ("splice", "copy")
 DEFAULT_COPY = "splice"
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
-RESTORE = "iptables-legacy-restore"
-SAVE = "iptables-legacy-save"
 
 _CLUSTER_COMMENT = '"handle ClusterIPs; NOTE: this must be before the NodePort rules"'
 _NODEPORT_COMMENT = '"handle service NodePorts; NOTE: this must be the last rule in the chain"'
@@ -858,8 +855,6 @@ def query_status(timeout: float = 2.0) -> list[dict[str, Any]] | None:
 
 # --- 4. the proxier -------------------------------------------------------------------
 
-class RestoreError(RuntimeError):
-    pass
 
 
 class UserspaceProxier:
@@ -903,7 +898,7 @@ class UserspaceProxier:
         if full or text != self.applied:
             self.last_restore = text
             try:
-                self._restore(text)
+                restore(text)
             except RestoreError:
                 self._need_full = True
                 raise
@@ -935,11 +930,6 @@ class UserspaceProxier:
         return [j for j in JUMPS
                 if not any(r.endswith(f"-j {j.target}") for r in rules.get((j.table, j.chain), []))]
 
-    def _restore(self, text: str) -> None:
-        done = subprocess.run([RESTORE, "-w", "5", "--noflush"], input=text, text=True, capture_output=True)
-        if done.returncode != 0:
-            raise RestoreError(f"{RESTORE} failed ({done.returncode}): {done.stderr.strip()}")
-
     # cleanup ---------------------------------------------------------------------------
 
     def cleanup(self) -> None:
@@ -958,7 +948,7 @@ class UserspaceProxier:
         saved = run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout
         text = cleanup_input(saved)
         if text:
-            self._restore(text)
+            restore(text)
         self.applied = ""
         self._need_full = True
 
