@@ -13,11 +13,12 @@ import subprocess
 from cni.errors import IO_FAILURE, CNIError
 from cni.netns import nsenter_prefix
 
-# One backend, called by name, never through the system's alternatives. Legacy
-# is the one the proxy modes use too: never mix backends in one namespace.
-IPTABLES = "iptables-legacy"
-IPTABLES_RESTORE = "iptables-legacy-restore"
-IPTABLES_SAVE = "iptables-legacy-save"
+# One backend, called by name, never through the system's alternatives: nft, the
+# one the proxy modes use too (never mix backends in one namespace), and the one
+# Debian's and the reference plugins' `iptables` is. docs/iptables.md says why.
+IPTABLES = "iptables-nft"
+IPTABLES_RESTORE = "iptables-nft-restore"
+IPTABLES_SAVE = "iptables-nft-save"
 
 
 def chain_name(network: str, container_id: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cni.masq import IPTABLES_SAVE
 from tests.runtime import OUR_BRIDGE, OUR_HOST_LOCAL, Outcome, in_ns, run_plugin
 
 pytestmark = pytest.mark.kernel
@@ -106,11 +107,11 @@ def test_ip_masq_installs_the_reference_chain_and_del_removes_it(netns, tmp_path
     node, pod = netns("node"), netns("pod")
     conf = bridge_conf(tmp_path, ipMasq=True)
     assert add(conf, node, pod).status == 0
-    rules = in_ns(node, "iptables-legacy-save", "-t", "nat").stdout
+    rules = in_ns(node, IPTABLES_SAVE, "-t", "nat").stdout
     assert '-A POSTROUTING -s 10.77.0.2/32 -m comment --comment "name: \\"testnet\\" id: \\"c1\\"" -j CNI-' in rules
     assert "-d 10.77.0.0/24" in rules and "! -d 224.0.0.0/4" in rules and "-j MASQUERADE" in rules
     assert delete(conf, node, pod).status == 0
-    assert "CNI-" not in in_ns(node, "iptables-legacy-save", "-t", "nat").stdout
+    assert "CNI-" not in in_ns(node, IPTABLES_SAVE, "-t", "nat").stdout
 
 
 def test_del_is_idempotent_and_frees_the_address(netns, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import time
 import pytest
 from pyroute2 import IPVS, IPVSService
 
+from cni.masq import IPTABLES_SAVE
 from cni.netns import entered, iproute_in
 from kproxy.proxy.ipvs import IpvsProxier
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
@@ -139,7 +140,7 @@ def test_sync_programs_kube_ipvs0_virtual_servers_ipsets_iptables_and_sysctls(no
     assert "10.244.2.7,tcp:8080,10.244.2.7" not in sets  # hairpin set: local endpoints only
     node_ports = in_ns(node, "ipset", "list", "KUBE-NODE-PORT-TCP").stdout
     assert "\n30080\n" in node_ports
-    nat = in_ns(node, "iptables-legacy-save", "-t", "nat").stdout
+    nat = in_ns(node, IPTABLES_SAVE, "-t", "nat").stdout
     assert "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES" in nat
     assert "-m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ" in nat
     assert "-m set --match-set KUBE-LOOP-BACK dst,dst,src -j MASQUERADE" in nat
@@ -158,7 +159,7 @@ def test_sync_programs_kube_ipvs0_virtual_servers_ipsets_iptables_and_sysctls(no
     assert _ipvsadm(node).count("\n") == 3  # only the header
     assert "kube-ipvs0" not in in_ns(node, "ip", "link").stdout
     assert "KUBE-" not in in_ns(node, "ipset", "list", "-n").stdout
-    assert "KUBE-" not in in_ns(node, "iptables-legacy-save").stdout
+    assert "KUBE-" not in in_ns(node, IPTABLES_SAVE).stdout
 
 
 def test_graceful_termination_and_established_connections_across_syncs(node_with_pod) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
+from cni.masq import IPTABLES
 from cni.masq import IPTABLES_RESTORE as RESTORE
 from cni.masq import IPTABLES_SAVE as SAVE
 
-__all__ = ["RESTORE", "SAVE", "RestoreError", "restore", "run", "set_sysctl"]
+__all__ = ["IPTABLES", "RESTORE", "SAVE", "RestoreError", "restore", "restore_stream", "run", "set_sysctl"]
 
 
 class RestoreError(RuntimeError):
@@ -21,21 +24,46 @@ class RestoreError(RuntimeError):
 
 
 def run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a tool (iptables-legacy-*, ipset, conntrack); RuntimeError with its stderr on failure."""
+    """Run a tool (iptables-nft-*, nft, ipset, conntrack); RuntimeError with its stderr on failure."""
     done = subprocess.run(argv, input=stdin, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done
 
 
-def restore(text: str, counters: bool = False) -> None:
-    """One iptables-restore --noflush of text (the CNI's backend: never two in one namespace).
+def _restore_argv(counters: bool) -> list[str]:
+    # -w: wait for the xtables lock if a legacy tool holds it (iptables-nft accepts and ignores it).
+    return [RESTORE, "-w", "5", "--noflush"] + (["--counters"] if counters else [])
 
-    -w waits for the xtables lock, a file shared by all namespaces."""
-    argv = [RESTORE, "-w", "5", "--noflush"] + (["--counters"] if counters else [])
-    done = subprocess.run(argv, input=text, text=True, capture_output=True)
+
+def restore(text: str, counters: bool = False) -> None:
+    """One iptables-restore --noflush of text (the CNI's backend: never two in one namespace)."""
+    done = subprocess.run(_restore_argv(counters), input=text, text=True, capture_output=True)
     if done.returncode != 0:
         raise RestoreError(f"{RESTORE} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+@contextmanager
+def restore_stream(counters: bool = False) -> Iterator[Callable[[str], object]]:
+    """One iptables-restore --noflush fed while its input is still being made: it parses
+    while the caller renders. If the caller fails midway, the process is killed before it
+    sees a COMMIT, so nothing of the half-written input reaches the kernel."""
+    proc = subprocess.Popen(_restore_argv(counters), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stderr is not None
+    broken = False
+    try:
+        yield proc.stdin.write
+        proc.stdin.close()
+    except BrokenPipeError:  # it stopped reading: refused the input; its stderr says why
+        broken = True
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    error = proc.stderr.read()
+    if proc.wait() != 0 or broken:
+        raise RestoreError(f"{RESTORE} failed ({proc.returncode}): {error.strip()}")
 
 
 def set_sysctl(name: str, value: str, mode: str) -> None:
