@@ -12,6 +12,7 @@ for that). Serves /healthz on :10256 and Prometheus /metrics on
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 from kproxy.proxy import make_proxier
-from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, node_info, proxy_state
+from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
 from kproxy.store import Store, View
 
 HEALTHZ_PORT = 10256
@@ -76,6 +77,8 @@ class Agent:
         self.watcher = Store(lab_dir / "store").watch()
         self.metrics = Metrics()
         self.proxier = None
+        self.tracker = StateTracker()
+        self.tracked = False  # the tracker has seen the whole store once
         self.running = True
         self.last_ok = 0.0
         self.last_error = ""
@@ -92,15 +95,22 @@ class Agent:
     def sync(self, changed: set[str]) -> None:
         view = self.watcher.view
         self.metrics.last_queued.set_to_current_time()
-        state = proxy_state(view.of_kind("Service"), view.of_kind("EndpointSlice"))
         started = time.monotonic()
+        # A sync makes objects by the ten thousand, most of them kept (the caches): the
+        # collector's passes over them would cost a quarter of a 10k-service sync.
+        gc.disable()
         try:
+            # Only the Services touched by this change are re-derived (and re-rendered by the mode).
+            state = self.tracker.update(view.objects, changed if self.tracked else None)
+            self.tracked = True
             result = self._proxier(view).sync(state)
         except Exception as exc:  # reported, retried on the next change or period
             self.last_error = f"{type(exc).__name__}: {exc}"
             print(f"kproxy-agent {self.node}: sync failed: {self.last_error}", file=sys.stderr, flush=True)
             self._report(view.version, ok=False)
             return
+        finally:
+            gc.enable()
         took = time.monotonic() - started
         self.metrics.sync.observe(took)
         (self.metrics.sync_full if result.full else self.metrics.sync_partial).observe(took)

@@ -8,7 +8,8 @@ import pytest
 
 from kproxy import controllers
 from kproxy.errors import KproxyError
-from kproxy.proxy.source import proxy_state
+from kproxy.proxy.source import StateTracker, proxy_state
+from kproxy.proxy.types import ProxyState
 
 
 def svc(name: str, ip: str = "", node_port: int | None = None, target: Any = 8080, **spec: Any) -> dict[str, Any]:
@@ -108,3 +109,43 @@ def test_deployment_pods_carry_the_template_hash_and_an_owner() -> None:
     assert made["metadata"]["name"].startswith(f"api-{phash}-")
     assert made["metadata"]["labels"] == {"app": "api", "pod-template-hash": phash}
     assert controllers.owned_pods(deployment, [made, pod("x", "10.244.1.9")]) == [made]
+
+
+def _store(services: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    objects: dict[str, dict[str, Any]] = {}
+    for service in services:
+        objects[f"Service/default/{service['metadata']['name']}"] = service
+        for name, slice_ in controllers.endpoint_slices(service, pods, {}).items():
+            objects[f"EndpointSlice/default/{slice_['metadata']['name']}"] = slice_
+    return objects
+
+
+def test_the_state_tracker_follows_changes_like_a_fresh_read_and_keeps_untouched_objects() -> None:
+    web, db = svc("web", "10.96.0.10"), svc("db", "10.96.0.11", selector={"app": "db"})
+    pods = [pod("a", "10.244.1.2"), pod("b", "10.244.2.2"), pod("d", "10.244.1.3", labels={"app": "db"})]
+    objects = _store([web, db], pods)
+    tracker = StateTracker()
+
+    def fresh() -> ProxyState:
+        return proxy_state([o for k, o in objects.items() if k.startswith("Service/")],
+                           [o for k, o in objects.items() if k.startswith("EndpointSlice/")])
+
+    first = tracker.update(objects)
+    assert list(first.services) == fresh().services and first.endpoints == fresh().endpoints
+    # One of web's pods goes: only web's endpoints are new objects; db's and the service tuple stay.
+    before = dict(objects)
+    objects.update(_store([web], pods[:1] + pods[2:]))
+    changed = {k for k in objects if objects[k] is not before.get(k)}
+    second = tracker.update(objects, changed)
+    assert list(second.services) == fresh().services and second.endpoints == fresh().endpoints
+    assert second.services is first.services
+    db_key = next(s.key for s in second.services if s.name == "db")
+    web_key = next(s.key for s in second.services if s.name == "web")
+    assert second.endpoints[db_key] is first.endpoints[db_key]
+    assert [e.ip for e in second.endpoints[web_key]] == ["10.244.1.2"]
+    # A deleted Service (and its slices) leaves the state.
+    gone = [k for k in objects if k.endswith("/db") or "/db-" in k]
+    for key in gone:
+        del objects[key]
+    third = tracker.update(objects, set(gone))
+    assert [s.name for s in third.services] == ["web"] and third.endpoints == fresh().endpoints

@@ -33,35 +33,119 @@ def service_ports(service: dict[str, Any]) -> list[ServicePort]:
     ]
 
 
+def _owner(slice_: dict[str, Any]) -> tuple[str, str] | None:
+    meta = slice_["metadata"]
+    owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    return (meta.get("namespace", "default"), owner) if owner else None
+
+
+def _service_state(service: dict[str, Any],
+                   slices: Iterable[dict[str, Any]]) -> list[tuple[ServicePort, list[Endpoint]]]:
+    """One Service's ports, each with its endpoints from the Service's EndpointSlices."""
+    out = []
+    for svc in service_ports(service):
+        endpoints: dict[str, Endpoint] = {}
+        for slice_ in slices:
+            port = next((p for p in slice_.get("ports", [])
+                         if (p.get("name") or "") == svc.port_name and p.get("protocol", "TCP") == svc.protocol),
+                        None)
+            if port is None:
+                continue
+            for ep in slice_.get("endpoints", []):
+                conditions = ep.get("conditions", {})
+                for ip in ep.get("addresses", []):
+                    endpoint = Endpoint(ip, int(port["port"]), ep.get("nodeName", ""),
+                                        ready=bool(conditions.get("ready", True)),
+                                        terminating=bool(conditions.get("terminating", False)))
+                    endpoints[endpoint.address] = endpoint
+        out.append((svc, sorted(endpoints.values(), key=lambda e: (e.ip, e.port))))
+    return out
+
+
 def proxy_state(services: Iterable[dict[str, Any]], slices: Iterable[dict[str, Any]]) -> ProxyState:
-    state = ProxyState()
     by_service: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for slice_ in slices:
-        meta = slice_["metadata"]
-        owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        owner = _owner(slice_)
         if owner:
-            by_service.setdefault((meta.get("namespace", "default"), owner), []).append(slice_)
+            by_service.setdefault(owner, []).append(slice_)
+    ports: list[ServicePort] = []
+    endpoints: dict[str, list[Endpoint]] = {}
     for service in services:
         meta = service["metadata"]
-        for svc in service_ports(service):
-            state.services.append(svc)
-            endpoints: dict[str, Endpoint] = {}
-            for slice_ in by_service.get((meta.get("namespace", "default"), meta["name"]), []):
-                port = next((p for p in slice_.get("ports", [])
-                             if (p.get("name") or "") == svc.port_name and p.get("protocol", "TCP") == svc.protocol),
-                            None)
-                if port is None:
-                    continue
-                for ep in slice_.get("endpoints", []):
-                    conditions = ep.get("conditions", {})
-                    for ip in ep.get("addresses", []):
-                        endpoint = Endpoint(ip, int(port["port"]), ep.get("nodeName", ""),
-                                            ready=bool(conditions.get("ready", True)),
-                                            terminating=bool(conditions.get("terminating", False)))
-                        endpoints[endpoint.address] = endpoint
-            state.endpoints[svc.key] = sorted(endpoints.values(), key=lambda e: (e.ip, e.port))
-    state.services.sort(key=lambda s: s.key)
-    return state
+        for svc, eps in _service_state(service, by_service.get((meta.get("namespace", "default"), meta["name"]), [])):
+            ports.append(svc)
+            endpoints[svc.key] = eps
+    return ProxyState(sorted(ports, key=lambda s: s.key), endpoints)
+
+
+class StateTracker:
+    """The ProxyState of a store, kept up to date from the keys that changed.
+
+    Like kube-proxy's service and endpoints change trackers: a change re-derives
+    only the Services whose Service object or EndpointSlices changed, and every
+    other ServicePort and endpoint list stays the very same object, so a proxy
+    mode can tell what changed by identity (the iptables mode re-renders only those).
+    """
+
+    def __init__(self) -> None:
+        self._services: dict[tuple[str, str], dict[str, Any]] = {}
+        self._slices: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # owner -> slice key -> slice
+        self._slice_owner: dict[str, tuple[str, str]] = {}
+        self._ports: dict[tuple[str, str], list[tuple[ServicePort, list[Endpoint]]]] = {}
+        self._order: tuple[ServicePort, ...] | None = None
+        self._generation = 0
+
+    def update(self, objects: dict[str, dict[str, Any]], changed: Iterable[str] | None = None) -> ProxyState:
+        """The state after `changed` keys of `objects` changed (None: everything may have)."""
+        keys = objects.keys() if changed is None else changed
+        dirty: set[tuple[str, str]] = set()
+        for key in keys:
+            kind, _, rest = key.partition("/")
+            obj = objects.get(key)
+            if kind == "Service":
+                namespace, _, name = rest.partition("/")
+                dirty.add((namespace, name))
+                if obj is None:
+                    self._services.pop((namespace, name), None)
+                else:
+                    self._services[(namespace, name)] = obj
+            elif kind == "EndpointSlice":
+                before = self._slice_owner.pop(key, None)
+                if before is not None:
+                    self._slices[before].pop(key, None)
+                    dirty.add(before)
+                owner = _owner(obj) if obj is not None else None
+                if owner is not None:
+                    self._slice_owner[key] = owner
+                    self._slices.setdefault(owner, {})[key] = obj
+                    dirty.add(owner)
+        touched: set[str] = set()
+        for owner in dirty:
+            service = self._services.get(owner)
+            before_ports = self._ports.pop(owner, [])
+            touched.update(svc.key for svc, _ in before_ports)
+            if service is None:
+                self._order = None
+                continue
+            previous = {svc.key: (svc, eps) for svc, eps in before_ports}
+            ports = []
+            slices = [slice_ for _, slice_ in sorted(self._slices.get(owner, {}).items())]
+            for svc, eps in _service_state(service, slices):
+                old_svc, old_eps = previous.get(svc.key, (None, None))
+                if svc != old_svc:
+                    self._order = None
+                ports.append((old_svc if svc == old_svc else svc, old_eps if eps == old_eps else eps))
+            if len(ports) != len(before_ports):
+                self._order = None
+            self._ports[owner] = ports
+            touched.update(svc.key for svc, _ in ports)
+        if self._order is None:
+            self._order = tuple(sorted((svc for ports in self._ports.values() for svc, _ in ports), key=lambda s: s.key))
+        self._generation += 1
+        # The same tuple while no service port comes or goes: a mode may reuse what it derived from it.
+        return ProxyState(services=self._order,
+                          endpoints={svc.key: eps for ports in self._ports.values() for svc, eps in ports},
+                          generation=self._generation, changed=None if changed is None else frozenset(touched))
 
 
 def node_info(node: dict[str, Any], cluster_cidr: str) -> NodeInfo:

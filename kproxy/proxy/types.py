@@ -8,7 +8,7 @@ per (service, port), endpoints already resolved to pod IP and target port.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,16 @@ class ServicePort:
     node_port: int = 0  # 0: not a NodePort service
     affinity_seconds: int = 0  # ClientIP session affinity timeout; 0: no affinity
     scheduler: str = ""  # IPVS scheduler annotation; "" for the lab default
+    # Derived once (a sync at 10k services asks ~100k times), not compared:
+    # kube-proxy's ServicePortName, "ns/name:port", or "ns/name" when the port is unnamed ...
+    service_port_name: str = field(init=False, compare=False, repr=False)
+    key: str = field(init=False, compare=False, repr=False)  # ... and it with the protocol
 
-    @property
-    def service_port_name(self) -> str:
-        """kube-proxy's ServicePortName: "ns/name:port", or "ns/name" when the port is unnamed."""
+    def __post_init__(self) -> None:
         base = f"{self.namespace}/{self.name}"
-        return f"{base}:{self.port_name}" if self.port_name else base
-
-    @property
-    def key(self) -> str:
-        return f"{self.service_port_name}/{self.protocol}"
+        name = f"{base}:{self.port_name}" if self.port_name else base
+        object.__setattr__(self, "service_port_name", name)
+        object.__setattr__(self, "key", f"{name}/{self.protocol}")
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,10 @@ class Endpoint:
     node: str  # the node the pod runs on
     ready: bool = True
     terminating: bool = False
+    address: str = field(init=False, compare=False, repr=False)  # "ip:port", derived once
 
-    @property
-    def address(self) -> str:
-        return f"{self.ip}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.ip}:{self.port}")
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,12 @@ class NodeInfo:
 class ProxyState:
     """Desired state for one sync: every service port and its endpoints (by ServicePort.key)."""
 
-    services: list[ServicePort] = field(default_factory=list)
+    services: Sequence[ServicePort] = field(default_factory=list)  # sorted by key
     endpoints: dict[str, list[Endpoint]] = field(default_factory=dict)
+    # From a StateTracker: its update count, and the keys of the service ports that may
+    # differ from its previous state (None: any may). A mode may use them to look only there.
+    generation: int = 0
+    changed: frozenset[str] | None = None
 
     def endpoints_of(self, svc: ServicePort) -> list[Endpoint]:
         return self.endpoints.get(svc.key, [])
