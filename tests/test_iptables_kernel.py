@@ -2,7 +2,7 @@
 
 The proxier acts on the namespace of the calling thread, as the agent inside
 its node does; here every call into it (and every probe) is wrapped in
-cni.netns.entered(node), so its iptables-legacy-* and conntrack children are
+cni.netns.entered(node), so its iptables-nft-* and conntrack children are
 born in the node's namespace.
 """
 
@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 import kproxy.proxy.iptables as ipt
+from cni.masq import IPTABLES, IPTABLES_SAVE
 from cni.netns import entered
 from kproxy.proxy.iptables import IptablesProxier, RestoreError
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
@@ -41,20 +42,20 @@ def sh(*argv: str) -> str:
 
 
 def save(counters: bool = False) -> str:
-    """iptables-legacy-save of the current thread's namespace, without the dated comment lines."""
-    text = sh("iptables-legacy-save", *(["-c"] if counters else []))
+    """iptables-save of the current thread's namespace, without the dated comment lines."""
+    text = sh(IPTABLES_SAVE, *(["-c"] if counters else []))
     return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
 
 
 def counter(saved: str, needle: str) -> int:
-    """Packets of the one rule of `iptables-legacy-save -c` output containing needle."""
+    """Packets of the one rule of `iptables-save -c` output containing needle."""
     lines = [line for line in saved.splitlines() if needle in line]
     assert len(lines) == 1, lines
     return int(lines[0][1:].split(":")[0])
 
 
 def chain_packets(saved: str, chain: str) -> int:
-    """Packets counted by all the rules of one chain in `iptables-legacy-save -c` output."""
+    """Packets counted by all the rules of one chain in `iptables-save -c` output."""
     return sum(int(line[1:].split(":")[0]) for line in saved.splitlines() if f"] -A {chain} " in line)
 
 
@@ -79,9 +80,9 @@ def knock(ip: str, port: int) -> None:
 def test_sync_installs_kube_proxy_layout_and_keeps_other_chains(netns) -> None:
     node = netns("node")
     with entered(node):
-        sh("iptables-legacy", "-t", "nat", "-N", "CNI-TEST")
-        sh("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-j", "CNI-TEST")
-        sh("iptables-legacy", "-t", "nat", "-A", "CNI-TEST", "-d", "10.244.0.0/16", "-j", "ACCEPT")
+        sh(IPTABLES, "-t", "nat", "-N", "CNI-TEST")
+        sh(IPTABLES, "-t", "nat", "-A", "POSTROUTING", "-j", "CNI-TEST")
+        sh(IPTABLES, "-t", "nat", "-A", "CNI-TEST", "-d", "10.244.0.0/16", "-j", "ACCEPT")
         proxier = IptablesProxier(NODE)
         result = proxier.sync(state())
         saved = save()
@@ -147,8 +148,8 @@ def test_partial_sync_rewrites_only_the_changed_service(netns) -> None:
 def test_cleanup_removes_every_kube_chain_and_jump(netns) -> None:
     node = netns("node")
     with entered(node):
-        sh("iptables-legacy", "-N", "CNI-FORWARD")
-        sh("iptables-legacy", "-A", "FORWARD", "-j", "CNI-FORWARD")
+        sh(IPTABLES, "-N", "CNI-FORWARD")
+        sh(IPTABLES, "-A", "FORWARD", "-j", "CNI-FORWARD")
         proxier = IptablesProxier(NODE)
         proxier.sync(state())
         assert "KUBE-" in save()
@@ -167,8 +168,8 @@ def test_failed_restore_keeps_previous_rules_and_next_sync_is_full(netns, monkey
 
     def broken(*args, **kwargs):
         ruleset = render(*args, **kwargs)
-        ruleset.tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"].append(
-            "-A KUBE-SVC-XPGD46QRK7WJZT7O -j KUBE-SEP-NOSUCHCHAIN00000")
+        chain = "KUBE-SVC-XPGD46QRK7WJZT7O"
+        ruleset.tables["nat"][chain] += ("-A KUBE-SVC-XPGD46QRK7WJZT7O -j KUBE-SEP-NOSUCHCHAIN00000",)
         return ruleset
 
     with entered(node):
@@ -218,7 +219,7 @@ def test_removed_udp_endpoint_loses_its_conntrack_entries(netns) -> None:
                               capture_output=True, text=True).stdout
         excerpt = proxier.rules_excerpt("ns7/dns")
     assert "src=10.180.0.5" in flows and "src=10.180.0.1" in flows
-    assert ["-D", "--orig-dst", "172.30.0.53", "--dst-nat", "10.180.0.5", "-p", "udp"] in proxier.last_conntrack
+    assert ["-D", "--orig-dst", "172.30.0.53", "--dst-nat", "10.180.0.5", "-p", "udp"] in proxier.conntrack.last
     assert "src=10.180.0.5" not in left and "src=10.180.0.1" in left
     # The excerpt: this service's chains and KUBE-SERVICES line, with counters, nothing of ns1/ns4.
     assert "ns7/dns:dns cluster IP" in excerpt and "ns1/svc1" not in excerpt and "ns4/svc4" not in excerpt

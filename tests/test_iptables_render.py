@@ -9,11 +9,15 @@ kube-proxy's, not ours recomputed. Its expected text is grouped per chain
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
 
 from kproxy.proxy.iptables import (
+    KernelLeftovers,
+    LARGE_CLUSTER_ENDPOINTS,
+    RenderCache,
     Ruleset,
     endpoint_chain_name,
     parse_save,
@@ -24,6 +28,7 @@ from kproxy.proxy.iptables import (
     service_firewall_chain_name,
     service_port_chain_name,
     usable_endpoints,
+    write_full_restore,
 )
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
@@ -172,12 +177,12 @@ def test_jumps_from_builtin_chains_are_kube_proxys() -> None:
 def test_nodeport_without_endpoints_is_rejected_in_external_services() -> None:
     svc = ServicePort("ns7", "svc7", "", "UDP", "172.30.0.47", 53, node_port=30053)
     filter_ = render(ProxyState([svc], {}), NODE).tables["filter"]
-    assert filter_["KUBE-SERVICES"] == [
+    assert filter_["KUBE-SERVICES"] == (
         '-A KUBE-SERVICES -m comment --comment "ns7/svc7 has no endpoints" -m udp -p udp -d 172.30.0.47 '
-        "--dport 53 -j REJECT"]
-    assert filter_["KUBE-EXTERNAL-SERVICES"] == [
+        "--dport 53 -j REJECT",)
+    assert filter_["KUBE-EXTERNAL-SERVICES"] == (
         '-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns7/svc7 has no endpoints" -m addrtype --dst-type LOCAL '
-        "-m udp -p udp --dport 30053 -j REJECT"]
+        "-m udp -p udp --dport 30053 -j REJECT",)
     assert not any(c.startswith("KUBE-SVC-") for c in render(ProxyState([svc], {}), NODE).tables["nat"])
 
 
@@ -204,9 +209,9 @@ def test_large_clusters_drop_endpoint_comments() -> None:
                    Endpoint(f"10.244.{i // 128}.{2 * (i % 128) + 1}", 80, "n")] for i, s in enumerate(services)}
     nat = render(ProxyState(services, eps), NODE).tables["nat"]
     sep = nat[endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80")]
-    assert sep == ["-A " + endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80") + " -s 10.244.0.0 -j KUBE-MARK-MASQ",
+    assert sep == ("-A " + endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80") + " -s 10.244.0.0 -j KUBE-MARK-MASQ",
                    "-A " + endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80")
-                   + " -m tcp -p tcp -j DNAT --to-destination 10.244.0.0:80"]
+                   + " -m tcp -p tcp -j DNAT --to-destination 10.244.0.0:80")
     svc = nat[service_port_chain_name("ns/s0", "tcp")]
     assert '"ns/s0 cluster IP"' in svc[0] and "comment" not in svc[1]
 
@@ -238,11 +243,9 @@ def test_partial_restore_only_touches_changed_chains() -> None:
     text, touched = restore_input(new, old)
     declared = [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
     sep_new = endpoint_chain_name("ns4/svc4:p80", "tcp", "10.180.0.7:80")
-    # filter: all (as kube-proxy); nat: top-level ones, ns4's SVC chain, its new SEP, its gone SEP.
-    assert declared == ["KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FIREWALL", "KUBE-FORWARD",
-                        "KUBE-PROXY-FIREWALL",
-                        "KUBE-NODEPORTS", "KUBE-SERVICES", "KUBE-MARK-MASQ", "KUBE-POSTROUTING", sep_new,
-                        "KUBE-SVC-4SW47YFZTEDKD3PK", "KUBE-SEP-C6EBXVWJJZMIWKLZ"]
+    # Only ns4's SVC chain, its new SEP and its gone SEP, all nat: no filter section at all.
+    assert declared == [sep_new, "KUBE-SVC-4SW47YFZTEDKD3PK", "KUBE-SEP-C6EBXVWJJZMIWKLZ"]
+    assert "*filter" not in text
     assert touched == len(declared)
     assert text.splitlines()[-2:] == ["-X KUBE-SEP-C6EBXVWJJZMIWKLZ", "COMMIT"]
     # Untouched services' chains are not even mentioned, except by the KUBE-SERVICES/KUBE-NODEPORTS jumps.
@@ -252,25 +255,64 @@ def test_partial_restore_only_touches_changed_chains() -> None:
     assert "-A KUBE-SVC-4SW47YFZTEDKD3PK" in text and "--to-destination 10.180.0.7:80" in text
 
 
-def test_nothing_changed_rewrites_only_top_level_chains() -> None:
-    text, touched = restore_input(render(small_state(), NODE), render(small_state(), NODE))
-    assert touched == 6 + 4
-    assert "KUBE-SVC-" not in "\n".join(l for l in text.splitlines() if l.startswith(":"))
+def test_nothing_changed_writes_nothing() -> None:
+    assert restore_input(render(small_state(), NODE), render(small_state(), NODE)) == ("", 0)
 
 
-def test_full_restore_deletes_stale_chains_and_adds_missing_jumps() -> None:
-    new = render(small_state(), NODE)
-    text, _ = restore_input(new, None, delete=[("nat", "KUBE-SVC-AAAAAAAAAAAAAAAA"), ("nat", "KUBE-SERVICES")],
-                            jumps=[new.jumps[-1]],
-                            unlink=[("nat", "-A OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA")])
-    lines = text.splitlines()
-    nat = lines[lines.index("*nat"):]
-    assert ":KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]" in nat  # flushed ...
-    assert nat[-3:] == ["-D OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA",  # ... unlinked ...
-                        "-X KUBE-SVC-AAAAAAAAAAAAAAAA", "COMMIT"]  # ... and deleted
-    assert "-X KUBE-SERVICES" not in lines  # still desired: never deleted
-    filter_ = lines[:lines.index("*nat")]
+def test_a_service_gaining_endpoints_rewrites_the_top_level_chains_it_changes() -> None:
+    state = small_state()
+    svc = state.services[0]
+    without = dataclasses.replace(state, endpoints={**state.endpoints, svc.key: []})
+    text, _ = restore_input(render(state, NODE), render(without, NODE))
+    filter_part, nat_part = text.split("*nat")
+    declared = {part: [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
+                for part, text in (("filter", filter_part), ("nat", nat_part))}
+    # filter: the REJECT goes; nat: the jump into the service comes back, with its chains.
+    assert declared["filter"] == ["KUBE-SERVICES"]
+    assert declared["nat"][:2] == ["KUBE-SERVICES", "KUBE-SEP-SXIVWICOYRO3J4NJ"]
+    assert service_port_chain_name(svc.service_port_name, "tcp") in declared["nat"]
+    assert "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no endpoints\"" not in filter_part
+
+
+def _full_text(state: ProxyState, **kwargs) -> str:
+    chunks: list[str] = []
+    write_full_restore(state, NODE, chunks.append, **kwargs)
+    return "".join(chunks)
+
+
+def test_a_full_sync_writes_the_rendered_rules_declaring_each_chain_before_a_jump_to_it() -> None:
+    lines = _full_text(small_state()).splitlines()
+    # nat first, as it renders; each table starts with the chain-less -Z that spares iptables-nft
+    # its quadratic chain list; kproxy render's kube-proxy layout has no -Z.
+    assert lines[:2] == ["*nat", "-Z"] and lines[lines.index("*filter") + 1] == "-Z"
+    assert "-Z" not in render(small_state(), NODE).restore_text().splitlines()
+    expected = render(small_state(), NODE).restore_text().splitlines()
+    assert sorted(l for l in lines if l.startswith("-A")) == sorted(l for l in expected if l.startswith("-A"))
+    declared: set[str] = set()
+    for line in lines:
+        if line.startswith("*"):
+            declared = set()
+        elif line.startswith(":"):
+            declared.add(line[1:].split()[0])
+        elif line.startswith("-A"):
+            target = line.split(" -j ")[-1].split()[0]
+            assert not target.startswith("KUBE-") or target in declared, line
+
+
+def test_a_full_sync_deletes_stale_chains_and_adds_missing_jumps() -> None:
+    ruleset = render(small_state(), NODE)
+    leftovers = KernelLeftovers(stale=[("nat", "KUBE-SVC-AAAAAAAAAAAAAAAA")], missing_jumps=[ruleset.jumps[-1]],
+                                unlink=[("nat", "-A OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA")])
+    lines = _full_text(small_state(), kernel=lambda desired: leftovers).splitlines()
+    nat = lines[:lines.index("*filter")]
+    assert nat[-4:] == ["-D OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA",  # unlinked,
+                        ":KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]",  # flushed
+                        "-X KUBE-SVC-AAAAAAAAAAAAAAAA", "COMMIT"]  # and deleted
+    filter_ = lines[lines.index("*filter"):]
     assert "-I OUTPUT 1 -j KUBE-FIREWALL" in filter_  # the last jump of the list: kubelet's, in filter
+    # A chain still desired is never deleted, even if the kernel view calls it stale.
+    keep = KernelLeftovers(stale=[("nat", "KUBE-SERVICES")])
+    assert "-X KUBE-SERVICES" not in _full_text(small_state(), kernel=lambda desired: keep).splitlines()
 
 
 def test_parse_save_reads_counters_and_chains() -> None:
@@ -283,6 +325,79 @@ def test_parse_save_reads_counters_and_chains() -> None:
         [7:420] -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
         [0:0] -A KUBE-SERVICES -d 10.96.0.1/32 -j KUBE-SVC-XPGD46QRK7WJZT7O
         COMMIT
-        """), skip_own_rules=True)
+        """))
     assert saved["nat"] == {"PREROUTING": ['-A PREROUTING -m comment --comment "kubernetes service portals" '
-                                           "-j KUBE-SERVICES"], "KUBE-SERVICES": [], "CNI-abc": []}
+                                           "-j KUBE-SERVICES"],
+                            "KUBE-SERVICES": ["-A KUBE-SERVICES -d 10.96.0.1/32 -j KUBE-SVC-XPGD46QRK7WJZT7O"],
+                            "CNI-abc": []}
+
+
+def test_a_render_cache_gives_the_same_rules_and_rerenders_only_what_changed() -> None:
+    cache = RenderCache()
+    first = render(small_state(), NODE, cache=cache)
+    assert first.tables == render(small_state(), NODE).tables
+    state = small_state()
+    changed = _changed(state)
+    again = render(state, NODE, cache=cache)
+    assert again.tables == changed.tables and again.owners == changed.owners
+    # svc1 did not change: its chain is the very tuple rendered the first time; svc4's is new.
+    svc1, svc4 = "KUBE-SVC-XPGD46QRK7WJZT7O", "KUBE-SVC-4SW47YFZTEDKD3PK"
+    assert again.tables["nat"][svc1] is first.tables["nat"][svc1]
+    assert again.tables["nat"][svc4] != first.tables["nat"][svc4]
+    # Crossing the large-cluster line re-renders everything: the endpoint comments go.
+    many = ProxyState([*state.services], {**state.endpoints, state.services[0].key: [
+        Endpoint(f"10.181.{i // 250}.{i % 250}", 80, "n") for i in range(LARGE_CLUSTER_ENDPOINTS)]})
+    assert render(many, NODE, cache=cache).tables == render(many, NODE).tables
+    assert "->" not in "".join(render(many, NODE, cache=cache).tables["nat"][svc4])
+
+
+def test_rendering_a_trackers_changes_gives_what_rendering_everything_gives() -> None:
+    import random
+
+    from kproxy.proxy.source import StateTracker
+
+    rng = random.Random(7)
+
+    def service(i: int, node_port: bool) -> dict:
+        port = {"name": "http", "port": 80, "protocol": "TCP", **({"nodePort": 30000 + i} if node_port else {})}
+        return {"kind": "Service", "metadata": {"name": f"s{i}", "namespace": "ns"},
+                "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": f"10.96.0.{i}",
+                         "ports": [port]}}
+
+    def endpoints(i: int, count: int) -> dict:
+        return {"kind": "EndpointSlice", "metadata": {"name": f"s{i}", "namespace": "ns",
+                                                       "labels": {"kubernetes.io/service-name": f"s{i}"}},
+                "endpoints": [{"addresses": [f"10.244.{i}.{k}"], "conditions": {"ready": True}}
+                              for k in range(count)],
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
+
+    objects = {}
+    for i in range(40):
+        objects[f"Service/ns/s{i}"] = service(i, i % 3 == 0)
+        objects[f"EndpointSlice/ns/s{i}"] = endpoints(i, i % 4)
+    tracker, cache = StateTracker(), RenderCache()
+    previous = render(tracker.update(objects), NODE, cache=cache)
+    previous_whole = render(tracker.update(objects), NODE)
+    assert previous.tables == previous_whole.tables
+    for step in range(60):
+        i = rng.randrange(45)
+        what = rng.choice(["endpoints", "endpoints", "service", "delete", "many"])
+        if what == "delete":
+            changed = {f"Service/ns/s{i}", f"EndpointSlice/ns/s{i}"}
+            for key in changed:
+                objects.pop(key, None)
+        else:
+            changed = {f"EndpointSlice/ns/s{i}"}
+            # "many" pushes the total past kube-proxy's large-cluster line (and back, later).
+            objects[f"EndpointSlice/ns/s{i}"] = endpoints(i, 250 if what == "many" else rng.randrange(4))
+            if what == "service" or f"Service/ns/s{i}" not in objects:
+                objects[f"Service/ns/s{i}"] = service(i, rng.random() < 0.5)
+                changed.add(f"Service/ns/s{i}")
+        state = tracker.update(objects, changed)
+        incremental = render(state, NODE, cache=cache)
+        whole = render(state, NODE)
+        assert incremental.tables == whole.tables, (step, what, i)
+        assert incremental.owners == whole.owners
+        # And the partial restore written from the patch is the one written from comparing everything.
+        assert restore_input(incremental, previous) == restore_input(whole, previous_whole)
+        previous, previous_whole = incremental, whole

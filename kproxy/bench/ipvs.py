@@ -44,7 +44,8 @@ CLIENT_IP = "10.244.201.2"
 
 
 def state_of(n: int, generation: int = 0, target: int | None = None) -> ProxyState:
-    state = ProxyState()
+    services: list[ServicePort] = []
+    endpoints: dict[str, list[Endpoint]] = {}
     for i in range(n):
         ip = f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
         svc = ServicePort("bench", f"svc-{i:05d}", "http", "TCP", ip, 80,
@@ -54,14 +55,16 @@ def state_of(n: int, generation: int = 0, target: int | None = None) -> ProxySta
         else:
             base = 2 * i + generation * 7
             eps = [Endpoint(f"10.244.{(base + k) // 250 % 200}.{(base + k) % 250 + 2}", 8080, "node2") for k in range(2)]
-        state.services.append(svc)
-        state.endpoints[svc.key] = eps
-    return state
+        services.append(svc)
+        endpoints[svc.key] = eps
+    return ProxyState(services, endpoints)
 
 
 def changed(state: ProxyState, which: int, generation: int) -> ProxyState:
-    new = ProxyState(list(state.services), dict(state.endpoints))
+    # As the agent's StateTracker hands it over: the same services, a new generation, the changed key.
     svc = state.services[which]
+    new = ProxyState(state.services, dict(state.endpoints), generation=state.generation + 1,
+                     changed=frozenset({svc.key}))
     new.endpoints[svc.key] = [Endpoint(f"10.244.{210 + generation % 40}.{k + 2}", 8080, "node2") for k in range(2)]
     return new
 

@@ -29,7 +29,7 @@ Applying: IPVS services, real servers, the link and its addresses over netlink
 (pyroute2); each sync compares the desired state with what the kernel holds
 (read in full at the first sync, then kept) and changes only what differs.
 ipsets go in one ``ipset restore`` (each set rebuilt aside and swapped in, so
-every set changes atomically), iptables in one ``iptables-legacy-restore
+every set changes atomically), iptables in one ``iptables-nft-restore
 --noflush``; both only when their text changed.
 
 ``render(state, node)`` is pure (no root): the desired IPVS table in
@@ -49,6 +49,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.iptables import usable_endpoints
 from kproxy.proxy.kernel import SAVE, restore, run, set_sysctl
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
@@ -306,7 +307,7 @@ class IpvsProxier:
     """kube-proxy's IPVS mode on the node whose network namespace the calling thread is in.
 
     Netlink sockets (IPRoute, IPVS) are opened in the calling thread's namespace
-    at the first sync; ipset and iptables-legacy-restore run as children of it.
+    at the first sync; ipset and iptables-nft-restore run as children of it.
     """
 
     mode = "ipvs"
@@ -324,9 +325,11 @@ class IpvsProxier:
         self._ipr: Any = None
         self._ipvs: Any = None
         self._ifindex = 0
-        self._udp_applied: dict[str, tuple[ServicePort, frozenset[str]]] = {}
-        self.last_conntrack: list[list[str]] = []
+        self.conntrack = StaleUdpCleaner(self.mode)
         self._pieces: dict[str, tuple[Any, Piece]] = {}  # by ServicePort.key: (its inputs, what it renders to)
+        self._services: Any = None  # the last state's services, and them by key
+        self._by_key: dict[str, ServicePort] = {}
+        self._generation = -1
         self._entry_refs: Counter[tuple[str, str]] = Counter()
         self._address_refs: Counter[str] = Counter()
         # virtual servers with weight-0 real servers -> the real servers they want
@@ -365,7 +368,7 @@ class IpvsProxier:
         self._need_full = False
         if full:
             self._last_full = started
-        self._clear_stale_conntrack(state)
+        self.conntrack.sync(state, self._by_key, usable_endpoints)
         return SyncResult(full=full, changed_chains=changed, seconds=time.monotonic() - started)
 
     def _apply(self, state: ProxyState, full: bool) -> int:
@@ -373,10 +376,18 @@ class IpvsProxier:
         and change in the kernel only what they change (at a full sync: everything, against
         what the kernel was read to hold)."""
         old_pieces = self._pieces
-        pieces: dict[str, tuple[Any, Piece]] = {}
+        if self._services is not state.services:
+            self._services, self._by_key = state.services, {svc.key: svc for svc in state.services}
+        # The tracker says which service ports may have changed since the state we synced last;
+        # without that (or at a full sync) every one is compared.
+        hinted = not full and state.changed is not None and state.generation == self._generation + 1
+        self._generation = state.generation
+        candidates = ([self._by_key[key] for key in sorted(state.changed) if key in self._by_key]
+                      if hinted and state.changed is not None else state.services)
+        pieces: dict[str, tuple[Any, Piece]] = dict(old_pieces) if hinted else {}
         changed_keys: list[str] = []
         endpoints = state.endpoints
-        for svc in state.services:
+        for svc in candidates:
             signature = (svc, tuple(endpoints.get(svc.key, ())))
             old = old_pieces.get(svc.key)
             if old is not None and old[0] == signature:
@@ -384,7 +395,12 @@ class IpvsProxier:
                 continue
             pieces[svc.key] = (signature, render_service(svc, signature[1], self.node, self.scheduler))
             changed_keys.append(svc.key)
-        removed = [key for key in old_pieces if key not in pieces]
+        if hinted and state.changed is not None:
+            removed = [key for key in sorted(state.changed) if key in old_pieces and key not in self._by_key]
+            for key in removed:
+                del pieces[key]
+        else:
+            removed = [key for key in old_pieces if key not in pieces]
         if not changed_keys and not removed and not full and not self._terminating:
             return 0
         # Reference counts of ipset entries and addresses (two service ports may share them).
@@ -573,33 +589,6 @@ class IpvsProxier:
 
     # conntrack -------------------------------------------------------------
 
-    def _clear_stale_conntrack(self, state: ProxyState) -> None:
-        """UDP: forget flows to endpoints that left (kube-proxy's CleanStaleEntries)."""
-        now = {svc.key: (svc, frozenset(ep.ip for ep in usable_endpoints(state.endpoints_of(svc))))
-               for svc in state.services if svc.protocol.upper() == "UDP"}
-        before, self._udp_applied = self._udp_applied, now
-        commands: list[list[str]] = []
-        for key, (old_svc, old_ips) in before.items():
-            new = now.get(key)
-            if new is None:
-                commands.append(["-D", "--orig-dst", old_svc.cluster_ip, "-p", "udp"])
-                continue
-            svc, ips = new
-            for ip in sorted(old_ips - ips):
-                commands.append(["-D", "--orig-dst", svc.cluster_ip, "--dst-nat", ip, "-p", "udp"])
-                if svc.node_port:
-                    commands.append(["-D", "-p", "udp", "--dport", str(svc.node_port), "--dst-nat", ip])
-            if ips and not old_ips:
-                commands.append(["-D", "--orig-dst", svc.cluster_ip, "-p", "udp"])
-        self.last_conntrack = commands
-        for argv in commands:
-            try:
-                done = subprocess.run(["conntrack", *argv], capture_output=True, text=True)
-            except FileNotFoundError:
-                return
-            if done.returncode != 0 and "0 flow entries" not in done.stderr:
-                print(f"kproxy ipvs: conntrack {' '.join(argv)}: {done.stderr.strip()}", file=sys.stderr)
-
     # cleanup ---------------------------------------------------------------
 
     def cleanup(self) -> None:
@@ -627,7 +616,7 @@ class IpvsProxier:
         self.kernel = _Kernel()
         self.desired = None
         self._need_full = True
-        self._udp_applied = {}
+        self.conntrack.reset()
         self._pieces = {}
         self._entry_refs = Counter()
         self._address_refs = Counter()

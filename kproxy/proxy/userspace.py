@@ -39,7 +39,7 @@ bottom:
    lists in place (established connections to endpoints that remain, or are
    only terminating, live on; connections and associations to an endpoint
    that is gone are closed), then applies the portal rules with one
-   ``iptables-legacy-restore --noflush`` (our chains only, skipped when the
+   ``iptables-nft-restore --noflush`` (our chains only, skipped when the
    text is unchanged: an endpoint change alone touches no rule).
    ``rules_excerpt()`` shows the live portal rules with counters and the
    listener table; the table is served on an abstract unix socket, which
@@ -1020,7 +1020,7 @@ def format_table(table: list[dict[str, Any]], service: str | None = None) -> str
 
 
 def live_rules(service: str | None, table: list[dict[str, Any]] | None = None) -> str:
-    """Our portal rules from iptables-legacy-save -c (with [packets:bytes]), and the listener table;
+    """Our portal rules from iptables-nft-save -c (with [packets:bytes]), and the listener table;
     call inside the node's namespace. table None: ask the agent's proxy over its status socket."""
     text = run([SAVE, "-c"]).stdout
     named = re.compile(re.escape(service) + r'(?=[:\s"/]|$)') if service is not None else None
