@@ -78,7 +78,6 @@ class Agent:
         self.metrics = Metrics()
         self.proxier = None
         self.tracker = StateTracker()
-        self.tracked = False  # the tracker has seen the whole store once
         self.running = True
         self.last_ok = 0.0
         self.last_error = ""
@@ -101,8 +100,7 @@ class Agent:
         gc.disable()
         try:
             # Only the Services touched by this change are re-derived (and re-rendered by the mode).
-            state = self.tracker.update(view.objects, changed if self.tracked else None)
-            self.tracked = True
+            state = self.tracker.update(view.objects, changed)
             result = self._proxier(view).sync(state)
         except Exception as exc:  # reported, retried on the next change or period
             self.last_error = f"{type(exc).__name__}: {exc}"

@@ -398,6 +398,8 @@ def test_rendering_a_trackers_changes_gives_what_rendering_everything_gives() ->
         whole = render(state, NODE)
         assert incremental.tables == whole.tables, (step, what, i)
         assert incremental.owners == whole.owners
+        # A patch keeps its base (for restore_input), but no longer chain of older rulesets.
+        assert incremental.base is None or incremental.base.base is None
         # And the partial restore written from the patch is the one written from comparing everything.
         assert restore_input(incremental, previous) == restore_input(whole, previous_whole)
         previous, previous_whole = incremental, whole

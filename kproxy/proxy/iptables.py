@@ -171,6 +171,10 @@ KUBELET_JUMPS = (
 )
 
 
+def jumps_for(localhost_nodeports: bool) -> tuple[Jump, ...]:
+    return JUMPS + (KUBELET_JUMPS if localhost_nodeports else ())
+
+
 @dataclass
 class Ruleset:
     """Per table ("filter", "nat"): the ordered chains we own and their rule lines ("-A CHAIN ...").
@@ -319,7 +323,7 @@ def _render_all(state: ProxyState, node: NodeInfo, cache: RenderCache,
         nat.update(entry.rules.chains)
         owners.update(dict.fromkeys(entry.rules.chains, entry.service.service_port_name))
     filter_top, nat_top = _top_chains(cache)
-    return Ruleset(tables={"filter": filter_top, "nat": {**nat_top, **nat}}, jumps=_jumps(cache), owners=owners)
+    return Ruleset(tables={"filter": filter_top, "nat": {**nat_top, **nat}}, jumps=jumps_for(cache.options[1]), owners=owners)
 
 
 def _render_changes(state: ProxyState, node: NodeInfo, cache: RenderCache, changed: frozenset[str],
@@ -370,17 +374,13 @@ def _render_changes(state: ProxyState, node: NodeInfo, cache: RenderCache, chang
         filter_, nat_top = _top_chains(cache)
         nat.update(nat_top)
         touched.update(nat_top)
+    base.base = None  # only the newest patch needs its base: no chain of old rulesets kept alive
     return Ruleset(tables={"filter": filter_, "nat": nat}, jumps=base.jumps, owners=owners,
                    base=base, touched=frozenset(touched))
 
 
 def _shared_lines(rules: _ServiceRules) -> tuple[tuple[str, ...], ...]:
     return rules.nat_services, rules.nat_nodeports, rules.filter_services, rules.filter_external
-
-
-def _jumps(cache: RenderCache) -> tuple[Jump, ...]:
-    _, localhost_nodeports, _ = cache.options
-    return JUMPS + (KUBELET_JUMPS if localhost_nodeports else ())
 
 
 def _top_chains(cache: RenderCache) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
@@ -646,8 +646,8 @@ class _KernelChains:
 
     @classmethod
     def start(cls, localhost_nodeports: bool) -> _KernelChains:
-        jumps = JUMPS + (KUBELET_JUMPS if localhost_nodeports else ())
-        builtin = {(j.table, j.chain): _spawn([IPTABLES, "-w", "5", "-t", j.table, "-S", j.chain]) for j in jumps}
+        chains = dict.fromkeys((j.table, j.chain) for j in jumps_for(localhost_nodeports))  # each once
+        builtin = {(table, chain): _spawn([IPTABLES, "-w", "5", "-t", table, "-S", chain]) for table, chain in chains}
         return cls(_spawn(["nft", "list", "chains", "ip"]), builtin)
 
     def leftovers(self, desired: Ruleset) -> KernelLeftovers:

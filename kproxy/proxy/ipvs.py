@@ -380,11 +380,10 @@ class IpvsProxier:
             self._services, self._by_key = state.services, {svc.key: svc for svc in state.services}
         # The tracker says which service ports may have changed since the state we synced last;
         # without that (or at a full sync) every one is compared.
-        hinted = not full and state.changed is not None and state.generation == self._generation + 1
+        hint = state.changed if not full and state.generation == self._generation + 1 else None
         self._generation = state.generation
-        candidates = ([self._by_key[key] for key in sorted(state.changed) if key in self._by_key]
-                      if hinted and state.changed is not None else state.services)
-        pieces: dict[str, tuple[Any, Piece]] = dict(old_pieces) if hinted else {}
+        candidates = state.services if hint is None else [self._by_key[k] for k in sorted(hint) if k in self._by_key]
+        pieces: dict[str, tuple[Any, Piece]] = {} if hint is None else dict(old_pieces)
         changed_keys: list[str] = []
         endpoints = state.endpoints
         for svc in candidates:
@@ -395,8 +394,8 @@ class IpvsProxier:
                 continue
             pieces[svc.key] = (signature, render_service(svc, signature[1], self.node, self.scheduler))
             changed_keys.append(svc.key)
-        if hinted and state.changed is not None:
-            removed = [key for key in sorted(state.changed) if key in old_pieces and key not in self._by_key]
+        if hint is not None:
+            removed = [key for key in sorted(hint) if key in old_pieces and key not in self._by_key]
             for key in removed:
                 del pieces[key]
         else:

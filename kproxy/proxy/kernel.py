@@ -31,16 +31,10 @@ def run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProces
     return done
 
 
-def _restore_argv(counters: bool) -> list[str]:
-    # -w: wait for the xtables lock if a legacy tool holds it (iptables-nft accepts and ignores it).
-    return [RESTORE, "-w", "5", "--noflush"] + (["--counters"] if counters else [])
-
-
 def restore(text: str, counters: bool = False) -> None:
     """One iptables-restore --noflush of text (the CNI's backend: never two in one namespace)."""
-    done = subprocess.run(_restore_argv(counters), input=text, text=True, capture_output=True)
-    if done.returncode != 0:
-        raise RestoreError(f"{RESTORE} failed ({done.returncode}): {done.stderr.strip()}")
+    with restore_stream(counters) as feed:
+        feed(text)
 
 
 @contextmanager
@@ -48,7 +42,9 @@ def restore_stream(counters: bool = False) -> Iterator[Callable[[str], object]]:
     """One iptables-restore --noflush fed while its input is still being made: it parses
     while the caller renders. If the caller fails midway, the process is killed before it
     sees a COMMIT, so nothing of the half-written input reaches the kernel."""
-    proc = subprocess.Popen(_restore_argv(counters), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    # -w: wait for the xtables lock if a legacy tool holds it (iptables-nft accepts and ignores it).
+    argv = [RESTORE, "-w", "5", "--noflush"] + (["--counters"] if counters else [])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stderr is not None
     broken = False

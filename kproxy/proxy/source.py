@@ -96,7 +96,10 @@ class StateTracker:
         self._generation = 0
 
     def update(self, objects: dict[str, dict[str, Any]], changed: Iterable[str] | None = None) -> ProxyState:
-        """The state after `changed` keys of `objects` changed (None: everything may have)."""
+        """The state after `changed` keys of `objects` changed (None, or the first update:
+        everything may have)."""
+        if self._generation == 0:
+            changed = None
         keys = objects.keys() if changed is None else changed
         dirty: set[tuple[str, str]] = set()
         for key in keys:
