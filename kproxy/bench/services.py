@@ -1,13 +1,22 @@
 """Benchmark: syncing many Services into one node, through the real agent.
 
-    sudo scripts/bench-services [--sizes 1000,5000,10000] [--mode iptables]
+    sudo scripts/bench-services [--sizes 1000,5000,10000] [--mode iptables] [--repeat 5]
 
-For each size N (N Services, 2 endpoints each) in a fresh node namespace:
-  full sync      the agent's first sync of the whole store (its own timing)
-  restore alone  the agent's iptables-restore command on the same rules text, nothing else
+For each size N (N Services, 2 endpoints each):
+  tracker        the agent turning the store's objects into service ports and
+                 endpoints (kube-proxy's change trackers, which it does in its
+                 event handlers, outside the sync it times)
+  full sync      the agent's first sync into a fresh node namespace, timed as
+                 kube-proxy's kubeproxy_sync_proxy_rules_duration_seconds: the
+                 proxy mode's sync, from that state to rules in the kernel
+  restore alone  the agent's iptables-restore command on the same rules text into
+                 a fresh namespace, nothing else
+  ratio          full sync / restore alone; "with tracker": (tracker + full sync) / restore alone
   one change     one EndpointSlice written to the store, until the agent has
-                 the new rules in the kernel (end to end, median of 5)
+                 the new rules in the kernel (end to end, tracker included; median of 5)
   agent RSS      the agent's memory with N Services loaded
+Tracker, full sync and restore alone are each the median of --repeat runs,
+taken in turns so that both see the same machine; the ratios are of the medians.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cni.netns import entered
 from kproxy.agent import status_path
@@ -61,7 +71,7 @@ def node_object() -> dict[str, Any]:
             "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}
 
 
-def wait_version(lab_dir: Path, version: int, timeout: float = 600) -> dict[str, Any]:
+def wait_version(lab_dir: Path, version: int, timeout: float = 600, poll: float = 0.001) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -72,7 +82,7 @@ def wait_version(lab_dir: Path, version: int, timeout: float = 600) -> dict[str,
                 return status
         except (FileNotFoundError, ValueError):
             pass
-        time.sleep(0.001)
+        time.sleep(poll)
     raise TimeoutError(f"the agent did not reach version {version}")
 
 
@@ -87,16 +97,40 @@ def netns(name: str, *argv: str) -> None:
     subprocess.run(["ip", "netns", *argv, name], check=True)
 
 
-def restore_alone(text: str, ns: str) -> float:
-    with entered(ns):
-        started = time.monotonic()
-        restore(text, counters=True)
-        return time.monotonic() - started
+def restore_alone(text: str, ns_name: str) -> float:
+    netns(ns_name, "add")
+    try:
+        with entered(f"/var/run/netns/{ns_name}"):
+            started = time.monotonic()
+            restore(text, counters=True)
+            return time.monotonic() - started
+    finally:
+        netns(ns_name, "del")
 
 
-def bench_size(n: int, mode: str, prefix: str) -> dict[str, float]:
-    ns_name, spare = f"{prefix}-n{n}", f"{prefix}-r{n}"
-    ns = f"/var/run/netns/{ns_name}"
+def full_sync_text(objects: dict[str, Any]) -> str:
+    """What the agent writes to iptables-restore in its first sync of objects."""
+    state = proxy_state([o for k, o in objects.items() if k.startswith("Service/")],
+                        [o for k, o in objects.items() if k.startswith("EndpointSlice/")])
+    chunks: list[str] = []
+    write_full_restore(state, node_info(node_object(), CLUSTER_CIDR), chunks.append)
+    return "".join(chunks)
+
+
+@contextmanager
+def agent_on_fresh_node(lab_dir: Path, ns_name: str, mode: str) -> Iterator[int]:
+    """The agent (its pid) on a new node namespace; it starts with a full sync of the store."""
+    netns(ns_name, "add")
+    try:
+        yield start(AGENT, lab_dir, NODE, f"/var/run/netns/{ns_name}",
+                    ["--lab-dir", str(lab_dir), "--node", NODE, "--mode", mode, "--cluster-cidr", CLUSTER_CIDR])
+    finally:
+        stop(AGENT, lab_dir, NODE)
+        status_path(lab_dir, NODE).unlink(missing_ok=True)  # the next agent reports afresh
+        subprocess.run(["ip", "netns", "del", ns_name], capture_output=True)
+
+
+def bench_size(n: int, mode: str, prefix: str, repeat: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="kproxy-bench-") as tmp:
         lab_dir = Path(tmp)
         store = Store(lab_dir / "store")
@@ -105,36 +139,27 @@ def bench_size(n: int, mode: str, prefix: str) -> dict[str, float]:
             objects[f"Service/bench/svc-{i}"] = service(i)
             objects[f"EndpointSlice/bench/svc-{i}"] = endpoint_slice(i)
         version = store.write(objects)
-        netns(ns_name, "add")
-        netns(spare, "add")
-        pid = 0
-        try:
-            pid = start(AGENT, lab_dir, NODE, ns, ["--lab-dir", str(lab_dir), "--node", NODE, "--mode", mode,
-                                                   "--cluster-cidr", CLUSTER_CIDR])
-            full = wait_version(lab_dir, version)["seconds"]
-            row = {"full": full}
-            if mode == "iptables":
-                state = proxy_state([o for k, o in objects.items() if k.startswith("Service/")],
-                                    [o for k, o in objects.items() if k.startswith("EndpointSlice/")])
-                chunks: list[str] = []  # the agent's full-sync text, as it writes it
-                write_full_restore(state, node_info(node_object(), CLUSTER_CIDR), chunks.append)
-                text = "".join(chunks)
-                row["restore"] = restore_alone(text, f"/var/run/netns/{spare}")
-            changes = []
-            for g in range(1, 6):
-                i = (g * 7919) % n
-                started = time.monotonic()
-                version = store.write({f"EndpointSlice/bench/svc-{i}": endpoint_slice(i, g)})
-                wait_version(lab_dir, version)
-                changes.append(time.monotonic() - started)
-            row["change"] = statistics.median(changes)
-            row["rss"] = rss_mib(pid)
-            return row
-        finally:
-            if pid:
-                stop(AGENT, lab_dir, NODE)
-            subprocess.run(["ip", "netns", "del", ns_name], capture_output=True)
-            subprocess.run(["ip", "netns", "del", spare], capture_output=True)
+        text = full_sync_text(objects) if mode == "iptables" else ""
+        samples: dict[str, list[float]] = {"tracker": [], "full": [], "restore": []}
+        for r in range(repeat):
+            with agent_on_fresh_node(lab_dir, f"{prefix}-n{n}", mode) as pid:
+                status = wait_version(lab_dir, version, poll=0.02)  # the agent times itself: no need to poll fast
+                samples["tracker"].append(status["tracker_seconds"])
+                samples["full"].append(status["seconds"])
+                if text:
+                    samples["restore"].append(restore_alone(text, f"{prefix}-r{n}"))
+                if r < repeat - 1:
+                    continue
+                changes = []
+                for g in range(1, 6):
+                    i = (g * 7919) % n
+                    started = time.monotonic()
+                    version = store.write({f"EndpointSlice/bench/svc-{i}": endpoint_slice(i, g)})
+                    wait_version(lab_dir, version)
+                    changes.append(time.monotonic() - started)
+                row = {key: statistics.median(values) for key, values in samples.items() if values}
+                return row | {"change": statistics.median(changes), "rss": rss_mib(pid)}
+        raise ValueError("--repeat must be at least 1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,18 +167,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,5000,10000")
     parser.add_argument("--mode", default="iptables")
+    parser.add_argument("--repeat", type=int, default=5, help="full syncs and restores per size (median)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if not require_root("bench-services"):
         return 1
     prefix = f"kpbench{os.getpid() % 10000}"
-    print(f"mode {args.mode}, {os.cpu_count()} CPUs, 2 endpoints per service")
-    print(f"{'services':>8}  {'full sync':>10}  {'restore alone':>13}  {'ratio':>5}  {'one change':>10}  {'agent RSS':>9}")
+    print(f"mode {args.mode}, {os.cpu_count()} CPUs, 2 endpoints per service, median of {args.repeat} full syncs")
+    print(f"{'services':>8}  {'tracker':>8}  {'full sync':>9}  {'restore alone':>13}  {'ratio':>5}  "
+          f"{'with tracker':>12}  {'one change':>10}  {'agent RSS':>9}")
     for n in (int(s) for s in args.sizes.split(",")):
-        row = bench_size(n, args.mode, prefix)
+        row = bench_size(n, args.mode, prefix, args.repeat)
         alone = row.get("restore")
-        alone_text = f"{alone * 1000:.0f}ms" if alone else "-"
-        ratio = f"{row['full'] / alone:.2f}" if alone else "-"
-        print(f"{n:>8}  {row['full'] * 1000:>8.0f}ms  {alone_text:>13}  {ratio:>5}  "
+        ratios = [f"{row['full'] / alone:.2f}", f"{(row['tracker'] + row['full']) / alone:.2f}"] if alone else ["-", "-"]
+        print(f"{n:>8}  {row['tracker'] * 1000:>6.0f}ms  {row['full'] * 1000:>7.0f}ms  "
+              f"{f'{alone * 1000:.0f}ms' if alone else '-':>13}  {ratios[0]:>5}  {ratios[1]:>12}  "
               f"{row['change'] * 1000:>8.1f}ms  {row['rss']:>6.0f}MiB", flush=True)
     return 0
 

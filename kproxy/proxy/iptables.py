@@ -74,6 +74,7 @@ NAT_TOP_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MAS
 MASQ_MARK = "0x4000"  # 1 << --iptables-masquerade-bit (default 14)
 LARGE_CLUSTER_ENDPOINTS = 1000  # above this many endpoints kube-proxy drops per-endpoint comments
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod (1 h) between forced full syncs
+STREAM_LINES = 1024  # a full sync's text goes to iptables-restore in blocks of about this many lines
 
 
 
@@ -540,13 +541,21 @@ def write_full_restore(state: ProxyState, node: NodeInfo, write: Callable[[str],
     """
     write("\n".join(_head("nat", NAT_TOP_CHAINS, zero=True)) + "\n")
     block: list[str] = []
+    # Each service port's own chains, then its KUBE-SERVICES and KUBE-NODEPORTS rules (in the
+    # rendering order, which is those chains' order), go out as they render: the restore parses
+    # them meanwhile and can commit soon after the last one.
+    streamed = {KUBE_SERVICES: 0, KUBE_NODEPORTS: 0}
 
     def each(entry: _Rendered) -> None:
-        chains = entry.rules.chains
-        block.extend(f":{chain} - [0:0]" for chain in chains)
-        for rules in chains.values():
-            block.extend(rules)
-        if len(block) >= 4096:
+        rules = entry.rules
+        block.extend(f":{chain} - [0:0]" for chain in rules.chains)
+        for lines in rules.chains.values():
+            block.extend(lines)
+        block.extend(rules.nat_services)
+        block.extend(rules.nat_nodeports)
+        streamed[KUBE_SERVICES] += len(rules.nat_services)
+        streamed[KUBE_NODEPORTS] += len(rules.nat_nodeports)
+        if len(block) >= STREAM_LINES:
             write("\n".join(block) + "\n")
             block.clear()
 
@@ -560,10 +569,14 @@ def write_full_restore(state: ProxyState, node: NodeInfo, write: Callable[[str],
         gone = [c for t, c in leftovers.stale if t == table and c not in chains]
         jumps = [j for j in leftovers.missing_jumps if j.table == table]
         unlink = [rule for t, rule in leftovers.unlink if t == table]
-        top = list(NAT_TOP_CHAINS) if table == "nat" else _ordered(chains)
-        if table == "filter":
+        if table == "nat":
+            top = list(NAT_TOP_CHAINS)
+            rest = {chain: chains[chain][streamed.get(chain, 0):] for chain in top}
+        else:
+            top = _ordered(chains)
+            rest = chains
             out += _head(table, top, zero=True)
-        out += _tail(chains, top, gone, jumps, unlink)
+        out += _tail(rest, top, gone, jumps, unlink)
         touched += len(chains) + len(gone)
     write("\n".join(out) + "\n")
     return ruleset, touched
@@ -637,18 +650,18 @@ def is_own_chain(table: str, chain: str) -> bool:
 class _KernelChains:
     """What a full sync must know of the kernel, read by child processes while the rules render:
     the names of all chains of the filter and nat tables (``nft list chains``: one dump,
-    no rules; iptables-nft-save would print every rule, 4.7 s at 10k services) and the
-    rules of the built-in chains our jumps live in (``iptables -S CHAIN``)."""
+    no rules; iptables-nft-save would print every rule, 4.7 s at 10k services) and, in a
+    table that has chains of ours, the rules of the built-in chains our jumps live in
+    (``iptables -S CHAIN``). A table without any has no jump of ours to find (a jump needs
+    its target chain), so a fresh node's first sync reads only the chain names."""
 
-    def __init__(self, chains: subprocess.Popen[str], builtin: dict[tuple[str, str], subprocess.Popen[str]]) -> None:
+    def __init__(self, chains: subprocess.Popen[str], localhost_nodeports: bool) -> None:
         self._chains = chains
-        self._builtin = builtin
+        self._jumps = jumps_for(localhost_nodeports)
 
     @classmethod
     def start(cls, localhost_nodeports: bool) -> _KernelChains:
-        chains = dict.fromkeys((j.table, j.chain) for j in jumps_for(localhost_nodeports))  # each once
-        builtin = {(table, chain): _spawn([IPTABLES, "-w", "5", "-t", table, "-S", chain]) for table, chain in chains}
-        return cls(_spawn(["nft", "list", "chains", "ip"]), builtin)
+        return cls(_spawn(["nft", "list", "chains", "ip"]), localhost_nodeports)
 
     def leftovers(self, desired: Ruleset) -> KernelLeftovers:
         chains, builtin = self.collect()
@@ -668,8 +681,10 @@ class _KernelChains:
                 table = words[2]
             elif words[:1] == ["chain"] and table in ("filter", "nat"):
                 chains.setdefault(table, []).append(words[1])
-        rules = {key: [l for l in _output(proc).splitlines() if l.startswith("-A ")]
-                 for key, proc in self._builtin.items()}
+        ours = {t for t, names in chains.items() if any(is_own_chain(t, c) for c in names)}
+        builtin = dict.fromkeys((j.table, j.chain) for j in self._jumps if j.table in ours)  # each chain once
+        procs = {(t, c): _spawn([IPTABLES, "-w", "5", "-t", t, "-S", c]) for t, c in builtin}
+        rules = {key: [l for l in _output(proc).splitlines() if l.startswith("-A ")] for key, proc in procs.items()}
         return chains, rules
 
 
@@ -731,10 +746,12 @@ class IptablesProxier:
         options = {"localhost_nodeports": self.localhost_nodeports, "conntrack_tcp_liberal": self._tcp_liberal()}
         try:
             if full:
-                self._prepare_node()
-                kernel = _KernelChains.start(self.localhost_nodeports)  # read while the rules render
                 written: list[str] = []
+                # The restore starts first (its start-up overlaps ours), then the kernel is read
+                # while the rules render.
                 with restore_stream(counters=True) as feed:  # --counters, as kube-proxy
+                    self._prepare_node()
+                    kernel = _KernelChains.start(self.localhost_nodeports)
 
                     def write(chunk: str) -> None:
                         written.append(chunk)
@@ -772,8 +789,6 @@ class IptablesProxier:
                 return f.read().strip() not in ("", "0")
         except OSError:
             return False
-
-    # conntrack -------------------------------------------------------------
 
     # cleanup ---------------------------------------------------------------
 

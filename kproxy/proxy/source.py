@@ -46,20 +46,26 @@ def _service_state(service: dict[str, Any],
     for svc in service_ports(service):
         endpoints: dict[str, Endpoint] = {}
         for slice_ in slices:
-            port = next((p for p in slice_.get("ports", [])
-                         if (p.get("name") or "") == svc.port_name and p.get("protocol", "TCP") == svc.protocol),
-                        None)
-            if port is None:
+            for port in slice_.get("ports") or ():
+                if (port.get("name") or "") == svc.port_name and port.get("protocol", "TCP") == svc.protocol:
+                    target = int(port["port"])
+                    break
+            else:
                 continue
-            for ep in slice_.get("endpoints", []):
-                conditions = ep.get("conditions", {})
-                for ip in ep.get("addresses", []):
-                    endpoint = Endpoint(ip, int(port["port"]), ep.get("nodeName", ""),
-                                        ready=bool(conditions.get("ready", True)),
-                                        terminating=bool(conditions.get("terminating", False)))
+            for ep in slice_.get("endpoints") or ():
+                conditions = ep.get("conditions") or {}
+                ready = bool(conditions.get("ready", True))
+                terminating = bool(conditions.get("terminating", False))
+                node = ep.get("nodeName", "")
+                for ip in ep.get("addresses") or ():
+                    endpoint = Endpoint(ip, target, node, ready, terminating)
                     endpoints[endpoint.address] = endpoint
-        out.append((svc, sorted(endpoints.values(), key=lambda e: (e.ip, e.port))))
+        out.append((svc, sorted(endpoints.values(), key=_endpoint_order)))
     return out
+
+
+def _endpoint_order(endpoint: Endpoint) -> tuple[str, int]:
+    return endpoint.ip, endpoint.port
 
 
 def proxy_state(services: Iterable[dict[str, Any]], slices: Iterable[dict[str, Any]]) -> ProxyState:
@@ -98,11 +104,60 @@ class StateTracker:
     def update(self, objects: dict[str, dict[str, Any]], changed: Iterable[str] | None = None) -> ProxyState:
         """The state after `changed` keys of `objects` changed (None, or the first update:
         everything may have)."""
-        if self._generation == 0:
-            changed = None
-        keys = objects.keys() if changed is None else changed
+        full = changed is None or self._generation == 0
+        dirty = self._reindex(objects) if full else self._note(objects, changed or ())
+        touched: set[str] = set()
+        for owner in dirty:
+            service = self._services.get(owner)
+            before_ports = self._ports.pop(owner, None)
+            if before_ports:
+                touched.update(svc.key for svc, _ in before_ports)
+            if service is None:
+                self._order = None
+                continue
+            owned = self._slices.get(owner)
+            slices = [owned[key] for key in sorted(owned)] if owned else []
+            ports = _service_state(service, slices)
+            if before_ports:
+                previous = {svc.key: (svc, eps) for svc, eps in before_ports}
+                for i, (svc, eps) in enumerate(ports):
+                    old_svc, old_eps = previous.get(svc.key, (None, None))
+                    if svc != old_svc:
+                        self._order = None
+                    ports[i] = (old_svc if svc == old_svc else svc, old_eps if eps == old_eps else eps)
+            if len(ports) != len(before_ports or ()):
+                self._order = None
+            self._ports[owner] = ports
+            if not full:
+                touched.update(svc.key for svc, _ in ports)
+        if self._order is None:
+            self._order = tuple(sorted((svc for ports in self._ports.values() for svc, _ in ports), key=_port_key))
+        self._generation += 1
+        # The same tuple while no service port comes or goes: a mode may reuse what it derived from it.
+        return ProxyState(services=self._order,
+                          endpoints={svc.key: eps for ports in self._ports.values() for svc, eps in ports},
+                          generation=self._generation, changed=None if full else frozenset(touched))
+
+    def _reindex(self, objects: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
+        """Index every Service and EndpointSlice afresh; all Services, new and gone, are dirty."""
+        dirty = set(self._services)
+        self._services, self._slices, self._slice_owner = {}, {}, {}
+        for key, obj in objects.items():
+            if key.startswith("Service/"):
+                namespace, _, name = key[len("Service/"):].partition("/")
+                self._services[(namespace, name)] = obj
+            elif key.startswith("EndpointSlice/"):
+                owner = _owner(obj)
+                if owner is not None:
+                    self._slice_owner[key] = owner
+                    self._slices.setdefault(owner, {})[key] = obj
+        dirty.update(self._services)
+        return dirty
+
+    def _note(self, objects: dict[str, dict[str, Any]], changed: Iterable[str]) -> set[tuple[str, str]]:
+        """Update the index for the changed keys; the Services they touch are dirty."""
         dirty: set[tuple[str, str]] = set()
-        for key in keys:
+        for key in changed:
             kind, _, rest = key.partition("/")
             obj = objects.get(key)
             if kind == "Service":
@@ -122,33 +177,11 @@ class StateTracker:
                     self._slice_owner[key] = owner
                     self._slices.setdefault(owner, {})[key] = obj
                     dirty.add(owner)
-        touched: set[str] = set()
-        for owner in dirty:
-            service = self._services.get(owner)
-            before_ports = self._ports.pop(owner, [])
-            touched.update(svc.key for svc, _ in before_ports)
-            if service is None:
-                self._order = None
-                continue
-            previous = {svc.key: (svc, eps) for svc, eps in before_ports}
-            ports = []
-            slices = [slice_ for _, slice_ in sorted(self._slices.get(owner, {}).items())]
-            for svc, eps in _service_state(service, slices):
-                old_svc, old_eps = previous.get(svc.key, (None, None))
-                if svc != old_svc:
-                    self._order = None
-                ports.append((old_svc if svc == old_svc else svc, old_eps if eps == old_eps else eps))
-            if len(ports) != len(before_ports):
-                self._order = None
-            self._ports[owner] = ports
-            touched.update(svc.key for svc, _ in ports)
-        if self._order is None:
-            self._order = tuple(sorted((svc for ports in self._ports.values() for svc, _ in ports), key=lambda s: s.key))
-        self._generation += 1
-        # The same tuple while no service port comes or goes: a mode may reuse what it derived from it.
-        return ProxyState(services=self._order,
-                          endpoints={svc.key: eps for ports in self._ports.values() for svc, eps in ports},
-                          generation=self._generation, changed=None if changed is None else frozenset(touched))
+        return dirty
+
+
+def _port_key(svc: ServicePort) -> str:
+    return svc.key
 
 
 def node_info(node: dict[str, Any], cluster_cidr: str) -> NodeInfo:
