@@ -35,6 +35,7 @@ def _need_root() -> None:
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
+    from kproxy.cluster import Cluster
     from kproxy.lab import build
     from kproxy.lab.topology import load_topology
 
@@ -42,12 +43,14 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     _need_root()
     started = time.monotonic()
     state, report = build.up(topology, args.mode, ipvs_scheduler=args.ipvs_scheduler)
+    cluster = Cluster(state.name)
+    lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
     print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
           f"{len(state.pods)} pods ({report.wired} wired now, {report.removed} removed) in {took:.2f}s")
     print(f"  kproxy lab status {state.name}    kproxy exec --lab {state.name} POD -- CMD    "
           f"kproxy lab down {state.name}")
-    return 0
+    return _report_lagging(lagging)
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:
@@ -160,8 +163,12 @@ def _objects(files: list[str]) -> list[dict[str, Any]]:
 def _report(outcome: Any) -> int:
     for line in outcome.changed:
         print(line)
-    if outcome.lagging:
-        print(f"{PROG}: error: not synced on: {', '.join(outcome.lagging)} "
+    return _report_lagging(outcome.lagging)
+
+
+def _report_lagging(lagging: list[str]) -> int:
+    if lagging:
+        print(f"{PROG}: error: not synced on: {', '.join(lagging)} "
               "(agent logs: /run/kproxy/LAB/agent-NODE.log)", file=sys.stderr)
         return 1
     return 0
@@ -322,10 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="lab name (default: the file's name field)")
     p.add_argument("--overlay", choices=("vxlan", "host-gw"), help="overlay between nodes (default: the file's)")
     p.add_argument("--mode", choices=MODES, help=f"proxy mode of the node agents (default: {DEFAULT_MODE}, "
-                                                 "or the running lab's)")
+                                                 "or the running lab's); another mode than the running lab's "
+                                                 "restarts its agents after removing the old mode's rules")
     p.add_argument("--ipvs-scheduler", choices=IPVS_SCHEDULERS, metavar="SCHED",
                    help="IPVS mode: the lab's scheduler (rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, "
-                        "mh; default rr); a Service's kproxy.io/ipvs-scheduler annotation overrides it")
+                        "mh; default rr); a Service's kproxy.io/ipvs-scheduler annotation overrides it; "
+                        "another one than the running lab's restarts its agents")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")

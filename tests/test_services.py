@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from cni.masq import IPTABLES_SAVE
 from cni.netns import entered
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
 from kproxy.lab.state import ns_path
@@ -311,3 +312,38 @@ def test_agents_serve_healthz_and_kube_proxy_metrics(lab: Lab) -> None:
     assert out.startswith("200\n")
     assert "kubeproxy_sync_proxy_rules_duration_seconds_count" in out
     assert "kubeproxy_network_programming_duration_seconds_bucket" in out
+
+
+# What each mode leaves in a node: a nat chain only it makes (and IPVS's dummy link).
+MODE_TRACES = {"iptables": ":KUBE-SVC-", "userspace": ":KUBE-PORTALS-CONTAINER ", "ipvs": ":KUBE-NODE-PORT "}
+
+
+def mode_traces(ns: str) -> set[str]:
+    nat = in_ns(ns, IPTABLES_SAVE, "-t", "nat").stdout
+    found = {mode for mode, chain in MODE_TRACES.items() if chain in nat}
+    if in_ns(ns, "ip", "link", "show", "kube-ipvs0", check=False).returncode == 0:
+        found.add("ipvs")
+    return found
+
+
+@pytest.mark.parametrize("other", ["userspace", pytest.param("ipvs", marks=pytest.mark.ipvs)])
+def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(other: str, tmp_path) -> None:
+    manifests = tmp_path / "web.yaml"
+    manifests.write_text(MANIFESTS.split("---")[0])  # the NodePort Service "web"
+    with running_lab("--mode", "iptables") as name:
+        kproxy("apply", "--lab", name, "-f", str(manifests))
+        lab = Lab(name)
+        assert mode_traces(lab.ns("node2")) == {"iptables"}
+        for mode in (other, "iptables"):
+            up = kproxy("lab", "up", "--name", name, "--mode", mode)
+            assert f"{mode} mode" in up.stdout
+            assert status(name)["mode"] == mode
+            for node in ("node1", "node2", "node3"):
+                assert mode_traces(lab.ns(node)) == {mode}, node  # the old mode's rules are gone
+            # `lab up` returned once the new agents had synced: the Service answers at once.
+            assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")
+            assert lab.ask("external", lab.info["nodes"][1]["ip"], 30080)["pod"].startswith("web-")
+            if mode == "ipvs":  # another scheduler: the agents restart and set it on every virtual server
+                kproxy("lab", "up", "--name", name, "--ipvs-scheduler", "sh")
+                shown = kproxy("rules", "--lab", name, "node3", "--service", "web").stdout
+                assert f"{lab.ip('web')}:80 sh" in shown, shown

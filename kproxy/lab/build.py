@@ -15,7 +15,8 @@ import json
 import shutil
 from typing import Any
 
-from cni.netns import iproute_in, write_sysctl
+from cni.netns import entered, iproute_in, write_sysctl
+from kproxy.agent import status_path
 from kproxy.controllers import now_iso
 from kproxy.errors import KproxyError
 from kproxy.lab import kubelet, overlay, processes
@@ -23,7 +24,8 @@ from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
 from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
     ensure_namespaces, ensure_uplink, random_mac
-from kproxy.proxy import DEFAULT_MODE, MODES
+from kproxy.proxy import DEFAULT_MODE, MODES, make_proxier
+from kproxy.proxy.types import NodeInfo
 from kproxy.store import Store
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
@@ -130,6 +132,9 @@ def up(topology: Topology, mode: str | None = None,
     state = plan(topology, previous, mode, ipvs_scheduler)
     directory = lab_dir(state.name)
     directory.mkdir(parents=True, exist_ok=True)
+    if previous is not None and (previous.mode, previous.ipvs_scheduler) != (state.mode, state.ipvs_scheduler):
+        # Before the new state is saved: a crash midway leaves the old one, and the next up does this again.
+        _stop_agents(previous, clean=previous.mode != state.mode)
     save_state(state)  # the intent first: a crash from here on is reconciled by the next up
 
     gone_nodes = [n for n in (previous.nodes if previous else {}) if n not in state.nodes]
@@ -165,6 +170,19 @@ def up(topology: Topology, mode: str | None = None,
     for node in state.nodes:
         kubelet.ensure_agent(state, node)
     return state, report
+
+
+def _stop_agents(previous: LabState, clean: bool) -> None:
+    """Stop every node's agent (the ones up starts next run the new mode or scheduler); with
+    clean, also remove what the previous mode programmed in each node (kube-proxy --cleanup)."""
+    directory = lab_dir(previous.name)
+    present = set(lab_namespaces(previous.name))
+    for node, spec in previous.nodes.items():
+        processes.stop(processes.AGENT, directory, node)
+        status_path(directory, node).unlink(missing_ok=True)  # waiting for the new agent, not the old one
+        if clean and ns_name(previous.name, node) in present:
+            with entered(ns_path(previous.name, node)):
+                make_proxier(previous.mode, NodeInfo(node, spec.ip, previous.pod_cidr)).cleanup()
 
 
 def teardown(name: str) -> list[str]:

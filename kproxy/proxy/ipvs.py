@@ -591,14 +591,18 @@ class IpvsProxier:
     # cleanup ---------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """Remove every trace of IPVS mode: virtual servers, kube-ipvs0, our iptables rules and ipsets."""
+        """Remove every trace of IPVS mode: virtual servers, kube-ipvs0, our iptables rules and ipsets.
+        The netlink sockets are closed afterwards (a later sync opens new ones)."""
         self._sockets()
-        for msg in self._ipvs.service("dump"):
-            vs, _ = _parse_service(msg)
-            if vs is not None:
-                self._ipvs.service("del", service=_service_key(vs))
-        for index in self._ipr.link_lookup(ifname=DUMMY):
-            self._ipr.link("del", index=index)
+        try:
+            for msg in self._ipvs.service("dump"):
+                vs, _ = _parse_service(msg)
+                if vs is not None:
+                    self._ipvs.service("del", service=_service_key(vs))
+            for index in self._ipr.link_lookup(ifname=DUMMY):
+                self._ipr.link("del", index=index)
+        finally:
+            self.close()
         saved = {table: run([SAVE, "-t", table]).stdout for table in ("nat", "filter")}
         out = []
         for table, chains in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
