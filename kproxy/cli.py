@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipvs-scheduler", choices=IPVS_SCHEDULERS, metavar="SCHED",
                    help="IPVS mode: the lab's scheduler (rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, "
                         "mh; default rr); a Service's kproxy.io/ipvs-scheduler annotation overrides it; "
-                        "another one than the running lab's restarts its agents")
+                        "another one than the running IPVS lab's restarts its agents")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")

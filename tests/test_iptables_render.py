@@ -20,7 +20,7 @@ from kproxy.proxy.iptables import (
     RenderCache,
     Ruleset,
     endpoint_chain_name,
-    parse_save,
+    is_own_chain,
     probability,
     render,
     restore_input,
@@ -30,6 +30,7 @@ from kproxy.proxy.iptables import (
     usable_endpoints,
     write_full_restore,
 )
+from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
 NODE = NodeInfo(name="node1", ip="192.168.0.2", cluster_cidr="10.0.0.0/8")
@@ -330,6 +331,30 @@ def test_parse_save_reads_counters_and_chains() -> None:
                                            "-j KUBE-SERVICES"],
                             "KUBE-SERVICES": ["-A KUBE-SERVICES -d 10.96.0.1/32 -j KUBE-SVC-XPGD46QRK7WJZT7O"],
                             "CNI-abc": []}
+
+
+def test_cleanup_deletes_our_chains_and_the_jumps_into_them_and_nothing_else() -> None:
+    saved = parse_save(textwrap.dedent("""\
+        *nat
+        :PREROUTING ACCEPT [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+        :CNI-abc - [0:0]
+        -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+        -A PREROUTING -j CNI-abc
+        -A CNI-abc -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -d 10.96.0.1/32 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        COMMIT
+        *filter
+        :FORWARD ACCEPT [0:0]
+        -A FORWARD -j ACCEPT
+        COMMIT
+        """))
+    assert removal_input(saved, is_own_chain).splitlines() == [
+        "*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]",
+        '-D PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        "-D CNI-abc -j KUBE-SVC-XPGD46QRK7WJZT7O",
+        "-X KUBE-SERVICES", "-X KUBE-SVC-XPGD46QRK7WJZT7O", "COMMIT"]
 
 
 def test_a_render_cache_gives_the_same_rules_and_rerenders_only_what_changed() -> None:

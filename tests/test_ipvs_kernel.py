@@ -208,6 +208,16 @@ def test_lab_wide_scheduler(netns) -> None:
             proxier.close()
     assert "TCP  10.96.0.10:80 wrr  # default/web" in shown and "TCP  10.96.0.11:80 mh" in shown, shown
     assert "-> 10.244.1.2:8080" in shown
+    # A new agent with another lab-wide scheduler (`lab up --ipvs-scheduler sh` restarts them)
+    # sets it on the virtual servers that are already there; the annotated one keeps its own.
+    with entered(node):
+        proxier = IpvsProxier(NODE, scheduler="sh")
+        try:
+            proxier.sync(_state((_svc("web", "10.96.0.10", 80), [POD]), (_svc("x", "10.96.0.11", 80, scheduler="mh"), [])))
+        finally:
+            proxier.close()
+    shown = _ipvsadm(node)
+    assert "TCP 10.96.0.10:80 sh" in shown and "TCP 10.96.0.11:80 mh" in shown, shown
 
 
 def test_partial_syncs_touch_only_what_changed_and_share_addresses(netns) -> None:

@@ -326,15 +326,16 @@ def mode_traces(ns: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("other", ["userspace", pytest.param("ipvs", marks=pytest.mark.ipvs)])
-def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(other: str, tmp_path) -> None:
+def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(tmp_path) -> None:
+    # Between the two modes this kernel has; that IPVS mode's cleanup leaves nothing behind, and
+    # that a restarted IPVS agent sets a new scheduler, is tested in the guest (test_ipvs_kernel.py).
     manifests = tmp_path / "web.yaml"
     manifests.write_text(MANIFESTS.split("---")[0])  # the NodePort Service "web"
     with running_lab("--mode", "iptables") as name:
         kproxy("apply", "--lab", name, "-f", str(manifests))
         lab = Lab(name)
         assert mode_traces(lab.ns("node2")) == {"iptables"}
-        for mode in (other, "iptables"):
+        for mode in ("userspace", "iptables"):
             up = kproxy("lab", "up", "--name", name, "--mode", mode)
             assert f"{mode} mode" in up.stdout
             assert status(name)["mode"] == mode
@@ -343,7 +344,3 @@ def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(other: st
             # `lab up` returned once the new agents had synced: the Service answers at once.
             assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")
             assert lab.ask("external", lab.info["nodes"][1]["ip"], 30080)["pod"].startswith("web-")
-            if mode == "ipvs":  # another scheduler: the agents restart and set it on every virtual server
-                kproxy("lab", "up", "--name", name, "--ipvs-scheduler", "sh")
-                shown = kproxy("rules", "--lab", name, "node3", "--service", "web").stdout
-                assert f"{lab.ip('web')}:80 sh" in shown, shown

@@ -17,9 +17,10 @@ import pytest
 from cni.netns import entered
 
 from kproxy.proxy import MODES, render_text
+from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 from kproxy.proxy.userspace import (
-    DIAL_TIMEOUTS, JUMPS, Balancer, ProxyLoop, ServiceProxy, cleanup_input, dial_schedule, format_table,
+    DIAL_TIMEOUTS, JUMPS, Balancer, ProxyLoop, ServiceProxy, dial_schedule, format_table, is_own_chain,
     placeholder_ports, render,
 )
 
@@ -116,11 +117,11 @@ def test_cleanup_removes_our_jumps_and_chains_and_nothing_else() -> None:
 -A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 40000
 COMMIT
 """
-    text = cleanup_input(saved)
+    text = removal_input(parse_save(saved), is_own_chain)
     assert text == ("*nat\n:KUBE-PORTALS-CONTAINER - [0:0]\n"
                     '-D PREROUTING -m comment --comment "handle ClusterIPs; NOTE: this must be before the NodePort '
                     'rules" -j KUBE-PORTALS-CONTAINER\n-X KUBE-PORTALS-CONTAINER\nCOMMIT\n')
-    assert cleanup_input("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == ""
+    assert removal_input(parse_save("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"), is_own_chain) == ""
 
 
 # --- choosing endpoints ------------------------------------------------------------

@@ -132,7 +132,8 @@ def up(topology: Topology, mode: str | None = None,
     state = plan(topology, previous, mode, ipvs_scheduler)
     directory = lab_dir(state.name)
     directory.mkdir(parents=True, exist_ok=True)
-    if previous is not None and (previous.mode, previous.ipvs_scheduler) != (state.mode, state.ipvs_scheduler):
+    if previous is not None and (previous.mode != state.mode or (
+            state.mode == "ipvs" and previous.ipvs_scheduler != state.ipvs_scheduler)):
         # Before the new state is saved: a crash midway leaves the old one, and the next up does this again.
         _stop_agents(previous, clean=previous.mode != state.mode)
     save_state(state)  # the intent first: a crash from here on is reconciled by the next up

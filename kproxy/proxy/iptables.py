@@ -48,6 +48,7 @@ from typing import Callable, Iterable, Sequence
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.kernel import IPTABLES, SAVE, RestoreError, restore, restore_stream, run, set_sysctl
+from kproxy.proxy.saved import excerpt, jump_target, remove_chains
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants (kube-proxy's) --------------------------------------
@@ -606,33 +607,11 @@ def _tail(chains: dict[str, tuple[str, ...]], write: Iterable[str], gone: list[s
     return out
 
 
-# --- reading iptables-save ---------------------------------------------------
-
-def parse_save(text: str) -> dict[str, dict[str, list[str]]]:
-    """iptables-save output -> table -> chain -> its "-A" lines (counters, if any, stripped)."""
-    tables: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-            current = tables.setdefault(table, {})
-        elif line.startswith(":"):
-            current.setdefault(line[1:].split(" ", 1)[0], [])
-        elif line.startswith(("-A ", "[")):
-            rule = re.sub(r"^\[\d+:\d+\] ", "", line) if line[0] == "[" else line
-            current.setdefault(rule.split(" ", 2)[1], []).append(rule)
-    return tables
-
-
-def _jumps_to(rule: str) -> str:
-    m = re.search(r"(?:^| )-j (\S+)", rule)
-    return m.group(1) if m else ""
-
+# --- reading the kernel ------------------------------------------------------
 
 def _has_jump(saved_rules: list[str], jump: Jump) -> bool:
     for rule in saved_rules:
-        if _jumps_to(rule) == jump.target and (not jump.comment or jump.comment in rule):
+        if jump_target(rule) == jump.target and (not jump.comment or jump.comment in rule):
             return True
     return False
 
@@ -668,7 +647,7 @@ class _KernelChains:
         stale = [(t, c) for t, names in chains.items() for c in names
                  if is_own_chain(t, c) and c not in desired.tables.get(t, {})]
         missing = [j for j in desired.jumps if not _has_jump(builtin.get((j.table, j.chain), []), j)]
-        unlink = [(t, rule) for (t, _), rules in builtin.items() for rule in rules if (t, _jumps_to(rule)) in stale]
+        unlink = [(t, rule) for (t, _), rules in builtin.items() for rule in rules if (t, jump_target(rule)) in stale]
         return KernelLeftovers(stale, missing, unlink)
 
     def collect(self) -> tuple[dict[str, list[str]], dict[tuple[str, str], list[str]]]:
@@ -794,23 +773,7 @@ class IptablesProxier:
 
     def cleanup(self) -> None:
         """Remove every jump into our chains and all our chains (filter and nat), in one restore."""
-        saved = parse_save(run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout)
-        out: list[str] = []
-        for table in ("filter", "nat"):
-            chains = saved.get(table, {})
-            ours = [c for c in chains if is_own_chain(table, c)]
-            if not ours:
-                continue
-            out.append(f"*{table}")
-            out += [f":{c} - [0:0]" for c in ours]
-            for chain, rules in chains.items():
-                if chain in ours:
-                    continue
-                out += ["-D" + rule[2:] for rule in rules if _jumps_to(rule) in ours]
-            out += [f"-X {c}" for c in ours]
-            out.append("COMMIT")
-        if out:
-            restore("\n".join(out) + "\n", counters=True)
+        remove_chains(is_own_chain)
         self.ruleset = None
         self._need_full = True
         self.conntrack.reset()
@@ -821,37 +784,20 @@ class IptablesProxier:
         """iptables-save -c (with [packets:bytes]) of the filter and nat tables, cut down to
         our rules, or to those of one service ("ns/name" or "ns/name:port"): its chains, and the
         lines of the shared chains that jump to them or name the service in a comment."""
-        text = run([SAVE, "-c"]).stdout
         mine: set[str] = set()
         if service is not None and self.ruleset is not None:
             mine = {c for c, owner in self.ruleset.owners.items() if _names(owner, service)}
         named = re.compile(re.escape(service) + r'(?=[:\s"]|$)') if service is not None else None
-        out: list[str] = []
-        table = ""
-        for line in text.splitlines():
-            if line.startswith("*"):
-                table = line[1:]
-                if table in ("filter", "nat"):
-                    out.append(line)
-                continue
-            if table not in ("filter", "nat"):
-                continue
-            if line == "COMMIT":
-                out.append(line)
-            elif line.startswith(":"):
-                chain = line[1:].split()[0]
-                if (named is None and is_own_chain(table, chain)) or chain in mine:
-                    out.append(line)
-            elif line.startswith(("[", "-A")):
-                rule = re.sub(r"^\[\d+:\d+\] ", "", line)
-                chain, target = rule.split()[1], _jumps_to(rule)
-                if named is None:
-                    keep = is_own_chain(table, chain) or is_own_chain(table, target)
-                else:
-                    keep = chain in mine or target in mine or (is_own_chain(table, chain) and bool(named.search(rule)))
-                if keep:
-                    out.append(line)
-        return "\n".join(out) + "\n"
+
+        def keep_chain(table: str, chain: str) -> bool:
+            return (named is None and is_own_chain(table, chain)) or chain in mine
+
+        def keep_rule(table: str, chain: str, target: str, rule: str) -> bool:
+            if named is None:
+                return is_own_chain(table, chain) or is_own_chain(table, target)
+            return chain in mine or target in mine or (is_own_chain(table, chain) and bool(named.search(rule)))
+
+        return excerpt(run([SAVE, "-c"]).stdout, keep_chain, keep_rule)
 
 
 def _names(service_port_name: str, service: str) -> bool:

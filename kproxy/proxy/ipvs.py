@@ -52,6 +52,7 @@ from typing import Any
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.iptables import usable_endpoints
 from kproxy.proxy.kernel import SAVE, restore, run, set_sysctl
+from kproxy.proxy.saved import remove_chains
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 DUMMY = "kube-ipvs0"
@@ -85,6 +86,10 @@ KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_FORWARD = "KUBE-FORWARD"
 NAT_CHAINS = (KUBE_SERVICES, KUBE_POSTROUTING, KUBE_NODE_PORT, KUBE_MARK_MASQ)
 FILTER_CHAINS = (KUBE_FORWARD,)
+
+
+def is_own_chain(table: str, chain: str) -> bool:
+    return chain in (NAT_CHAINS if table == "nat" else FILTER_CHAINS if table == "filter" else ())
 # (table, built-in chain, comment, our chain): the jumps kube-proxy inserts first in the built-in chains
 JUMPS = (
     ("nat", "OUTPUT", "kubernetes service portals", KUBE_SERVICES),
@@ -586,8 +591,6 @@ class IpvsProxier:
                 out[table].append(f"-I {_jump_rule(chain, comment, target)}")
         return "".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" for table, lines in out.items() if lines)
 
-    # conntrack -------------------------------------------------------------
-
     # cleanup ---------------------------------------------------------------
 
     def cleanup(self) -> None:
@@ -603,16 +606,7 @@ class IpvsProxier:
                 self._ipr.link("del", index=index)
         finally:
             self.close()
-        saved = {table: run([SAVE, "-t", table]).stdout for table in ("nat", "filter")}
-        out = []
-        for table, chains in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
-            ours = [c for c in chains if f":{c} " in saved[table]]
-            lines = [f"-D {_jump_rule(chain, comment, target)}" for t, chain, comment, target in JUMPS
-                     if t == table and f"-A {_jump_rule(chain, comment, target)}" in saved[table]]
-            if ours or lines:
-                out += [f"*{table}"] + [f":{c} - [0:0]" for c in ours] + lines + [f"-X {c}" for c in ours] + ["COMMIT"]
-        if out:
-            restore("\n".join(out) + "\n")
+        remove_chains(is_own_chain)
         for name in IPSETS:
             for set_name in (name, _tmp_set(name)):
                 subprocess.run(["ipset", "destroy", set_name], capture_output=True)

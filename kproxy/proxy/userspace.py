@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from kproxy.proxy.kernel import SAVE, RestoreError, restore, run
+from kproxy.proxy.saved import excerpt, jump_target, read_tables, remove_chains
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants -----------------------------------------------------
@@ -80,6 +81,10 @@ REJECT_CHAIN = "KUBE-USERSPACE-REJECT"  # ours, not upstream's: see the module d
 NAT_CHAINS = (PORTALS_CONTAINER, PORTALS_HOST, NODEPORT_CONTAINER, NODEPORT_HOST)
 FILTER_CHAINS = (NODEPORT_NON_LOCAL, REJECT_CHAIN)
 OWN_CHAINS = {"nat": NAT_CHAINS, "filter": FILTER_CHAINS}
+
+
+def is_own_chain(table: str, chain: str) -> bool:
+    return chain in OWN_CHAINS.get(table, ())
 
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)  # upstream's EndpointDialTimeouts: one dial per entry
 UDP_IDLE_TIMEOUT = 0.25  # kube-proxy's --udp-timeout default
@@ -925,10 +930,9 @@ class UserspaceProxier:
         return changed
 
     def _missing_jumps(self) -> list[Jump]:
-        saved = run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout
-        rules = _builtin_rules(saved)
+        saved = read_tables()
         return [j for j in JUMPS
-                if not any(r.endswith(f"-j {j.target}") for r in rules.get((j.table, j.chain), []))]
+                if not any(jump_target(r) == j.target for r in saved.get(j.table, {}).get(j.chain, []))]
 
     # cleanup ---------------------------------------------------------------------------
 
@@ -945,10 +949,7 @@ class UserspaceProxier:
         self.proxies = {}
         self.loop = None
         self.status = None
-        saved = run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout
-        text = cleanup_input(saved)
-        if text:
-            restore(text)
+        remove_chains(is_own_chain)
         self.applied = ""
         self._need_full = True
 
@@ -960,43 +961,6 @@ class UserspaceProxier:
     def rules_excerpt(self, service: str | None = None) -> str:
         table = self.loop.call(self.table) if self.loop is not None else None
         return live_rules(service, table)
-
-
-def _builtin_rules(saved: str) -> dict[tuple[str, str], list[str]]:
-    rules: dict[tuple[str, str], list[str]] = {}
-    table = ""
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith("-A "):
-            chain = line.split()[1]
-            rules.setdefault((table, chain), []).append(line)
-    return rules
-
-
-def cleanup_input(saved: str) -> str:
-    """The restore text that removes our jumps and chains from what iptables-save printed ("" if none)."""
-    out: list[str] = []
-    declared: dict[str, set[str]] = {}
-    table = ""
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith(":"):
-            declared.setdefault(table, set()).add(line[1:].split()[0])
-    rules = _builtin_rules(saved)
-    for table in ("filter", "nat"):
-        ours = [c for c in OWN_CHAINS[table] if c in declared.get(table, set())]
-        if not ours:
-            continue
-        out.append(f"*{table}")
-        out += [f":{c} - [0:0]" for c in ours]
-        for (t, chain), lines in rules.items():
-            if t == table and chain not in ours:
-                out += ["-D" + line[2:] for line in lines if line.split(" -j ")[-1].split()[0] in ours]
-        out += [f"-X {c}" for c in ours]
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
 
 
 def _names(service_port_name: str, service: str) -> bool:
@@ -1022,32 +986,15 @@ def format_table(table: list[dict[str, Any]], service: str | None = None) -> str
 def live_rules(service: str | None, table: list[dict[str, Any]] | None = None) -> str:
     """Our portal rules from iptables-nft-save -c (with [packets:bytes]), and the listener table;
     call inside the node's namespace. table None: ask the agent's proxy over its status socket."""
-    text = run([SAVE, "-c"]).stdout
     named = re.compile(re.escape(service) + r'(?=[:\s"/]|$)') if service is not None else None
-    out: list[str] = []
-    table_name = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table_name = line[1:]
-            if table_name in OWN_CHAINS:
-                out.append(line)
-            continue
-        if table_name not in OWN_CHAINS:
-            continue
-        ours = OWN_CHAINS[table_name]
-        if line == "COMMIT":
-            out.append(line)
-        elif line.startswith(":"):
-            if line[1:].split()[0] in ours:
-                out.append(line)
-        elif line.startswith(("[", "-A")):
-            rule = re.sub(r"^\[\d+:\d+\] ", "", line)
-            chain, target = rule.split()[1], rule.split(" -j ")[-1].split()[0]
-            if chain in ours and (named is None or named.search(rule)):
-                out.append(line)
-            elif named is None and target in ours:
-                out.append(line)
+
+    def keep_rule(table: str, chain: str, target: str, rule: str) -> bool:
+        if named is None:
+            return is_own_chain(table, chain) or is_own_chain(table, target)
+        return is_own_chain(table, chain) and bool(named.search(rule))
+
+    rules = excerpt(run([SAVE, "-c"]).stdout, is_own_chain, keep_rule)
     if table is None:
         table = query_status()
     listeners = format_table(table, service) if table is not None else "(no userspace proxy answers in this node)\n"
-    return "\n".join(out) + "\n\n# listeners\n" + listeners
+    return rules + "\n# listeners\n" + listeners
