@@ -19,7 +19,8 @@ import pytest
 from cni.masq import IPTABLES_SAVE
 from cni.netns import entered
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
-from kproxy.lab.state import ns_path
+from kproxy.agent import status_path
+from kproxy.lab.state import lab_dir, ns_path
 from tests.labtools import kproxy, running_lab, status
 from tests.runtime import in_ns
 
@@ -337,10 +338,13 @@ def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(tmp_path)
         assert mode_traces(lab.ns("node2")) == {"iptables"}
         for mode in ("userspace", "iptables"):
             up = kproxy("lab", "up", "--name", name, "--mode", mode)
+            # `lab up` returned once the new agents had synced: each reports its mode after its
+            # first sync (the old agent's report went when it stopped), and the Service answers.
+            for node in ("node1", "node2", "node3"):
+                assert json.loads(status_path(lab_dir(name), node).read_text())["mode"] == mode
             assert f"{mode} mode" in up.stdout
             assert status(name)["mode"] == mode
             for node in ("node1", "node2", "node3"):
                 assert mode_traces(lab.ns(node)) == {mode}, node  # the old mode's rules are gone
-            # `lab up` returned once the new agents had synced: the Service answers at once.
             assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")
             assert lab.ask("external", lab.info["nodes"][1]["ip"], 30080)["pod"].startswith("web-")

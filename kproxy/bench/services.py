@@ -39,7 +39,7 @@ from kproxy.bench import require_root
 from kproxy.lab.processes import AGENT, start, stop
 from kproxy.proxy.iptables import write_full_restore
 from kproxy.proxy.kernel import restore
-from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, node_info, proxy_state
+from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
 from kproxy.store import Store
 
 NODE = "node1"
@@ -110,8 +110,7 @@ def restore_alone(text: str, ns_name: str) -> float:
 
 def full_sync_text(objects: dict[str, Any]) -> str:
     """What the agent writes to iptables-restore in its first sync of objects."""
-    state = proxy_state([o for k, o in objects.items() if k.startswith("Service/")],
-                        [o for k, o in objects.items() if k.startswith("EndpointSlice/")])
+    state = StateTracker().update(objects)  # as the agent's first sync derives it
     chunks: list[str] = []
     write_full_restore(state, node_info(node_object(), CLUSTER_CIDR), chunks.append)
     return "".join(chunks)

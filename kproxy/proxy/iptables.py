@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.kernel import IPTABLES, SAVE, RestoreError, restore, restore_stream, run, set_sysctl
-from kproxy.proxy.saved import excerpt, jump_target, remove_chains
+from kproxy.proxy.saved import excerpt, has_jump, jump_target, remove_chains
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants (kube-proxy's) --------------------------------------
@@ -76,8 +76,6 @@ MASQ_MARK = "0x4000"  # 1 << --iptables-masquerade-bit (default 14)
 LARGE_CLUSTER_ENDPOINTS = 1000  # above this many endpoints kube-proxy drops per-endpoint comments
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod (1 h) between forced full syncs
 STREAM_LINES = 1024  # a full sync's text goes to iptables-restore in blocks of about this many lines
-
-
 
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _BASE32_PAIRS = [a + b for a in _BASE32 for b in _BASE32]  # every 10-bit value as two digits
@@ -609,13 +607,6 @@ def _tail(chains: dict[str, tuple[str, ...]], write: Iterable[str], gone: list[s
 
 # --- reading the kernel ------------------------------------------------------
 
-def _has_jump(saved_rules: list[str], jump: Jump) -> bool:
-    for rule in saved_rules:
-        if jump_target(rule) == jump.target and (not jump.comment or jump.comment in rule):
-            return True
-    return False
-
-
 OWN_CHAINS = {
     "filter": set(FILTER_TOP_CHAINS) | {KUBELET_FIREWALL},
     "nat": set(NAT_TOP_CHAINS),
@@ -646,7 +637,7 @@ class _KernelChains:
         chains, builtin = self.collect()
         stale = [(t, c) for t, names in chains.items() for c in names
                  if is_own_chain(t, c) and c not in desired.tables.get(t, {})]
-        missing = [j for j in desired.jumps if not _has_jump(builtin.get((j.table, j.chain), []), j)]
+        missing = [j for j in desired.jumps if not has_jump(builtin.get((j.table, j.chain), []), j.target, j.comment)]
         unlink = [(t, rule) for (t, _), rules in builtin.items() for rule in rules if (t, jump_target(rule)) in stale]
         return KernelLeftovers(stale, missing, unlink)
 
@@ -679,8 +670,6 @@ def _output(proc: subprocess.Popen[str]) -> str:
 
 
 # --- applying ----------------------------------------------------------------
-
-
 
 class IptablesProxier:
     """kube-proxy's iptables mode on the node whose network namespace the calling thread is in.

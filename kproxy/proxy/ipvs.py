@@ -51,8 +51,8 @@ from typing import Any
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.iptables import usable_endpoints
-from kproxy.proxy.kernel import SAVE, restore, run, set_sysctl
-from kproxy.proxy.saved import remove_chains
+from kproxy.proxy.kernel import restore, run, set_sysctl
+from kproxy.proxy.saved import has_jump, read_tables, remove_chains
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 DUMMY = "kube-ipvs0"
@@ -86,10 +86,6 @@ KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_FORWARD = "KUBE-FORWARD"
 NAT_CHAINS = (KUBE_SERVICES, KUBE_POSTROUTING, KUBE_NODE_PORT, KUBE_MARK_MASQ)
 FILTER_CHAINS = (KUBE_FORWARD,)
-
-
-def is_own_chain(table: str, chain: str) -> bool:
-    return chain in (NAT_CHAINS if table == "nat" else FILTER_CHAINS if table == "filter" else ())
 # (table, built-in chain, comment, our chain): the jumps kube-proxy inserts first in the built-in chains
 JUMPS = (
     ("nat", "OUTPUT", "kubernetes service portals", KUBE_SERVICES),
@@ -97,6 +93,12 @@ JUMPS = (
     ("nat", "POSTROUTING", "kubernetes postrouting rules", KUBE_POSTROUTING),
     ("filter", "FORWARD", "kubernetes forwarding rules", KUBE_FORWARD),
 )
+
+
+def is_own_chain(table: str, chain: str) -> bool:
+    return chain in (NAT_CHAINS if table == "nat" else FILTER_CHAINS if table == "filter" else ())
+
+
 SYSCTLS = {
     "net/ipv4/vs/conntrack": "1",
     "net/ipv4/vs/expire_nodest_conn": "1",
@@ -584,10 +586,10 @@ class IpvsProxier:
                 if any(d.weight == 0 for d in self.kernel.dests.get(key, {}).values())}
 
     def _missing_jumps(self) -> str:
-        saved = {table: run([SAVE, "-t", table]).stdout for table in ("nat", "filter")}
-        out = {"nat": [], "filter": []}
+        saved = read_tables()
+        out: dict[str, list[str]] = {"nat": [], "filter": []}
         for table, chain, comment, target in JUMPS:
-            if f"-A {_jump_rule(chain, comment, target)}" not in saved[table]:
+            if not has_jump(saved.get(table, {}).get(chain, []), target, comment):
                 out[table].append(f"-I {_jump_rule(chain, comment, target)}")
         return "".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" for table, lines in out.items() if lines)
 

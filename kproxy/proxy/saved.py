@@ -40,6 +40,11 @@ def jump_target(rule: str) -> str:
     return m.group(1) if m else ""
 
 
+def has_jump(rules: list[str], target: str, comment: str = "") -> bool:
+    """Whether one of a chain's rules jumps to target (with comment in it, if given)."""
+    return any(jump_target(rule) == target and comment in rule for rule in rules)
+
+
 def read_tables() -> dict[str, dict[str, list[str]]]:
     """The filter and nat tables of the calling thread's namespace."""
     return parse_save(run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout)

@@ -98,6 +98,7 @@ class StateTracker:
         self._slices: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # owner -> slice key -> slice
         self._slice_owner: dict[str, tuple[str, str]] = {}
         self._ports: dict[tuple[str, str], list[tuple[ServicePort, list[Endpoint]]]] = {}
+        self._endpoints: dict[str, list[Endpoint]] = {}  # of every port in _ports, by key
         self._order: tuple[ServicePort, ...] | None = None
         self._generation = 0
 
@@ -110,8 +111,9 @@ class StateTracker:
         for owner in dirty:
             service = self._services.get(owner)
             before_ports = self._ports.pop(owner, None)
-            if before_ports:
-                touched.update(svc.key for svc, _ in before_ports)
+            for svc, _ in before_ports or ():
+                touched.add(svc.key)
+                del self._endpoints[svc.key]
             if service is None:
                 self._order = None
                 continue
@@ -128,14 +130,16 @@ class StateTracker:
             if len(ports) != len(before_ports or ()):
                 self._order = None
             self._ports[owner] = ports
+            for svc, eps in ports:
+                self._endpoints[svc.key] = eps
             if not full:
                 touched.update(svc.key for svc, _ in ports)
         if self._order is None:
             self._order = tuple(sorted((svc for ports in self._ports.values() for svc, _ in ports), key=_port_key))
         self._generation += 1
         # The same tuple while no service port comes or goes: a mode may reuse what it derived from it.
-        return ProxyState(services=self._order,
-                          endpoints={svc.key: eps for ports in self._ports.values() for svc, eps in ports},
+        # The endpoints map is copied (one C-level copy, not a walk over every Service per change).
+        return ProxyState(services=self._order, endpoints=dict(self._endpoints),
                           generation=self._generation, changed=None if full else frozenset(touched))
 
     def _reindex(self, objects: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:

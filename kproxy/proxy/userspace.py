@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from kproxy.proxy.kernel import SAVE, RestoreError, restore, run
-from kproxy.proxy.saved import excerpt, jump_target, read_tables, remove_chains
+from kproxy.proxy.saved import excerpt, has_jump, read_tables, remove_chains
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 # --- names and constants -----------------------------------------------------
@@ -85,6 +85,7 @@ OWN_CHAINS = {"nat": NAT_CHAINS, "filter": FILTER_CHAINS}
 
 def is_own_chain(table: str, chain: str) -> bool:
     return chain in OWN_CHAINS.get(table, ())
+
 
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)  # upstream's EndpointDialTimeouts: one dial per entry
 UDP_IDLE_TIMEOUT = 0.25  # kube-proxy's --udp-timeout default
@@ -931,8 +932,7 @@ class UserspaceProxier:
 
     def _missing_jumps(self) -> list[Jump]:
         saved = read_tables()
-        return [j for j in JUMPS
-                if not any(jump_target(r) == j.target for r in saved.get(j.table, {}).get(j.chain, []))]
+        return [j for j in JUMPS if not has_jump(saved.get(j.table, {}).get(j.chain, []), j.target)]
 
     # cleanup ---------------------------------------------------------------------------
 
