@@ -46,6 +46,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     cluster = Cluster(state.name)
     lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
+    _warn_unready(report.unready)
     print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
           f"{len(state.pods)} pods ({report.wired} wired now, {report.removed} removed) in {took:.2f}s")
     print(f"  kproxy lab status {state.name}    kproxy exec --lab {state.name} POD -- CMD    "
@@ -163,7 +164,16 @@ def _objects(files: list[str]) -> list[dict[str, Any]]:
 def _report(outcome: Any) -> int:
     for line in outcome.changed:
         print(line)
+    _warn_unready(outcome.unready)
     return _report_lagging(outcome.lagging)
+
+
+def _warn_unready(pods: list[str]) -> None:
+    from kproxy.lab.kubelet import READY_TIMEOUT
+
+    if pods:
+        print(f"{PROG}: warning: not ready (no answer within {READY_TIMEOUT:.0f} s, so not in any Service's "
+              f"endpoints): {', '.join(pods)}", file=sys.stderr)
 
 
 def _report_lagging(lagging: list[str]) -> int:

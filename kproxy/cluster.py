@@ -48,6 +48,7 @@ def lab_lock(lab: str) -> Iterator[None]:
 class Outcome:
     changed: list[str] = field(default_factory=list)  # "service/web configured", like kubectl
     lagging: list[str] = field(default_factory=list)  # agents that did not sync in time
+    unready: list[str] = field(default_factory=list)  # pods whose workload did not answer in time
 
 
 class Cluster:
@@ -61,8 +62,8 @@ class Cluster:
 
     # Writing ---------------------------------------------------------------
     def settle(self, outcome: Outcome) -> Outcome:
-        """Wire pods, update endpoints, then wait for every agent."""
-        kubelet.sync(self.state, self.store)
+        """Wire pods, wait for them to be ready, update endpoints, then wait for every agent."""
+        outcome.unready = kubelet.sync(self.state, self.store).unready
         save_state(self.state)
         outcome.lagging = self.wait_synced(self.store.version())
         return outcome
