@@ -363,7 +363,9 @@ def workload_statuses(objects: Mapping[str, Obj]) -> dict[str, Obj]:
                   "updatedReplicas": counted[current["metadata"]["uid"]]["replicas"] if current else 0,
                   "readyReplicas": total["readyReplicas"], "availableReplicas": total["availableReplicas"]}
         unavailable = int(deployment["spec"].get("replicas", 1)) - total["availableReplicas"]
-        status = {k: v for k, v in status.items() if v} | ({"unavailableReplicas": unavailable} if unavailable > 0 else {})
+        status = {k: v for k, v in status.items() if v}  # zero counts are omitted, as in Kubernetes
+        if unavailable > 0:
+            status["unavailableReplicas"] = unavailable
         if deployment.get("status") != status:
             changes[key] = _with_status(deployment, status)
     return changes

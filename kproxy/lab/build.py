@@ -73,7 +73,8 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
 def node_object(state: LabState, name: str) -> dict[str, Any]:
     node = state.nodes[name]
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **node.labels}},
+            "metadata": {"name": name,
+                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **node.labels}},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
                                      {"type": "Hostname", "address": name}],
