@@ -176,10 +176,12 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
             if s["metadata"].get("namespace") == namespace
             and s["metadata"].get("labels", {}).get(SERVICE_NAME_LABEL) == meta["name"]}
     prefix = f"{meta['name']}-"[:MAX_GENERATE_NAME_PREFIX]
+    taken = {s["metadata"]["name"] for s in mine.values()}
     out = {}
     for numbers, endpoints in sorted(groups.items()):
         old = mine.get(numbers)
-        name = old["metadata"]["name"] if old else _generated_name(prefix, {k.rsplit("/", 1)[1] for k in out})
+        name = old["metadata"]["name"] if old else _generated_name(prefix, taken)
+        taken.add(name)
         slice_: Obj = {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",

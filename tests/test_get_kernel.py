@@ -4,6 +4,7 @@ and a Deployment's ReplicaSets behave as Kubernetes' do through a rollout and a 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -80,6 +81,11 @@ def test_deployment_pods_are_owned_by_a_replica_set_listed_by_get_rs(lab: str) -
     assert table[1].split()[:4] == [replica_set["metadata"]["name"], "2", "2", "2"]
     header = kproxy("get", "--lab", lab, "pods").stdout.splitlines()[0]
     assert header.split() == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    endpoints = kproxy("get", "--lab", lab, "endpoints", "api").stdout.splitlines()
+    assert endpoints[0].split() == ["NAME", "ENDPOINTS", "AGE"]
+    name, shown, age = endpoints[1].split()
+    assert name == "api" and sorted(shown.split(",")) == sorted(f"{p['status']['podIP']}:9000" for p in pods)
+    assert re.fullmatch(r"\d+s|\d+m\d*s?", age)  # from the Endpoints' creationTimestamp
 
 
 def test_a_rollout_makes_a_new_replica_set_and_a_delete_takes_everything(lab: str, tmp_path: Path) -> None:
@@ -94,5 +100,9 @@ def test_a_rollout_makes_a_new_replica_set_and_a_delete_takes_everything(lab: st
     slices = get(lab, "endpointslices", "-l", "kubernetes.io/service-name=api")["items"]
     assert sorted(e["targetRef"]["name"] for s in slices for e in s["endpoints"]) == \
         sorted(p["metadata"]["name"] for p in pods)
+    victim = pods[0]["metadata"]["name"]
+    kproxy("delete", "--lab", lab, "pod", victim)  # the ReplicaSet replaces it
+    replaced = get(lab, "pods", "-l", "app=api")["items"]
+    assert len(replaced) == 2 and victim not in {p["metadata"]["name"] for p in replaced}
     kproxy("delete", "--lab", lab, "deploy", "api")
     assert get(lab, "rs")["items"] == [] and get(lab, "pods", "-l", "app=api")["items"] == []

@@ -73,7 +73,7 @@ def view(tmp_path: Path) -> View:
     deployment = store.read().objects["Deployment/default/api"]
     replica_set = controllers.replica_set_for(deployment, 2)
     write(store, [replica_set])
-    pods = [controllers.new_pod_for(replica_set, set()) for _ in range(2)]
+    pods = sorted((controllers.new_pod_for(replica_set, set()) for _ in range(2)), key=lambda p: p["metadata"]["name"])
     for i, pod in enumerate(pods):
         pod["spec"]["nodeName"] = f"node{i + 1}"
     write(store, pods)
