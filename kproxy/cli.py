@@ -225,15 +225,13 @@ def cmd_get(args: argparse.Namespace) -> int:
     namespace = None if args.all_namespaces else args.namespace
     items = getcmd.select(view, kind, namespace, selector, args.name)
     if args.output in ("json", "yaml"):
-        print(getcmd.render(items, args.output, single=args.name is not None))
+        print(getcmd.render(items, args.output, single=args.name is not None, version=view.version))
         return 0
     if not items:
         print(f"No resources found in {namespace or 'any'} namespace." if kind != "Node" else "No resources found.",
               file=sys.stderr)
         return 0
-    table = getcmd.rows(kind, items, args.output == "wide", args.all_namespaces)
-    getcmd.with_ready_count(view, items, kind, table)
-    print(_table(table))
+    print(_table(getcmd.rows(kind, items, args.output == "wide", args.all_namespaces)))
     return 0
 
 
@@ -372,13 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("delete", help="delete objects: -f FILE, or KIND NAME...")
     p.add_argument("-f", "--file", action="append", help="YAML file naming the objects (repeatable)")
-    p.add_argument("kind", nargs="?", help="svc, pod, deploy")
+    p.add_argument("kind", nargs="?", help="svc, pod, deploy, rs")
     p.add_argument("names", nargs="*", help="object names")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--lab", help=lab_help)
     p.set_defaults(func=cmd_delete)
-    p = sub.add_parser("get", help="list nodes, pods, svc, endpoints or deployments")
-    p.add_argument("kind", help="nodes | pods | svc | endpoints | deployments")
+    p = sub.add_parser("get", help="list nodes, pods, svc, endpoints, endpointslices, deployments or rs")
+    p.add_argument("kind", help="nodes | pods | svc | endpoints | endpointslices | deployments | rs")
     p.add_argument("name", nargs="?", help="one object by name")
     p.add_argument("-o", "--output", choices=("wide", "json", "yaml"), help="output format")
     p.add_argument("-l", "--selector", help="label selector, e.g. 'app=web,env in (a,b)'")

@@ -18,7 +18,6 @@ from typing import Any, Callable
 from cni.netns import entered, iproute_in, write_sysctl
 from kproxy import kmod
 from kproxy.agent import status_path
-from kproxy.controllers import now_iso
 from kproxy.errors import KproxyError
 from kproxy.lab import kubelet, overlay, processes
 from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, save_state
@@ -27,7 +26,7 @@ from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces,
     ensure_namespaces, ensure_uplink, random_mac
 from kproxy.proxy import DEFAULT_MODE, MODES, kernel_modules, make_proxier
 from kproxy.proxy.types import NodeInfo
-from kproxy.store import Store
+from kproxy.store import Store, carry_identity
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
 
@@ -75,10 +74,13 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
 def node_object(state: LabState, name: str) -> dict[str, Any]:
     node = state.nodes[name]
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **node.labels}},
+            "metadata": {"name": name,
+                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **node.labels}},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
-                                     {"type": "Hostname", "address": name}]}}
+                                     {"type": "Hostname", "address": name}],
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                       "message": "kubelet is posting ready status"}]}}
 
 
 def topology_pod_objects(topology: Topology, placement: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -109,16 +111,15 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
             if obj["spec"].get("nodeName") not in state.nodes or (from_topology and key not in topology_pods):
                 changes[key] = None
     for name in state.nodes:
-        obj = node_object(state, name)
         old = view.objects.get(f"Node/{name}")
-        obj["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else now_iso()
+        obj = carry_identity(node_object(state, name), old)
         if old != obj:
             changes[f"Node/{name}"] = obj
     existing = {o["metadata"]["name"]: o["spec"]["nodeName"] for k, o in view.objects.items()
                 if k.startswith("Pod/default/") and k not in changes}
     for key, obj in topology_pod_objects(topology, place_pods(topology, existing)).items():
         old = view.objects.get(key)
-        obj["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else now_iso()
+        carry_identity(obj, old)
         if old is None or {k: old[k] for k in ("metadata", "spec")} != {k: obj[k] for k in ("metadata", "spec")}:
             changes[key] = obj
     if changes:

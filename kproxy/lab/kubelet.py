@@ -119,8 +119,9 @@ def sync(state: LabState, store: Store) -> Report:
                             for p in changes.values() if not controllers.pod_is_ready(p))
     pods_now = [changes.get(f"Pod/{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}") or pod
                 for pod in desired.values()]
-    previous = {key: obj for key, obj in view.objects.items() if key.startswith("EndpointSlice/")}
+    previous = {key: obj for key, obj in view.objects.items() if key.startswith(("EndpointSlice/", "Endpoints/"))}
     changes.update(controllers.all_endpoint_slices(services, pods_now, previous))
+    changes.update(controllers.workload_statuses({k: v for k, v in (view.objects | changes).items() if v is not None}))
     if changes:
         store.write(changes)
     return report
@@ -136,14 +137,7 @@ def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: se
     for member in stale:
         pod = json.loads(json.dumps(desired[member]))
         spec = state.pods[member]
-        pod["status"] = {
-            "phase": "Running",
-            "podIP": spec.ip,
-            "podIPs": [{"ip": spec.ip}],
-            "hostIP": state.nodes[spec.node].ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready[member] else "False",
-                            "lastTransitionTime": controllers.now_iso()}],
-        }
+        pod["status"] = controllers.pod_status(pod, spec.ip, state.nodes[spec.node].ip, ready[member])
         changes[f"Pod/{spec.namespace}/{spec.name}"] = pod
     return changes
 
