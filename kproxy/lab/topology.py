@@ -17,6 +17,7 @@ import yaml
 
 from kproxy.errors import KproxyError
 from kproxy.selectors import validate_labels
+from kproxy.textinput import read_text
 
 OVERLAYS = ("vxlan", "host-gw")
 DEFAULT_POD_CIDR = "10.244.0.0/16"
@@ -73,6 +74,13 @@ def _name(value: object, what: str, pattern: re.Pattern[str] = OBJECT_NAME_RE) -
     return value
 
 
+def lab_name(value: object) -> str:
+    if not isinstance(value, str) or not LAB_NAME_RE.match(value):
+        raise KproxyError(f"lab name {value!r} is not a valid name (lowercase letters, digits and '-', "
+                          "at most 20 characters)")
+    return value
+
+
 def _labels(value: object, what: str) -> dict[str, str]:
     """Labels as Kubernetes validates them; YAML scalars (zone: 1) are taken as their text."""
     if isinstance(value, dict):
@@ -114,7 +122,7 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
     unknown = set(raw) - {"name", "podCIDR", "nodeCIDR", "overlay", "nodes", "pods"}
     if unknown:
         raise KproxyError(f"unknown topology field(s): {', '.join(sorted(unknown))}")
-    lab = _name(name or raw.get("name") or "kproxy", "lab name", LAB_NAME_RE)
+    lab = lab_name(name or raw.get("name") or "kproxy")
     overlay = overlay or raw.get("overlay") or "vxlan"
     if overlay not in OVERLAYS:
         raise KproxyError(f"overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
@@ -172,10 +180,9 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
 
 def load_topology(path: Path | None, name: str | None = None, overlay: str | None = None) -> Topology:
     path = path or default_topology_path()
+    text = read_text(str(path), "topology")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise KproxyError(f"cannot read topology {path}: {exc.strerror}") from None
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise KproxyError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_topology(raw, name, overlay)
