@@ -12,8 +12,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from kproxy import cliargs
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
@@ -286,32 +284,13 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from kproxy import controllers
-    from kproxy.textinput import read_manifest_files
-    from kproxy.model import parse_object, to_k8s
     from kproxy.proxy import render_text
     from kproxy.proxy.source import proxy_state
     from kproxy.proxy.types import NodeInfo
+    from kproxy.renderinput import render_objects
+    from kproxy.textinput import read_manifest_files
 
-    services, pods, slices = [], [], []
-    for text, source in read_manifest_files(args.file):
-        try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as exc:
-            raise KproxyError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        for i, doc in enumerate(docs, start=1):
-            items = doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
-            for item in items:
-                if isinstance(item, dict) and item.get("kind") == "EndpointSlice":
-                    slices.append(item)
-                    continue
-                obj = to_k8s(parse_object(item, f"{source}: document {i}"))
-                status = item.get("status") or {}
-                if obj["kind"] == "Pod" and status.get("podIP"):
-                    obj["status"] = {"podIP": status["podIP"], "conditions": status.get("conditions") or
-                                     [{"type": "Ready", "status": "True"}]}
-                    pods.append(obj)
-                elif obj["kind"] == "Service":
-                    services.append(obj)
+    services, pods, slices = render_objects(read_manifest_files(args.file))
     controllers.allocate_cluster_ips(services, [])
     controllers.allocate_node_ports(services, [])
     for svc in services:

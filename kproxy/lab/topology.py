@@ -121,7 +121,7 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
         raise KproxyError("a topology must be a YAML mapping with nodes and pods")
     unknown = set(raw) - {"name", "podCIDR", "nodeCIDR", "overlay", "nodes", "pods"}
     if unknown:
-        raise KproxyError(f"unknown topology field(s): {', '.join(sorted(unknown))}")
+        raise KproxyError(f"unknown topology field(s): {', '.join(sorted(map(str, unknown)))}")
     lab = lab_name(name or raw.get("name") or "kproxy")
     overlay = overlay or raw.get("overlay") or "vxlan"
     if overlay not in OVERLAYS:
@@ -153,16 +153,19 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
     if len(nodes) > node_cidr.num_addresses - 4:
         raise KproxyError(f"nodeCIDR {node_cidr} is too small for {len(nodes)} nodes and the external client")
 
+    raw_pods = raw.get("pods") or []
+    if not isinstance(raw_pods, list):
+        raise KproxyError("pods must be a list")
     pods = []
-    for item in raw.get("pods") or []:
+    for item in raw_pods:
         if not isinstance(item, dict):
             raise KproxyError(f"pod entry {item!r} must be a mapping")
         pod_name = _name(item.get("name"), "pod name")
         unknown = set(item) - {"name", "labels", "nodeName", "nodeSelector", "ports"}
         if unknown:
-            raise KproxyError(f"pod {pod_name}: unknown field(s) {', '.join(sorted(unknown))}")
+            raise KproxyError(f"pod {pod_name}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         node_name = item.get("nodeName")
-        if node_name is not None and node_name not in {n.name for n in nodes}:
+        if node_name is not None and node_name not in [n.name for n in nodes]:  # a list: no hashing of node_name
             raise KproxyError(f"pod {pod_name}: nodeName {node_name!r} is not a node of this lab")
         pods.append(Pod(pod_name, _labels(item.get("labels"), f"pod {pod_name} labels"), node_name,
                         _labels(item.get("nodeSelector"), f"pod {pod_name} nodeSelector"),
