@@ -9,8 +9,9 @@ import sys
 from typing import Callable, NoReturn
 
 from kproxy.errors import KproxyError
+from kproxy.lab.topology import lab_name
 # The rules manifests' metadata follows, so -n and names on the command line mean the same.
-from kproxy.model import _DNS1123_LABEL, _DNS1123_SUBDOMAIN  # noqa: PLC2701
+from kproxy.model import _DNS1123_LABEL, _DNS1123_SUBDOMAIN
 from kproxy.selectors import label_key_error, label_value_error
 
 USAGE_ERROR = 2
@@ -29,20 +30,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def _argument(name: str, check: Callable[[str], object]) -> Callable[[str], object]:
-    """An argparse type from a check that raises KproxyError or ValueError with the reason."""
+    """An argparse type from a check that raises KproxyError with the reason."""
     def convert(text: str) -> object:
         try:
             return check(text)
-        except (KproxyError, ValueError) as exc:
+        except KproxyError as exc:
             raise argparse.ArgumentTypeError(one_line(str(exc))) from None
     convert.__name__ = name
     return convert
-
-
-def _lab_name(text: str) -> str:
-    from kproxy.lab.topology import lab_name
-
-    return lab_name(text)
 
 
 _DNS_RULES = {
@@ -100,7 +95,7 @@ def _deployment(text: str) -> str:
     return _dns("subdomain", "deployment name")(name)
 
 
-LAB = _argument("lab name", _lab_name)
+LAB = _argument("lab name", lab_name)
 NAMESPACE = _argument("namespace", _dns("label", "namespace"))
 OBJECT_NAME = _argument("name", _dns("subdomain", "name"))
 IPV4_ADDRESS = _argument("IPv4 address", _ipv4_address)

@@ -15,7 +15,7 @@ import yaml
 from kproxy.errors import KproxyError
 from kproxy.model import parse_object, to_k8s
 # The field checks of manifests, so both kinds of input say their errors alike.
-from kproxy.model import _list, _map, _port_number, _protocol, _show, _str  # noqa: PLC2701
+from kproxy.model import _list, _map, _port_number, _protocol, _show, _str
 from kproxy.selectors import validate_labels
 
 Doc = dict[str, Any]
