@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="start, inspect and stop labs (nodes and pods as namespaces)")
     lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
     p = lab_sub.add_parser("up", help="build or reconcile a lab from a topology file")
-    p.add_argument("-f", "--file", help="topology YAML (default: examples/lab.yaml)")
+    p.add_argument("-f", "--file", help="topology YAML (default: examples/lab.yaml; - for stdin)")
     p.add_argument("--name", type=cliargs.LAB, help="lab name (default: the file's name field)")
     p.add_argument("--overlay", choices=("vxlan", "host-gw"), help="overlay between nodes (default: the file's)")
     p.add_argument("--mode", choices=MODES, help=f"proxy mode of the node agents (default: {DEFAULT_MODE}, "

@@ -9,7 +9,8 @@ from kproxy.errors import KproxyError
 
 def read_text(path: str, what: str = "") -> str:
     """The UTF-8 text of path ("-": standard input); what ("topology") names the file's role in errors."""
-    named = f"{what} {path}" if what else path
+    shown = "standard input" if path == "-" else path
+    named = f"{what} {shown}" if what else shown
     try:
         if path == "-":
             data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
