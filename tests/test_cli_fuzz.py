@@ -108,7 +108,8 @@ def command_lines(draw: st.DrawFn) -> list[str]:
     argv = list(path)
     well_formed = draw(st.integers(0, 3)) > 0
     for action in positionals if well_formed else ():
-        count = {None: 1, "?": draw(st.integers(0, 1)), "*": draw(st.integers(0, 2))}.get(action.nargs, 2)
+        counts: dict[object, int] = {None: 1, "?": draw(st.integers(0, 1)), "*": draw(st.integers(0, 2))}
+        count = counts.get(action.nargs, 2)
         if action.nargs == argparse.REMAINDER:
             argv.append("--")
         argv += [draw(value_for(action)) for _ in range(count)]

@@ -118,7 +118,7 @@ def save_state(state: LabState) -> None:
 
 def existing_labs() -> list[str]:
     """Labs with anything on this machine: a state directory (even without state) or namespaces."""
-    names = set()
+    names: set[str] = set()
     if state_root().is_dir():
         names.update(p.name for p in state_root().iterdir() if p.is_dir() and LAB_NAME_RE.match(p.name))
     if NETNS_DIR.is_dir():
