@@ -331,12 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_lab_status)
     p = lab_sub.add_parser("add-node", help="add a node; every other node's overlay learns it")
-    p.add_argument("node")
+    p.add_argument("node", type=cliargs.NODE)
     p.add_argument("--label", action="append", type=cliargs.LABEL, default=[], metavar="KEY=VALUE")
     p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_lab_add_node)
     p = lab_sub.add_parser("remove-node", help="remove a node, its pinned pods, and its overlay entries everywhere")
-    p.add_argument("node")
+    p.add_argument("node", type=cliargs.NODE)
     p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_lab_remove_node)
 
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("rules", help="a node's live proxy rules (with packet counters), for one Service or all")
-    p.add_argument("node")
+    p.add_argument("node", type=cliargs.NODE)
     p.add_argument("--service", help="NAME, NAME:PORT, or NAMESPACE/NAME")
     p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
     p.add_argument("--lab", type=cliargs.LAB, help=lab_help)

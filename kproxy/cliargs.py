@@ -9,7 +9,7 @@ import sys
 from typing import Callable, NoReturn
 
 from kproxy.errors import KproxyError
-from kproxy.lab.topology import lab_name
+from kproxy.lab.topology import lab_name, valid_node_name
 # The rules manifests' metadata follows, so -n and names on the command line mean the same.
 from kproxy.model import _DNS1123_LABEL, _DNS1123_SUBDOMAIN
 from kproxy.selectors import label_key_error, label_value_error
@@ -96,6 +96,7 @@ def _deployment(text: str) -> str:
 
 
 LAB = _argument("lab name", lab_name)
+NODE = _argument("node name", valid_node_name)
 NAMESPACE = _argument("namespace", _dns("label", "namespace"))
 OBJECT_NAME = _argument("name", _dns("subdomain", "name"))
 IPV4_ADDRESS = _argument("IPv4 address", _ipv4_address)

@@ -64,6 +64,12 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
      "kproxy lab add-node: error: argument --label: invalid label key 'a b': name part must consist of "
      "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character "
      "(see 'kproxy lab add-node --help')"),
+    (["lab", "add-node", "Node_4"],
+     "kproxy lab add-node: error: argument node: node name 'Node_4' is not a valid name (lowercase letters, "
+     "digits and '-') (see 'kproxy lab add-node --help')"),
+    (["rules", "averyveryverylongname"],
+     "kproxy rules: error: argument node: node name 'averyveryverylongname' is longer than 12 characters "
+     "(see 'kproxy rules --help')"),
     (["lab", "up", "--mode", "nft"],
      "kproxy lab up: error: argument --mode: invalid choice: 'nft' (choose from 'iptables', 'userspace', 'ipvs') "
      "(see 'kproxy lab up --help')"),

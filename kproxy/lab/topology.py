@@ -81,6 +81,13 @@ def lab_name(value: object) -> str:
     return value
 
 
+def valid_node_name(value: object) -> str:
+    name = _name(value, "node name")
+    if len(name) > NODE_NAME_MAX:
+        raise KproxyError(f"node name {name!r} is longer than {NODE_NAME_MAX} characters")
+    return name
+
+
 def _labels(value: object, what: str) -> dict[str, str]:
     """Labels as Kubernetes validates them; YAML scalars (zone: 1) are taken as their text."""
     if isinstance(value, dict):
@@ -144,9 +151,7 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
         item = {"name": item} if isinstance(item, str) else item
         if not isinstance(item, dict):
             raise KproxyError(f"node entry {item!r} must be a name or a mapping")
-        node_name = _name(item.get("name"), "node name")
-        if len(node_name) > NODE_NAME_MAX:
-            raise KproxyError(f"node name {node_name!r} is longer than {NODE_NAME_MAX} characters")
+        node_name = valid_node_name(item.get("name"))
         nodes.append(Node(node_name, _labels(item.get("labels"), f"node {node_name} labels")))
     if len(nodes) > node_subnet_count(pod_cidr):
         raise KproxyError(f"podCIDR {pod_cidr} has room for {node_subnet_count(pod_cidr)} nodes, not {len(nodes)}")
