@@ -5,46 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
+from kproxy import cliargs
+from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
 from kproxy.proxy import DEFAULT_MODE, MODES
 from kproxy.proxy.ipvs import SCHEDULERS as IPVS_SCHEDULERS
 
 PROG = "kproxy"
-
-
-def _labels(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise KproxyError(f"label {pair!r} must be KEY=VALUE")
-        out[key] = value
-    return out
+DEBUG_ENV = "KPROXY_DEBUG"  # set: unexpected errors show their traceback
 
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        raise KproxyError("this command creates namespaces and links: run it as root (sudo)")
+        raise KproxyError("this command changes network namespaces: run it as root")
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
     from kproxy.cluster import Cluster
     from kproxy.lab import build
+    from kproxy.lab.lock import lab_lock
     from kproxy.lab.topology import load_topology
 
     topology = load_topology(Path(args.file) if args.file else None, args.name, args.overlay)
     _need_root()
     started = time.monotonic()
-    state, report = build.up(topology, args.mode, ipvs_scheduler=args.ipvs_scheduler)
-    cluster = Cluster(state.name)
-    lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
+    with lab_lock(topology.name):
+        state, report = build.up(topology, args.mode, ipvs_scheduler=args.ipvs_scheduler)
+        cluster = Cluster(state.name)
+        lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
     _warn_unready(report.unready)
     print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
@@ -56,11 +51,13 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
 
 def cmd_lab_down(args: argparse.Namespace) -> int:
     from kproxy.lab import build
-    from kproxy.lab.state import choose_lab
+    from kproxy.lab.lock import lab_lock
+    from kproxy.lab.state import choose_lab, require_existing
 
+    name = choose_lab(args.name)  # a lab with leftovers but no state too: down is the cleanup after a crash
     _need_root()
-    name = choose_lab(args.name)
-    removed = build.teardown(name)
+    with lab_lock(name):
+        removed = build.teardown(require_existing(name))  # again: another down may have gone first
     print(f"lab {name} is down ({len(removed)} namespaces removed)")
     return 0
 
@@ -117,20 +114,26 @@ def _fmt_labels(labels: dict[str, str]) -> str:
 
 def cmd_lab_add_node(args: argparse.Namespace) -> int:
     from kproxy.lab import build
+    from kproxy.lab.lock import lab_lock
     from kproxy.lab.state import choose_lab
 
+    lab = choose_lab(args.lab)
     _need_root()
-    state, _ = build.add_node(choose_lab(args.lab), args.node, _labels(args.label))
+    with lab_lock(lab):
+        state, _ = build.add_node(lab, args.node, dict(args.label))
     print(f"node {args.node} joined lab {state.name} ({state.nodes[args.node].ip}, {state.nodes[args.node].pod_cidr})")
     return 0
 
 
 def cmd_lab_remove_node(args: argparse.Namespace) -> int:
     from kproxy.lab import build
+    from kproxy.lab.lock import lab_lock
     from kproxy.lab.state import choose_lab
 
+    lab = choose_lab(args.lab)
     _need_root()
-    state, report = build.remove_node(choose_lab(args.lab), args.node)
+    with lab_lock(lab):
+        state, report = build.remove_node(lab, args.node)
     print(f"node {args.node} left lab {state.name} ({report.removed} pods removed or moved)")
     return 0
 
@@ -150,7 +153,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _objects(files: list[str]) -> list[dict[str, Any]]:
-    from kproxy.cluster import read_manifest_files
+    from kproxy.textinput import read_manifest_files
     from kproxy.model import parse_manifests, to_k8s
 
     objects = []
@@ -185,19 +188,21 @@ def _report_lagging(lagging: list[str]) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.cluster import Cluster
+    from kproxy.lab.lock import lab_lock
     from kproxy.lab.state import choose_lab
 
     objects = _objects(args.file)
-    _need_root()
     lab = choose_lab(args.lab)
+    _need_root()
     with lab_lock(lab):
         return _report(Cluster(lab).apply(objects))
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.cluster import Cluster
     from kproxy.getcmd import resolve_kind
+    from kproxy.lab.lock import lab_lock
     from kproxy.lab.state import choose_lab
 
     if args.file:
@@ -207,21 +212,23 @@ def cmd_delete(args: argparse.Namespace) -> int:
         targets = [(resolve_kind(args.kind), args.namespace, name) for name in args.names]
     else:
         raise KproxyError("say what to delete: -f FILE, or KIND NAME...")
-    _need_root()
     lab = choose_lab(args.lab)
+    _need_root()
     with lab_lock(lab):
         return _report(Cluster(lab).delete(targets))
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     from kproxy import getcmd
+    from kproxy.lab.build import require
     from kproxy.lab.state import choose_lab, lab_dir
     from kproxy.selectors import parse_selector
     from kproxy.store import Store
 
     kind = getcmd.resolve_kind(args.kind)
     selector = parse_selector(args.selector) if args.selector else None
-    view = Store(lab_dir(choose_lab(args.lab)) / "store").read()
+    lab = require(choose_lab(args.lab)).name  # a mistyped lab is an error, not an empty one
+    view = Store(lab_dir(lab) / "store").read()
     namespace = None if args.all_namespaces else args.namespace
     items = getcmd.select(view, kind, namespace, selector, args.name)
     if args.output in ("json", "yaml"):
@@ -235,33 +242,27 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deployment_ref(ref: str) -> str:
-    kind, sep, name = ref.partition("/")
-    if not sep or kind not in ("deploy", "deployment", "deployments", "deployment.apps") or not name:
-        raise KproxyError(f"expected deploy/NAME, not {ref!r}")
-    return name
-
-
 def cmd_scale(args: argparse.Namespace) -> int:
-    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.cluster import Cluster
+    from kproxy.lab.lock import lab_lock
     from kproxy.lab.state import choose_lab
 
-    name = _deployment_ref(args.ref)
-    _need_root()
     lab = choose_lab(args.lab)
+    _need_root()
     with lab_lock(lab):
-        return _report(Cluster(lab).scale(args.namespace, name, args.replicas))
+        return _report(Cluster(lab).scale(args.namespace, args.ref, args.replicas))
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from kproxy.cluster import Cluster, lab_lock
+    from kproxy.cluster import Cluster
+    from kproxy.lab.lock import lab_lock
     from kproxy.lab.state import choose_lab
 
-    name = _deployment_ref(args.ref)
-    _need_root()
     lab = choose_lab(args.lab)
+    _need_root()
     with lab_lock(lab):
-        return _report(Cluster(lab).rollout_restart(args.namespace, name, on_step=lambda step: print(f"  {step}")))
+        return _report(Cluster(lab).rollout_restart(args.namespace, args.ref,
+                                                    on_step=lambda step: print(f"  {step}")))
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -272,9 +273,9 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from kproxy.proxy.source import node_info, proxy_state
     from kproxy.store import Store
 
-    _need_root()
     lab = choose_lab(args.lab)
     state = require(lab)
+    _need_root()
     if args.node not in state.nodes:
         raise KproxyError(f"lab {lab} has no node {args.node!r} (nodes: {', '.join(sorted(state.nodes))})")
     view = Store(lab_dir(lab) / "store").read()
@@ -291,32 +292,13 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from kproxy import controllers
-    from kproxy.cluster import read_manifest_files
-    from kproxy.model import parse_object, to_k8s
     from kproxy.proxy import render_text
     from kproxy.proxy.source import proxy_state
     from kproxy.proxy.types import NodeInfo
+    from kproxy.renderinput import render_objects
+    from kproxy.textinput import read_manifest_files
 
-    services, pods, slices = [], [], []
-    for text, source in read_manifest_files(args.file):
-        try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as exc:
-            raise KproxyError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        for i, doc in enumerate(docs, start=1):
-            items = doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
-            for item in items:
-                if isinstance(item, dict) and item.get("kind") == "EndpointSlice":
-                    slices.append(item)
-                    continue
-                obj = to_k8s(parse_object(item, f"{source}: document {i}"))
-                status = item.get("status") or {}
-                if obj["kind"] == "Pod" and status.get("podIP"):
-                    obj["status"] = {"podIP": status["podIP"], "conditions": status.get("conditions") or
-                                     [{"type": "Ready", "status": "True"}]}
-                    pods.append(obj)
-                elif obj["kind"] == "Service":
-                    services.append(obj)
+    services, pods, slices = render_objects(read_manifest_files(args.file))
     controllers.allocate_cluster_ips(services, [])
     controllers.allocate_node_ports(services, [])
     for svc in services:
@@ -327,14 +309,17 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="The Kubernetes Service data plane, for real, in namespaces.")
+    parser = cliargs.Parser(prog=PROG, description="The Kubernetes Service data plane, for real, in namespaces.",
+                            epilog=f"Errors are one line on stderr; {DEBUG_ENV}=1 shows the traceback of an "
+                                   "unexpected one.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    lab_help = "lab name (default: $KPROXY_LAB, else the only lab)"
 
     lab = sub.add_parser("lab", help="start, inspect and stop labs (nodes and pods as namespaces)")
     lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
     p = lab_sub.add_parser("up", help="build or reconcile a lab from a topology file")
-    p.add_argument("-f", "--file", help="topology YAML (default: examples/lab.yaml)")
-    p.add_argument("--name", help="lab name (default: the file's name field)")
+    p.add_argument("-f", "--file", help="topology YAML (default: examples/lab.yaml; - for stdin)")
+    p.add_argument("--name", type=cliargs.LAB, help="lab name (default: the file's name field)")
     p.add_argument("--overlay", choices=("vxlan", "host-gw"), help="overlay between nodes (default: the file's)")
     p.add_argument("--mode", choices=MODES, help=f"proxy mode of the node agents (default: {DEFAULT_MODE}, "
                                                  "or the running lab's); another mode than the running lab's "
@@ -345,75 +330,76 @@ def build_parser() -> argparse.ArgumentParser:
                         "another one than the running IPVS lab's restarts its agents")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
-    p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.add_argument("name", nargs="?", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_lab_down)
     p = lab_sub.add_parser("ls", help="list labs on this machine")
     p.set_defaults(func=cmd_lab_ls)
     p = lab_sub.add_parser("status", help="nodes, pods, IPs, overlay and workloads of a lab")
-    p.add_argument("name", nargs="?", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.add_argument("name", nargs="?", type=cliargs.LAB, help=lab_help)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_lab_status)
     p = lab_sub.add_parser("add-node", help="add a node; every other node's overlay learns it")
-    p.add_argument("node")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.add_argument("node", type=cliargs.NODE)
+    p.add_argument("--label", action="append", type=cliargs.LABEL, default=[], metavar="KEY=VALUE")
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_lab_add_node)
     p = lab_sub.add_parser("remove-node", help="remove a node, its pinned pods, and its overlay entries everywhere")
-    p.add_argument("node")
-    p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.add_argument("node", type=cliargs.NODE)
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_lab_remove_node)
 
-    lab_help = "lab name (default: $KPROXY_LAB, else the only lab)"
     p = sub.add_parser("apply", help="create or update Services, Pods and Deployments from Kubernetes YAML")
     p.add_argument("-f", "--file", action="append", required=True, help="YAML file (repeatable; - for stdin)")
-    p.add_argument("--lab", help=lab_help)
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("delete", help="delete objects: -f FILE, or KIND NAME...")
     p.add_argument("-f", "--file", action="append", help="YAML file naming the objects (repeatable)")
     p.add_argument("kind", nargs="?", help="svc, pod, deploy, rs")
-    p.add_argument("names", nargs="*", help="object names")
-    p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("--lab", help=lab_help)
+    p.add_argument("names", nargs="*", type=cliargs.OBJECT_NAME, help="object names")
+    p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_delete)
     p = sub.add_parser("get", help="list nodes, pods, svc, endpoints, endpointslices, deployments or rs")
     p.add_argument("kind", help="nodes | pods | svc | endpoints | endpointslices | deployments | rs")
-    p.add_argument("name", nargs="?", help="one object by name")
+    p.add_argument("name", nargs="?", type=cliargs.OBJECT_NAME, help="one object by name")
     p.add_argument("-o", "--output", choices=("wide", "json", "yaml"), help="output format")
     p.add_argument("-l", "--selector", help="label selector, e.g. 'app=web,env in (a,b)'")
-    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
     p.add_argument("-A", "--all-namespaces", action="store_true")
-    p.add_argument("--lab", help=lab_help)
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_get)
     p = sub.add_parser("scale", help="set a Deployment's replicas: scale deploy/NAME --replicas N")
-    p.add_argument("ref", metavar="deploy/NAME")
-    p.add_argument("--replicas", type=int, required=True)
-    p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("--lab", help=lab_help)
+    p.add_argument("ref", metavar="deploy/NAME", type=cliargs.DEPLOYMENT)
+    p.add_argument("--replicas", type=cliargs.REPLICAS, required=True, help="0 or more")
+    p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_scale)
     p = sub.add_parser("rollout", help="rollout restart deploy/NAME: replace pods one at a time, no failed requests")
     p.add_argument("action", choices=("restart",))
-    p.add_argument("ref", metavar="deploy/NAME")
-    p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("--lab", help=lab_help)
+    p.add_argument("ref", metavar="deploy/NAME", type=cliargs.DEPLOYMENT)
+    p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("rules", help="a node's live proxy rules (with packet counters), for one Service or all")
-    p.add_argument("node")
+    p.add_argument("node", type=cliargs.NODE)
     p.add_argument("--service", help="NAME, NAME:PORT, or NAMESPACE/NAME")
-    p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("--lab", help=lab_help)
+    p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_rules)
     p = sub.add_parser("render", help="print the rules a mode would program for Service/EndpointSlice/Pod YAML "
                                       "(no root, no lab)")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     p.add_argument("-f", "--file", action="append", required=True, help="YAML file (repeatable; - for stdin)")
-    p.add_argument("--node", default="node1", help="node name (default node1)")
-    p.add_argument("--node-ip", default="172.18.0.2", help="the node's IP (default 172.18.0.2)")
-    p.add_argument("--cluster-cidr", default="10.244.0.0/16", help="the pod CIDR (default 10.244.0.0/16)")
+    p.add_argument("--node", type=cliargs.OBJECT_NAME, default="node1", help="node name (default node1)")
+    p.add_argument("--node-ip", type=cliargs.IPV4_ADDRESS, default="172.18.0.2",
+                   help="the node's IP (default 172.18.0.2)")
+    p.add_argument("--cluster-cidr", type=cliargs.IPV4_NETWORK, default="10.244.0.0/16",
+                   help="the pod CIDR (default 10.244.0.0/16)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("exec", help="run a command in a pod, node, external or underlay namespace")
-    p.add_argument("--lab", help="lab name (default: $KPROXY_LAB, else the only lab)")
+    p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.add_argument("target", help="pod or node name, 'external' or 'underlay'")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_exec)
@@ -421,16 +407,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Runs one command; every failure is one line on stderr and a non-zero status, never a traceback."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, or a usage error already said in one line
+            return done.code if isinstance(done.code, int) else 0
+        status = _run(args)
+        sys.stdout.flush()  # a reader gone (kproxy ... | head) shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # As the Python docs advise (signal module, "Note on SIGPIPE"): stdout's reader is gone, so stop
+        # quietly, with the status a shell shows for a command killed by SIGPIPE, like cat.
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except KproxyError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # a bug or an unforeseen state of the machine: still one line
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        else:
+            what = ": ".join(filter(None, (type(exc).__name__, one_line(str(exc)))))
+            print(f"{PROG}: error: {what} (run again with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """What is still buffered for stdout goes nowhere, not into an error at interpreter exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (a caller's StringIO): nothing to silence
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,15 @@
 Every operation validates first and writes its objects to the store in one
 batch (an invalid apply stores nothing), then lets the kubelet wire pods and
 update endpoints, and returns once every node agent has synced the result.
-Operations on one lab are serialised by a lock file.
+Operations on one lab are serialised by its lock (kproxy.lab.lock.lab_lock, taken by the CLI).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from kproxy import controllers
 from kproxy.agent import status_path
@@ -30,18 +25,6 @@ from kproxy.store import IDENTITY, Store, View, carry_identity, timestamp
 SYNC_TIMEOUT = 15.0
 GRACE_SECONDS = 0.3  # between a pod leaving every node's rules and its workload stopping
 REVISION_HISTORY_LIMIT = 10  # old ReplicaSets a Deployment keeps (scaled to 0), Kubernetes' default
-
-
-@contextmanager
-def lab_lock(lab: str) -> Iterator[None]:
-    directory = lab_dir(lab)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "ops.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -359,14 +342,3 @@ def _same(old: Obj, new: Obj) -> bool:
         out["metadata"] = {k: v for k, v in obj["metadata"].items() if k not in IDENTITY}
         return out
     return clean(old) == clean(new)
-
-
-def read_manifest_files(paths: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for path in paths:
-        try:
-            text = Path(path).read_text() if path != "-" else sys.stdin.read()
-        except OSError as exc:
-            raise KproxyError(f"cannot read {path}: {exc.strerror}") from None
-        out.append((text, path))
-    return out

@@ -1,6 +1,6 @@
 """The demo: a lab per proxy mode, traffic through a Service, the rules behind it.
 
-Run by `sudo scripts/demo`. Each scene brings up the default lab (3 nodes,
+Run by `scripts/demo`, as root. Each scene brings up the default lab (3 nodes,
 5 pods), shows a pod on node1 reaching a pod on node3 over the overlay,
 applies a ClusterIP + NodePort Service, sends traffic through it from a pod
 and from outside, prints the node's rules for it, and takes the lab down.
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             status = status or ipvs_in_guest()
         else:
             scene(mode)
-    print("\nDone: every namespace, link and process of the demo labs is gone.")
+    if not guest.in_guest():  # the host says it once, after the guest's console
+        print("\nDone: every namespace, link and process of the demo labs is gone.")
     return status
 
 

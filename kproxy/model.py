@@ -322,7 +322,7 @@ def _parse_doc(doc: Any, where: str) -> list[Obj]:
     if not isinstance(doc, dict):
         raise KproxyError(f"{where}: not a Kubernetes object (a map with apiVersion and kind)")
     kind, api = doc.get("kind"), doc.get("apiVersion")
-    if kind in _LISTS and api == _LISTS[kind]:
+    if isinstance(kind, str) and kind in _LISTS and api == _LISTS[kind]:
         out: list[Obj] = []
         for i, item in enumerate(_list(doc.get("items"), f"{where}: items")):
             out.extend(_parse_doc(item, f"{where}, items[{i}]"))
@@ -346,7 +346,7 @@ def parse_object(doc: Any, where: str = "object") -> Obj:
     missing = [f for f in ("apiVersion", "kind") if not doc.get(f)]
     if missing:
         raise KproxyError(f"{at}: {' and '.join(missing)} not set")
-    if kind not in _KINDS and kind not in _LISTS:
+    if not isinstance(kind, str) or (kind not in _KINDS and kind not in _LISTS):
         raise KproxyError(
             f"{at}: unknown kind {_show(kind)} (kproxy knows v1 Service, v1 Pod, apps/v1 Deployment and v1 List)")
     expected = _KINDS.get(kind) or _LISTS[kind]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kproxy.errors import KproxyError
+from kproxy.lab.topology import LAB_NAME_RE, lab_name
 
 NETNS_DIR = Path("/var/run/netns")
 
@@ -116,10 +117,10 @@ def save_state(state: LabState) -> None:
 
 
 def existing_labs() -> list[str]:
-    """Labs that have a state directory or namespaces on this machine."""
-    names = set()
+    """Labs with anything on this machine: a state directory (even without state) or namespaces."""
+    names: set[str] = set()
     if state_root().is_dir():
-        names.update(p.name for p in state_root().iterdir() if (p / "state.json").exists())
+        names.update(p.name for p in state_root().iterdir() if p.is_dir() and LAB_NAME_RE.match(p.name))
     if NETNS_DIR.is_dir():
         for entry in NETNS_DIR.iterdir():
             parts = entry.name.split("_")
@@ -128,18 +129,30 @@ def existing_labs() -> list[str]:
     return sorted(names)
 
 
+def lab_exists(name: str) -> bool:
+    return lab_dir(name).is_dir() or bool(lab_namespaces(name))
+
+
 def lab_namespaces(name: str) -> list[str]:
     if not NETNS_DIR.is_dir():
         return []
     return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(ns_prefix(name)))
 
 
+def require_existing(name: str) -> str:
+    """name, if anything of that lab is on this machine; else an error saying which labs are."""
+    if not lab_exists(name):
+        labs = existing_labs()
+        hint = f"labs here: {', '.join(labs)}" if labs else "no lab is running; start one with 'kproxy lab up'"
+        raise KproxyError(f"lab {name} does not exist ({hint})")
+    return name
+
+
 def choose_lab(explicit: str | None) -> str:
-    """--lab, else $KPROXY_LAB, else the only lab there is."""
-    if explicit:
-        return explicit
-    if os.environ.get("KPROXY_LAB"):
-        return os.environ["KPROXY_LAB"]
+    """--lab, else $KPROXY_LAB, else the only lab there is; a lab that exists."""
+    name = explicit or os.environ.get("KPROXY_LAB")
+    if name:
+        return require_existing(lab_name(name))
     labs = existing_labs()
     if len(labs) == 1:
         return labs[0]

@@ -17,6 +17,7 @@ import yaml
 
 from kproxy.errors import KproxyError
 from kproxy.selectors import validate_labels
+from kproxy.textinput import read_text
 
 OVERLAYS = ("vxlan", "host-gw")
 DEFAULT_POD_CIDR = "10.244.0.0/16"
@@ -73,6 +74,20 @@ def _name(value: object, what: str, pattern: re.Pattern[str] = OBJECT_NAME_RE) -
     return value
 
 
+def lab_name(value: object) -> str:
+    if not isinstance(value, str) or not LAB_NAME_RE.match(value):
+        raise KproxyError(f"lab name {value!r} is not a valid name (lowercase letters, digits and '-', "
+                          "at most 20 characters)")
+    return value
+
+
+def valid_node_name(value: object) -> str:
+    name = _name(value, "node name")
+    if len(name) > NODE_NAME_MAX:
+        raise KproxyError(f"node name {name!r} is longer than {NODE_NAME_MAX} characters")
+    return name
+
+
 def _labels(value: object, what: str) -> dict[str, str]:
     """Labels as Kubernetes validates them; YAML scalars (zone: 1) are taken as their text."""
     if isinstance(value, dict):
@@ -113,8 +128,8 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
         raise KproxyError("a topology must be a YAML mapping with nodes and pods")
     unknown = set(raw) - {"name", "podCIDR", "nodeCIDR", "overlay", "nodes", "pods"}
     if unknown:
-        raise KproxyError(f"unknown topology field(s): {', '.join(sorted(unknown))}")
-    lab = _name(name or raw.get("name") or "kproxy", "lab name", LAB_NAME_RE)
+        raise KproxyError(f"unknown topology field(s): {', '.join(sorted(map(str, unknown)))}")
+    lab = lab_name(name or raw.get("name") or "kproxy")
     overlay = overlay or raw.get("overlay") or "vxlan"
     if overlay not in OVERLAYS:
         raise KproxyError(f"overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
@@ -136,25 +151,26 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
         item = {"name": item} if isinstance(item, str) else item
         if not isinstance(item, dict):
             raise KproxyError(f"node entry {item!r} must be a name or a mapping")
-        node_name = _name(item.get("name"), "node name")
-        if len(node_name) > NODE_NAME_MAX:
-            raise KproxyError(f"node name {node_name!r} is longer than {NODE_NAME_MAX} characters")
+        node_name = valid_node_name(item.get("name"))
         nodes.append(Node(node_name, _labels(item.get("labels"), f"node {node_name} labels")))
     if len(nodes) > node_subnet_count(pod_cidr):
         raise KproxyError(f"podCIDR {pod_cidr} has room for {node_subnet_count(pod_cidr)} nodes, not {len(nodes)}")
     if len(nodes) > node_cidr.num_addresses - 4:
         raise KproxyError(f"nodeCIDR {node_cidr} is too small for {len(nodes)} nodes and the external client")
 
+    raw_pods = raw.get("pods") or []
+    if not isinstance(raw_pods, list):
+        raise KproxyError("pods must be a list")
     pods = []
-    for item in raw.get("pods") or []:
+    for item in raw_pods:
         if not isinstance(item, dict):
             raise KproxyError(f"pod entry {item!r} must be a mapping")
         pod_name = _name(item.get("name"), "pod name")
         unknown = set(item) - {"name", "labels", "nodeName", "nodeSelector", "ports"}
         if unknown:
-            raise KproxyError(f"pod {pod_name}: unknown field(s) {', '.join(sorted(unknown))}")
+            raise KproxyError(f"pod {pod_name}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         node_name = item.get("nodeName")
-        if node_name is not None and node_name not in {n.name for n in nodes}:
+        if node_name is not None and node_name not in [n.name for n in nodes]:  # a list: no hashing of node_name
             raise KproxyError(f"pod {pod_name}: nodeName {node_name!r} is not a node of this lab")
         pods.append(Pod(pod_name, _labels(item.get("labels"), f"pod {pod_name} labels"), node_name,
                         _labels(item.get("nodeSelector"), f"pod {pod_name} nodeSelector"),
@@ -172,10 +188,9 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
 
 def load_topology(path: Path | None, name: str | None = None, overlay: str | None = None) -> Topology:
     path = path or default_topology_path()
+    text = read_text(str(path), "topology")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise KproxyError(f"cannot read topology {path}: {exc.strerror}") from None
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise KproxyError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_topology(raw, name, overlay)
