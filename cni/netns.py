@@ -39,6 +39,13 @@ def setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+def unshare_net() -> None:
+    """Move the calling thread into a new, empty network namespace of its own."""
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
 def ns_identity(path: str) -> tuple[int, int]:
     """(st_dev, st_ino) of the namespace at path: changes when it is recreated."""
     try:
