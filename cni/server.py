@@ -347,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     if not path:
         parser.error(f"{client.SOCKET_ENV} is empty (the server is disabled); give --socket PATH")
     if args.stop:
-        pid = stop(path)
+        try:
+            pid = stop(path)
+        except (OSError, RuntimeError) as exc:
+            print(f"cni.server: {exc}", file=sys.stderr)
+            return 1
         print(f"cni.server: stopped pid {pid}" if pid else f"cni.server: no server runs on {path}")
         return 0
     try:
@@ -365,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             unshare_net()
         except OSError as exc:
             log(f"staying in the network namespace we were started in: {exc}")
-    serve(path, idle, log if not args.quiet else (lambda msg: None), args.lock_fd, args.ready_fd)
+    try:
+        serve(path, idle, log if not args.quiet else (lambda msg: None), args.lock_fd, args.ready_fd)
+    except OSError as exc:  # e.g. a --socket in a directory we may not write, or a directory itself
+        print(f"cni.server: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
