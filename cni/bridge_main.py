@@ -12,7 +12,7 @@ def main() -> int:
     status = client.run("bridge")
     if status is not None:
         return status
-    client.enable_site()
+    client.prepare_in_process()
     from cni import skel
     from cni.bridge import Bridge
 

@@ -120,13 +120,28 @@ def consumed_stdin() -> bytes | None:
     return _stdin_copy
 
 
-def enable_site() -> None:
-    """Before working in-process: the venv's site-packages (pyroute2), which the
-    launchers' `python -IS` skipped to start faster (scripts/setup writes them)."""
+def prepare_in_process() -> None:
+    """Before a plugin process does the work itself (cni.bridge, pyroute2).
+
+    The venv's site-packages, which the launchers' `python -IS` skipped to start
+    faster (scripts/setup writes them). And pyroute2 without its package
+    __init__, which imports the whole library (NDB, IPDB, conntrack, nftables,
+    wireguard...) when cni needs pyroute2.iproute.linux and
+    pyroute2.netlink.exceptions: half of pyroute2's import time. Only for
+    processes that exist to run our plugins (an exec'd plugin, the server):
+    after it, `from pyroute2 import NDB` would fail in the same process.
+    """
     if sys.flags.no_site:
         import site
 
         site.main()
+    if "pyroute2" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pyroute2")
+        if spec is not None:
+            sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)  # its __path__, not its __init__
+            import pyroute2.config.log  # noqa: F401  (what __init__ does besides importing: a NullHandler)
 
 
 def _lost(detail: str) -> int:
@@ -169,7 +184,8 @@ def _spawn_server(path: str, lock_fd: int) -> bool:
     os.set_inheritable(ready_w, True)
     # -I: neither the caller's cwd nor PYTHON* variables choose which code runs; ROOT does.
     argv = [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-            "from cni.server import main; sys.exit(main())", ROOT, "--socket", path,
+            "from cni import client; client.prepare_in_process(); from cni.server import main; sys.exit(main())",
+            ROOT, "--socket", path,
             "--lock-fd", str(lock_fd), "--ready-fd", str(ready_w), "--own-netns"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("CNI_")}
     try:

@@ -11,7 +11,7 @@ def main() -> int:
     status = client.run("host-local")
     if status is not None:
         return status
-    client.enable_site()
+    client.prepare_in_process()
     from cni import skel
     from cni.ipam import HostLocal
 
