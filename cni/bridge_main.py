@@ -11,7 +11,7 @@ def main() -> int:
 
     status = client.run("bridge")
     if status is not None:
-        return status
+        client.exit_now(status)
     client.prepare_in_process()
     from cni import skel
     from cni.bridge import Bridge

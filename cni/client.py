@@ -36,6 +36,10 @@ import sys
 
 import _socket
 
+TYPE_CHECKING = False  # not typing's: importing typing costs more than this whole client
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 RUN_DIR = "/run/kproxy"
 SOCKET_ENV = "KPROXY_CNI_SOCKET"  # a socket path; empty: never use a server
 IDLE_ENV = "KPROXY_CNI_IDLE_SECONDS"  # how long a server started here lives without calls
@@ -118,6 +122,15 @@ _stdin_copy: bytes | None = None
 def consumed_stdin() -> bytes | None:
     """The stdin bytes run() already read (None: stdin is untouched)."""
     return _stdin_copy
+
+
+def exit_now(status: int) -> "NoReturn":
+    """End a thin client's exec without the interpreter's teardown (~1.5 ms of
+    its ~10): everything went out through posix.write, nothing is buffered."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    posix._exit(status)
 
 
 def prepare_in_process() -> None:

@@ -10,7 +10,7 @@ def main() -> int:
 
     status = client.run("host-local")
     if status is not None:
-        return status
+        client.exit_now(status)
     client.prepare_in_process()
     from cni import skel
     from cni.ipam import HostLocal
