@@ -248,6 +248,11 @@ def test_concurrent_first_execs_start_one_server(netns, tmp_path: Path, started:
     assert all(f"bridge ADD r{i} " in log for i in range(6)), log  # all six through the one server
     for i in range(6):
         assert bridge("DEL", tmp_path / "data", node, pods[i], f"r{i}", started.env).status == 0
+    pid = started.pid()
+    stopped = subprocess.run([sys.executable, "-m", "cni.server", "--socket", started.sock, "--stop"],
+                             capture_output=True, text=True, timeout=60)
+    assert (stopped.returncode, stopped.stdout) == (0, f"cni.server: stopped pid {pid}\n"), stopped.stderr
+    assert started.pid() is None and "stopped after 12 calls" in started.log()
 
 
 @pytest.mark.kernel
