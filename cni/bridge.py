@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni import masq
@@ -34,6 +34,7 @@ from cni.spec import Request, validate_ifname
 
 DEFAULT_BRIDGE = "cni0"
 DEFAULT_MTU = 1500
+IFF_UP = 0x1
 IFF_PROMISC = 0x100
 RTPROT_BOOT = 3  # what the reference's routes carry (pyroute2 would say "static")
 
@@ -92,6 +93,23 @@ def _first(ipr: IPRoute, ifname: str) -> int | None:
     return found[0] if found else None
 
 
+def _get(ipr: IPRoute, ifname: str) -> Any:
+    """The link message of ifname, or None when there is none (one round trip)."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+def _describe(link: Any, version: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": link.get("IFLA_IFNAME"), "mac": link.get("IFLA_ADDRESS")}
+    if version != "1.0.0":
+        out["mtu"] = link.get("IFLA_MTU")
+    return out
+
+
 def _broadcast(iface: Any) -> dict[str, str]:
     """IPv4 addresses get a broadcast address, as the reference (Go netlink) sets."""
     if iface.version == 4 and iface.network.prefixlen < 31:
@@ -136,20 +154,23 @@ class Bridge:
         netns_fd = open_ns(req.netns)
         with iproute_in(self.host_ns) as host, iproute_in(req.netns) as pod:
             try:
-                if _first(pod, req.ifname) is not None:
-                    raise CNIError(INTERFACE_EXISTS, f"interface {req.ifname} already exists in {req.netns}")
-                bridge_index = self._ensure_bridge(host, cfg)
+                bridge = self._ensure_bridge(host, cfg)
+                bridge_index = bridge["index"]
                 # The bridge's own MAC before a port joins: it adopts the lowest port MAC otherwise.
-                bridge_mac = host.get_links(bridge_index)[0].get("IFLA_ADDRESS")
-                host_veth = self._create_veth(host, pod, netns_fd, req.ifname, cfg)
+                bridge_mac = bridge.get("IFLA_ADDRESS")
+                host_veth = self._create_veth(host, pod, netns_fd, req, cfg, bridge_index)
             finally:
                 os.close(netns_fd)
             try:
-                host_index = _first(host, host_veth)
-                host.link("set", index=host_index, master=bridge_index, state="up")
+                host_link = _get(host, host_veth)
+                if host_link is None:
+                    raise CNIError(NETLINK_FAILURE, f"{host_veth} vanished right after it was created")
                 if cfg.hairpin_mode:
-                    host.brport("set", index=host_index, mode=1)
-                pod_index = _first(pod, req.ifname)
+                    host.brport("set", index=host_link["index"], mode=1)
+                pod_link = _get(pod, req.ifname)
+                if pod_link is None:
+                    raise CNIError(NETLINK_FAILURE, f"{req.ifname} vanished from {req.netns} right after it was created")
+                pod_index = pod_link["index"]
                 for ip in ips:
                     iface = ipaddress.ip_interface(ip["address"])
                     pod.addr("add", index=pod_index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
@@ -157,18 +178,23 @@ class Bridge:
                 pod.link("set", index=pod_index, state="up")
                 for route in routes:
                     self._add_route(pod, pod_index, route, gateways)
+                pinned = None
                 if cfg.is_gateway:
                     for gw in gateways:
                         self._ensure_address(host, bridge_index, cfg, gw)
                     if gateways:  # as the reference: pin the MAC so it does not change as pods churn
-                        self._pin_mac(host, bridge_index, bridge_mac)
+                        pinned = self._pin_mac(host, bridge_index, bridge_mac)
                     write_sysctl(self.host_ns, "net/ipv4/ip_forward", "1")
                 if cfg.ip_masq:
                     masq.setup(self.host_ns, req.network, req.container_id, [ip["address"] for ip in ips])
+                if pinned is None or req.version != "1.0.0":  # its MAC may have moved, or its MTU with the port
+                    bridge_desc = _describe(host.get_links(bridge_index)[0], req.version)
+                else:  # what a fresh look would show, without the round trip
+                    bridge_desc = {**_describe(bridge, req.version), "mac": pinned}
                 interfaces = [
-                    self._describe(host, bridge_index, req.version),
-                    self._describe(host, host_index, req.version),
-                    {**self._describe(pod, pod_index, req.version), "sandbox": req.netns},
+                    bridge_desc,
+                    _describe(host_link, req.version),
+                    {**_describe(pod_link, req.version), "sandbox": req.netns},
                 ]
             except NetlinkError as exc:
                 self._remove_link(host, host_veth)
@@ -185,26 +211,29 @@ class Bridge:
         return result
 
     @staticmethod
-    def _ensure_bridge(host: IPRoute, cfg: BridgeConfig) -> int:
-        index = _first(host, cfg.bridge)
-        if index is None:
+    def _ensure_bridge(host: IPRoute, cfg: BridgeConfig) -> Any:
+        """The bridge's link message (made when missing), the bridge up."""
+        link = _get(host, cfg.bridge)
+        if link is None:
             try:
                 host.link("add", ifname=cfg.bridge, kind="bridge", mtu=cfg.mtu)
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:  # another ADD may have just made it
                     raise _netlink(f"creating bridge {cfg.bridge}", exc) from None
-            index = _first(host, cfg.bridge)
-        link = host.get_links(index)[0]
+            link = _get(host, cfg.bridge)
+            if link is None:
+                raise CNIError(NETLINK_FAILURE, f"bridge {cfg.bridge} vanished right after it was created")
         info = link.get("IFLA_LINKINFO")
         if info is None or info.get("IFLA_INFO_KIND") != "bridge":
             raise CNIError(INVALID_CONFIG, f"{cfg.bridge} already exists but is not a bridge")
         if cfg.promisc_mode:
-            host.link("set", index=index, flags=IFF_PROMISC, change=IFF_PROMISC)
-        host.link("set", index=index, state="up")
-        return index  # type: ignore[no-any-return]
+            host.link("set", index=link["index"], flags=IFF_PROMISC, change=IFF_PROMISC)
+        if not link["flags"] & IFF_UP:
+            host.link("set", index=link["index"], state="up")
+        return link
 
     @staticmethod
-    def _pin_mac(host: IPRoute, index: int, mac: str | None) -> None:
+    def _pin_mac(host: IPRoute, index: int, mac: str | None) -> str:
         """Set the bridge's MAC explicitly, so the kernel stops following the lowest port MAC.
 
         A bridge whose ports all left has 00:00:00:00:00:00 until one joins; then
@@ -213,20 +242,23 @@ class Bridge:
         if not mac or mac == "00:00:00:00:00:00":
             mac = host.get_links(index)[0].get("IFLA_ADDRESS")
         host.link("set", index=index, address=mac)
+        return mac  # type: ignore[return-value]
 
     @staticmethod
-    def _create_veth(host: IPRoute, pod: IPRoute, netns_fd: int, ifname: str, cfg: BridgeConfig) -> str:
+    def _create_veth(host: IPRoute, pod: IPRoute, netns_fd: int, req: Request, cfg: BridgeConfig,
+                     bridge_index: int) -> str:
+        """The veth pair, its host end already up on the bridge (one round trip)."""
         for _ in range(5):  # random names may collide; the reference retries too
             name = "veth" + secrets.token_hex(4)
             try:
-                host.link("add", ifname=name, kind="veth", mtu=cfg.mtu,
-                          peer={"ifname": ifname, "net_ns_fd": netns_fd, "mtu": cfg.mtu})
+                host.link("add", ifname=name, kind="veth", mtu=cfg.mtu, master=bridge_index, state="up",
+                          peer={"ifname": req.ifname, "net_ns_fd": netns_fd, "mtu": cfg.mtu})
                 return name
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
-                    raise _netlink(f"creating veth pair for {ifname}", exc) from None
-                if _first(pod, ifname) is not None:
-                    raise CNIError(INTERFACE_EXISTS, f"interface {ifname} already exists in the pod") from None
+                    raise _netlink(f"creating veth pair for {req.ifname}", exc) from None
+                if _get(pod, req.ifname) is not None:
+                    raise CNIError(INTERFACE_EXISTS, f"interface {req.ifname} already exists in {req.netns}") from None
         raise CNIError(INTERFACE_EXISTS, "could not find a free veth name")
 
     @staticmethod
@@ -262,14 +294,6 @@ class Bridge:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:  # a concurrent ADD set the same address
                 raise
-
-    @staticmethod
-    def _describe(ipr: IPRoute, index: int, version: str) -> dict[str, Any]:
-        link = ipr.get_links(index)[0]
-        out: dict[str, Any] = {"name": link.get("IFLA_IFNAME"), "mac": link.get("IFLA_ADDRESS")}
-        if version != "1.0.0":
-            out["mtu"] = link.get("IFLA_MTU")
-        return out
 
     @staticmethod
     def _remove_link(ipr: IPRoute, name: str) -> None:

@@ -1,7 +1,8 @@
 """`kproxy-bridge`: the bridge plugin as an executable.
 
-With a kproxy CNI server listening (cni/server.py) this process is a thin
-client and never imports pyroute2; without one it does the work itself.
+Normally a thin client of the machine's CNI server (cni/client.py), which it
+starts when none runs, and then it never imports pyroute2; without a server
+it does the work itself.
 """
 
 
@@ -10,8 +11,9 @@ def main() -> int:
 
     status = client.run("bridge")
     if status is not None:
-        return status
+        client.exit_now(status)
+    client.prepare_in_process()
     from cni import skel
     from cni.bridge import Bridge
 
-    return skel.main(Bridge(), "kproxy bridge plugin")
+    return skel.main(Bridge(), "kproxy bridge plugin", client.consumed_stdin())

@@ -1,7 +1,7 @@
 """`kproxy-host-local`: the host-local IPAM plugin as an executable.
 
-With a kproxy CNI server listening (cni/server.py) this process is a thin
-client; without one it does the work itself.
+Normally a thin client of the machine's CNI server (cni/client.py), which it
+starts when none runs; without a server it does the work itself.
 """
 
 
@@ -10,8 +10,9 @@ def main() -> int:
 
     status = client.run("host-local")
     if status is not None:
-        return status
+        client.exit_now(status)
+    client.prepare_in_process()
     from cni import skel
     from cni.ipam import HostLocal
 
-    return skel.main(HostLocal(), "kproxy host-local IPAM plugin")
+    return skel.main(HostLocal(), "kproxy host-local IPAM plugin", client.consumed_stdin())

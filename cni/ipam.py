@@ -205,10 +205,16 @@ class Store:
             return None
 
     def set_last_reserved(self, index: int, ip: IPAddress) -> None:
-        path = self.dir / f"{LAST_RESERVED_PREFIX}{index}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(str(ip))
-        os.replace(tmp, path)
+        # Rewritten in place (every reader holds the lock; a torn file only restarts
+        # round robin), not renamed or truncated to 0 over the old one: ext4 flushes
+        # on both, 0.25 ms per ADD here against 8 us.
+        data = str(ip).encode()
+        fd = os.open(self.dir / f"{LAST_RESERVED_PREFIX}{index}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
 
 
 def _round_robin(ranges: list[Range], last: IPAddress | None) -> Iterator[tuple[Range, IPAddress]]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator
 from cni.errors import UNKNOWN_CONTAINER, CNIError
 
 if TYPE_CHECKING:
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
 
 CLONE_NEWNET = 0x40000000
 
@@ -37,6 +37,13 @@ def setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def unshare_net() -> None:
+    """Move the calling thread into a new, empty network namespace of its own."""
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
 
 
 def ns_identity(path: str) -> tuple[int, int]:
@@ -93,7 +100,7 @@ def open_ns(path: str) -> int:
 
 def iproute_in(path: str | None) -> IPRoute:
     """A netlink socket bound to the namespace at path (None: the current one)."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
 
     try:
         with entered(path):

@@ -50,8 +50,8 @@ def render(out: dict[str, Any] | None) -> str:
     return "" if out is None else json.dumps(out) + "\n"
 
 
-def main(plugin: Plugin, about: str) -> int:
-    """Entry point for an exec'd plugin."""
+def main(plugin: Plugin, about: str, stdin: bytes | None = None) -> int:
+    """Entry point for an exec'd plugin; stdin: the bytes if someone read them already."""
     if any(arg in ("-h", "--help", "--version") for arg in sys.argv[1:]):
         print(f"{about}\nCNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}")
         print("Run by a container runtime: CNI_COMMAND and friends in the environment, config on stdin.")
@@ -61,7 +61,8 @@ def main(plugin: Plugin, about: str) -> int:
         out = CNIError(INVALID_ENV, "required env variable CNI_COMMAND is missing").to_dict(LATEST_VERSION)
         print(json.dumps(out))
         return 1
-    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    if stdin is None:
+        stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     out, status = dispatch(plugin, os.environ, stdin)
     sys.stdout.write(render(out))
     return status

@@ -16,6 +16,11 @@ OUR_HOST_LOCAL = str(VENV_BIN / "kproxy-host-local")
 REFERENCE_DIR = "/usr/lib/cni"
 # Our plugins and the reference ones, found by name like a runtime finds them.
 CNI_PATH = f"{VENV_BIN}:{REFERENCE_DIR}"
+# Every exec gets these (extra_env overrides). By default our plugins work
+# in-process: a server the first exec started would outlive the test. Tests
+# that want the server point KPROXY_CNI_SOCKET at a socket of their own and
+# stop what it started (tests/test_cni_server.py).
+PLUGIN_ENV: dict[str, str] = {"KPROXY_CNI_SOCKET": ""}
 
 
 @dataclass
@@ -48,6 +53,7 @@ def run_plugin(
             env[key] = value
     if cni_path:
         env["CNI_PATH"] = cni_path
+    env.update(PLUGIN_ENV)
     env.update(extra_env or {})
     stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
     argv = ([ "nsenter", f"--net={host_ns}", "--"] if host_ns else []) + [binary]

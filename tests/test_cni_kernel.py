@@ -1,18 +1,38 @@
-"""Our CNI plugins on the real kernel, exec'd exactly as a runtime execs them."""
+"""Our CNI plugins on the real kernel, exec'd exactly as a runtime execs them.
+
+Here they go the way a runtime gets by default: the first exec starts the
+CNI server and every later one is its thin client (test_cni_reference.py
+runs them in-process, with the server disabled).
+"""
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
+from cni import client, server
 from cni.masq import IPTABLES_SAVE
+from tests import runtime
 from tests.runtime import OUR_BRIDGE, OUR_HOST_LOCAL, Outcome, in_ns, run_plugin
 
 pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def through_the_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Only the socket's place is the test's own: so it knows which server its execs started."""
+    sock = str(tmp_path_factory.mktemp("srv") / "cni.sock")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(runtime.PLUGIN_ENV, client.SOCKET_ENV, sock)
+        try:
+            yield
+            assert "-> 0 in" in Path(client.log_path(sock)).read_text(), "the calls went through the server"
+        finally:
+            server.stop(sock)
 
 
 def bridge_conf(data_dir: Path, subnet: str = "10.77.0.0/24", version: str = "1.1.0", **extra: Any) -> dict[str, Any]:

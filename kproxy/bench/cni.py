@@ -3,10 +3,12 @@
 Contenders, each with its own node namespace, pod namespaces and dataDir:
 
   reference   /usr/lib/cni/bridge + host-local, exec'd like a runtime does
-  exec-cold   kproxy-bridge + kproxy-host-local exec'd with no server to talk
-              to: the plugin imports pyroute2 and does everything itself
-  exec-warm   kproxy-bridge exec'd with `python -m cni.server` running: the
-              exec'd process is a thin client and the server does the work
+  exec        kproxy-bridge exec'd with nothing started by hand: its first
+              exec starts the CNI server (cni/client.py), every later one is
+              a thin client of it; the server is stopped at the end by the pid
+              it recorded
+  exec-cold   kproxy-bridge exec'd with the server disabled
+              (KPROXY_CNI_SOCKET=""): it imports pyroute2 and does all itself
   in-process  cni.bridge.Bridge(host_ns=node).add(request) in this process
 
 For pod i every contender does its ADD before any does ADD for pod i+1 (the
@@ -26,9 +28,9 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cni import client, server  # imports cni.bridge: the in-process contender runs with its imports done
 from kproxy.bench import require_root
 
 NETNS_DIR = Path("/var/run/netns")
@@ -45,7 +48,7 @@ REFERENCE_DIR = "/usr/lib/cni"
 VENV_BIN = Path(sys.executable).parent
 CLONE_NEWNET = 0x40000000
 PREFIX = f"kpbench-{os.getpid()}-"
-CONTENDERS = ("reference", "exec-cold", "exec-warm", "in-process")
+CONTENDERS = ("reference", "exec", "exec-cold", "in-process")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -67,6 +70,7 @@ class Contender:
     pods: list[str] = field(default_factory=list)  # netns paths
     add_ms: list[float] = field(default_factory=list)
     del_ms: list[float] = field(default_factory=list)
+    first_ms: float = 0.0  # the uncounted warm-up ADD (for "exec": the one that started the server)
 
 
 def netconf(plugin: str, ipam: str, data_dir: str, masq: bool) -> bytes:
@@ -146,34 +150,13 @@ def call(c: Contender, command: str, pod_ns: str, container_id: str) -> float:
     return ms
 
 
-# Server --------------------------------------------------------------------------
-def start_server(sock: str, log: str) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cni.server", "--socket", sock],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cni.server exited with {proc.returncode}: {Path(log).read_text()}")
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.connect(sock)
-            return proc
-        except OSError:
-            time.sleep(0.02)
-    proc.terminate()
-    raise RuntimeError("cni.server did not come up within 20 s")
-
-
-def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()  # our own child, by its pid
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def served_by_server(sock: str) -> str:
+    """The server's own time per call (its log), to tell it from the exec'd client's."""
+    log = Path(client.log_path(sock)).read_text()
+    times = {cmd: [float(ms) for ms in re.findall(rf"^cni.server: bridge {cmd} kpbench-\S+ pid=\d+ -> 0 in ([\d.]+) ms$",
+                                                   log, re.MULTILINE)][1:] for cmd in ("ADD", "DEL")}
+    return "exec: the server's own time per call (its log): " + ", ".join(
+        f"{cmd} median {statistics.median(ms):.1f} ms" for cmd, ms in times.items() if ms)
 
 
 # Report -------------------------------------------------------------------------
@@ -198,7 +181,7 @@ def table(contenders: list[Contender]) -> str:
 
 
 # Run ----------------------------------------------------------------------------
-def build(names: list[str], pods: int, tmp: str, masq: bool, warm_socket: str) -> list[Contender]:
+def build(names: list[str], pods: int, tmp: str, masq: bool, server_socket: str) -> list[Contender]:
     ours_path = f"{VENV_BIN}:{REFERENCE_DIR}"
     contenders = []
     for name in names:
@@ -209,10 +192,12 @@ def build(names: list[str], pods: int, tmp: str, masq: bool, warm_socket: str) -
         else:
             c = Contender(name, "", data_dir, netconf("kproxy-bridge", "kproxy-host-local", data_dir, masq),
                           env={"CNI_PATH": ours_path})
-            if name == "exec-cold":  # a socket path nobody listens on: the plugin falls back to in-process
-                c.binary, c.env["KPROXY_CNI_SOCKET"] = str(VENV_BIN / "kproxy-bridge"), os.path.join(tmp, "absent.sock")
-            elif name == "exec-warm":
-                c.binary, c.env["KPROXY_CNI_SOCKET"] = str(VENV_BIN / "kproxy-bridge"), warm_socket
+            if name == "exec-cold":  # the server disabled: the plugin works in-process
+                c.binary, c.env["KPROXY_CNI_SOCKET"] = str(VENV_BIN / "kproxy-bridge"), ""
+            elif name == "exec":
+                # Only the socket's place differs from a runtime's default (/run/kproxy/cni-<code>.sock):
+                # a fresh one, so the first exec surely starts the server and we know which to stop.
+                c.binary, c.env["KPROXY_CNI_SOCKET"] = str(VENV_BIN / "kproxy-bridge"), server_socket
         c.env["PATH"] = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         short = name.replace("-", "")
         c.node_ns = add_netns(f"{PREFIX}{short}-node")
@@ -231,6 +216,8 @@ def run(contenders: list[Contender], pods: int, progress: Callable[[str], None])
                 ms = call(c, command, c.pods[i], f"kpbench-{os.getpid()}-{i}")
                 if i > 0:
                     (c.add_ms if command == "ADD" else c.del_ms).append(ms)
+                elif command == "ADD":
+                    c.first_ms = ms
             if i and i % 10 == 0:
                 progress(f"{command} {i}/{pods}")
 
@@ -260,18 +247,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     tmp = tempfile.mkdtemp(prefix=PREFIX)
-    server = None
+    server_socket = os.path.join(tmp, "cni.sock")
     try:
-        warm_socket = os.path.join(tmp, "cni.sock")
-        if "exec-warm" in names:
-            server = start_server(warm_socket, os.path.join(tmp, "server.log"))
-        import cni.bridge  # noqa: F401  (the in-process contender runs warm: imports are done)
-
         print(f"bench-cni: {', '.join(names)}; {args.pods} pods each (+1 warm-up); cniVersion 1.0.0;"
               f" {os.cpu_count()} CPUs", flush=True)
-        contenders = build(names, args.pods, tmp, args.masq, warm_socket)
+        contenders = build(names, args.pods, tmp, args.masq, server_socket)
         run(contenders, args.pods, lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         print(table(contenders))
+        if "exec" in names:
+            print(served_by_server(server_socket))
+        print("first ADD (not counted): " + ", ".join(f"{c.name} {c.first_ms:.1f} ms" for c in contenders)
+              + ("; exec's started the CNI server" if "exec" in names else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {c.name: {"add_ms": c.add_ms, "del_ms": c.del_ms} for c in contenders}, indent=1) + "\n")
@@ -282,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
         try:
-            stop_server(server)
+            stopped = server.stop(server_socket)  # the server our first exec started, by its recorded pid
+            if stopped:
+                print(f"bench-cni: stopped the CNI server the first exec started (pid {stopped})", file=sys.stderr)
         finally:
             removed = remove_our_netns()
             shutil.rmtree(tmp, ignore_errors=True)
