@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kproxy import controllers
-from kproxy.lab import processes
+from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
 from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, run_cni, wire_pod
@@ -100,8 +100,8 @@ def sync(state: LabState, store: Store) -> Report:
     for node in state.nodes:
         workload_pods = [{"name": spec.name, "netns": ns_path(state.name, m), "tcp": spec.ports, "udp": spec.ports}
                          for m, spec in sorted(state.pods.items()) if spec.node == node]
-        processes.ensure_workload(directory, node, ns_path(state.name, node), workload_pods,
-                                  reload=node in rewired_nodes)
+        processes.ensure_workload(directory, node, workload_pods, reload=node in rewired_nodes)
+    ensure_daemons(state)  # the workloads that were not running start with their spec
 
     changes = _pod_statuses(state, desired, fresh)
     pods_now = [changes.get(f"Pod/{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}") or pod
@@ -135,12 +135,27 @@ def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: se
     return changes
 
 
-def ensure_agent(state: LabState, node: str) -> int:
+def agent_args(state: LabState, node: str) -> list[str]:
+    return (["--lab-dir", str(lab_dir(state.name)), "--node", node, "--mode", state.mode,
+             "--cluster-cidr", state.pod_cidr]
+            + (["--ipvs-scheduler", state.ipvs_scheduler] if state.ipvs_scheduler else []))
+
+
+def node_daemons(state: LabState, agents: bool = True) -> list[supervisor.Wanted]:
+    """Each node's workload (once it has a spec) and, with agents, its agent."""
     directory = lab_dir(state.name)
-    pid = processes.running_pid(processes.AGENT, directory, node)
-    if pid is not None:
-        return pid
-    return processes.start(processes.AGENT, directory, node, ns_path(state.name, node),
-                           ["--lab-dir", str(directory), "--node", node, "--mode", state.mode,
-                            "--cluster-cidr", state.pod_cidr]
-                           + (["--ipvs-scheduler", state.ipvs_scheduler] if state.ipvs_scheduler else []))
+    wanted = []
+    for node in sorted(state.nodes):
+        netns = ns_path(state.name, node)
+        spec = processes.spec_path(directory, node)
+        if spec.exists():
+            wanted.append(supervisor.Wanted(processes.WORKLOAD.kind, node, netns, ("--spec", str(spec))))
+        if agents:
+            wanted.append(supervisor.Wanted(processes.AGENT.kind, node, netns, tuple(agent_args(state, node))))
+    return wanted
+
+
+def ensure_daemons(state: LabState, agents: bool = True) -> None:
+    """The lab's supervisor runs exactly these daemons (without agents: a mode switch stops them);
+    returns once each runs."""
+    supervisor.ensure(lab_dir(state.name), node_daemons(state, agents))
