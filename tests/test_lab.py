@@ -30,7 +30,8 @@ def lab_traces(name: str) -> list[str]:
         found.append(str(lab_dir(name)))
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     found += [line for line in ps.splitlines()
-              if ("kproxy.lab.workload" in line or "kproxy.agent" in line) and f"/{name}" in line]
+              if any(daemon in line for daemon in ("kproxy.lab.workload", "kproxy.agent", "kproxy.lab.supervisor"))
+              and f"/{name}" in line]
     return found
 
 
