@@ -93,7 +93,8 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
           f"external {info['external']['ip']}")
     supervisor = info["supervisorPid"]
-    print(f"supervisor pid {supervisor}" if supervisor else f"supervisor DEAD (run 'kproxy lab up --name {info['name']}')")
+    print(f"supervisor pid {supervisor}" if supervisor
+          else "supervisor DEAD ('kproxy lab up' with this lab's topology starts a new one)")
     print()
     rows = [["NODE", "IP", "POD CIDR", "LABELS", "AGENT", "RESTARTS", "WORKLOAD", "RESTARTS", "NETNS"]]
     for n in info["nodes"]:

@@ -56,9 +56,10 @@ def replaced(daemon: processes.Daemon, lab: str, node: str, old: int) -> int:
     def started() -> int | None:
         record = supervisor.read_status(lab_dir(lab)).get("daemons", {}).get(f"{daemon.kind}-{node}") or {}
         pid = record.get("pid")
+        if pid in (None, old):
+            return None
         try:
-            return pid if pid not in (None, old) and daemon.module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() \
-                else None
+            return pid if daemon.module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() else None
         except FileNotFoundError:
             return None
 
@@ -175,7 +176,8 @@ def test_a_killed_supervisor_is_replaced_by_lab_up_which_adopts_the_daemons_and_
         pids = {n["name"]: (n["agentPid"], n["workloadPid"]) for n in before["nodes"]}
         os.kill(before["supervisorPid"], signal.SIGKILL)
         wait_for("the supervisor gone", lambda: status(lab)["supervisorPid"] is None, 5)
-        assert "supervisor DEAD (run 'kproxy lab up --name" in kproxy("lab", "status", lab).stdout
+        assert "\nsupervisor DEAD ('kproxy lab up' with this lab's topology starts a new one)\n" in \
+            kproxy("lab", "status", lab).stdout
         kproxy("lab", "up", "--name", lab)
         after = status(lab)
         assert after["supervisorPid"] not in (None, before["supervisorPid"])

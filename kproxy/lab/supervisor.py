@@ -434,12 +434,14 @@ def ensure(lab_dir: Path, wanted: list[Wanted], wait_running: bool = True) -> No
     started = None
     if pid is None:
         with open(lab_dir / LOGFILE, "ab") as out:
-            started = subprocess.Popen([sys.executable, "-m", MODULE, "--lab-dir", str(lab_dir)],
+            # cwd /: neither it nor its daemons keep the caller's directory busy.
+            started = subprocess.Popen([sys.executable, "-m", MODULE, "--lab-dir", str(lab_dir)], cwd="/",
                                        stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     else:
         os.kill(pid, signal.SIGHUP)
         os.kill(pid, signal.SIGCONT)  # up reconciles a stopped (SIGSTOP) supervisor too
     deadline = time.monotonic() + ENSURE_TIMEOUT
+    running = 0
     while True:
         status = read_status(lab_dir)
         if status.get("applied", 0) >= generation and status.get("pid") == supervisor_pid(lab_dir):
@@ -451,14 +453,17 @@ def ensure(lab_dir: Path, wanted: list[Wanted], wait_running: bool = True) -> No
                 w = failing[0]
                 raise KproxyError(f"the {w.kind} of node {w.node} did not start: "
                                   f"{processes.log_tail(w.daemon, lab_dir, w.node)}")
-            if all(processes.running_pid(w.daemon, lab_dir, w.node) for w in wanted):
+            now_running = sum(1 for w in wanted if processes.running_pid(w.daemon, lab_dir, w.node))
+            if now_running == len(wanted):
                 return
+            if now_running > running:  # a slow machine gets ENSURE_TIMEOUT per daemon, not for all
+                running, deadline = now_running, time.monotonic() + ENSURE_TIMEOUT
         if started is not None and started.poll() is not None:
             raise KproxyError(f"the supervisor of {lab_dir} did not start: {_log_tail(lab_dir / LOGFILE)}")
         if time.monotonic() > deadline:
             pending = [w.name for w in wanted if not processes.running_pid(w.daemon, lab_dir, w.node)]
             raise KproxyError(f"the supervisor of {lab_dir} did not start {', '.join(pending) or 'in time'} "
-                              f"within {ENSURE_TIMEOUT:.0f} s")
+                              f"(nothing more started within {ENSURE_TIMEOUT:.0f} s)")
         time.sleep(0.005)
 
 
