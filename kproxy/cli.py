@@ -46,6 +46,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     cluster = Cluster(state.name)
     lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
+    _warn_unready(report.unready)
     print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
           f"{len(state.pods)} pods ({report.wired} wired now, {report.removed} removed) in {took:.2f}s")
     print(f"  kproxy lab status {state.name}    kproxy exec --lab {state.name} POD -- CMD    "
@@ -180,7 +181,16 @@ def _objects(files: list[str]) -> list[dict[str, Any]]:
 def _report(outcome: Any) -> int:
     for line in outcome.changed:
         print(line)
+    _warn_unready(outcome.unready)
     return _report_lagging(outcome.lagging)
+
+
+def _warn_unready(pods: list[str]) -> None:
+    from kproxy.lab.kubelet import READY_TIMEOUT
+
+    if pods:
+        print(f"{PROG}: warning: not ready (no answer within {READY_TIMEOUT:.0f} s, so not in any Service's "
+              f"endpoints): {', '.join(pods)}", file=sys.stderr)
 
 
 def _report_lagging(lagging: list[str]) -> int:
@@ -232,15 +242,13 @@ def cmd_get(args: argparse.Namespace) -> int:
     namespace = None if args.all_namespaces else args.namespace
     items = getcmd.select(view, kind, namespace, selector, args.name)
     if args.output in ("json", "yaml"):
-        print(getcmd.render(items, args.output, single=args.name is not None))
+        print(getcmd.render(items, args.output, single=args.name is not None, version=view.version))
         return 0
     if not items:
         print(f"No resources found in {namespace or 'any'} namespace." if kind != "Node" else "No resources found.",
               file=sys.stderr)
         return 0
-    table = getcmd.rows(kind, items, args.output == "wide", args.all_namespaces)
-    getcmd.with_ready_count(view, items, kind, table)
-    print(_table(table))
+    print(_table(getcmd.rows(kind, items, args.output == "wide", args.all_namespaces)))
     return 0
 
 
@@ -379,13 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("delete", help="delete objects: -f FILE, or KIND NAME...")
     p.add_argument("-f", "--file", action="append", help="YAML file naming the objects (repeatable)")
-    p.add_argument("kind", nargs="?", help="svc, pod, deploy")
+    p.add_argument("kind", nargs="?", help="svc, pod, deploy, rs")
     p.add_argument("names", nargs="*", help="object names")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--lab", help=lab_help)
     p.set_defaults(func=cmd_delete)
-    p = sub.add_parser("get", help="list nodes, pods, svc, endpoints or deployments")
-    p.add_argument("kind", help="nodes | pods | svc | endpoints | deployments")
+    p = sub.add_parser("get", help="list nodes, pods, svc, endpoints, endpointslices, deployments or rs")
+    p.add_argument("kind", help="nodes | pods | svc | endpoints | endpointslices | deployments | rs")
     p.add_argument("name", nargs="?", help="one object by name")
     p.add_argument("-o", "--output", choices=("wide", "json", "yaml"), help="output format")
     p.add_argument("-l", "--selector", help="label selector, e.g. 'app=web,env in (a,b)'")

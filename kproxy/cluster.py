@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,16 @@ from typing import Callable, Iterator
 
 from kproxy import controllers
 from kproxy.agent import status_path
-from kproxy.controllers import Obj, name_of, now_iso, obj_key
+from kproxy.controllers import Obj, name_of, obj_key
 from kproxy.errors import KproxyError
 from kproxy.lab import kubelet
 from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
-from kproxy.store import Store, View
+from kproxy.store import IDENTITY, Store, View, carry_identity, timestamp
 
 SYNC_TIMEOUT = 15.0
 GRACE_SECONDS = 0.3  # between a pod leaving every node's rules and its workload stopping
+REVISION_HISTORY_LIMIT = 10  # old ReplicaSets a Deployment keeps (scaled to 0), Kubernetes' default
 
 
 @contextmanager
@@ -48,6 +48,7 @@ def lab_lock(lab: str) -> Iterator[None]:
 class Outcome:
     changed: list[str] = field(default_factory=list)  # "service/web configured", like kubectl
     lagging: list[str] = field(default_factory=list)  # agents that did not sync in time
+    unready: list[str] = field(default_factory=list)  # pods whose workload did not answer in time
 
 
 class Cluster:
@@ -61,8 +62,8 @@ class Cluster:
 
     # Writing ---------------------------------------------------------------
     def settle(self, outcome: Outcome) -> Outcome:
-        """Wire pods, update endpoints, then wait for every agent."""
-        kubelet.sync(self.state, self.store)
+        """Wire pods, wait for them to be ready, update endpoints, then wait for every agent."""
+        outcome.unready = kubelet.sync(self.state, self.store).unready
         save_state(self.state)
         outcome.lagging = self.wait_synced(self.store.version())
         return outcome
@@ -181,58 +182,85 @@ class Cluster:
 
     @staticmethod
     def _stamp(obj: Obj, old: Obj | None) -> None:
-        meta = obj["metadata"]
-        meta.setdefault("namespace", "default") if obj["kind"] != "Node" else None
-        meta["uid"] = old["metadata"]["uid"] if old else str(uuid.uuid4())
-        meta["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else now_iso()
-        if obj["kind"] == "Pod":
-            obj.setdefault("status", old.get("status") if old else {"phase": "Pending"})
+        """What the API server adds to a create or update: the namespace, the old object's
+        identity and status (uid, timestamps and resourceVersion are the store's part)."""
+        obj["metadata"].setdefault("namespace", "default") if obj["kind"] != "Node" else None
+        carry_identity(obj, old)
+        if old is not None and "status" in old:
+            obj["status"] = old["status"]
+        elif obj["kind"] == "Pod":
+            obj["status"] = {"phase": "Pending"}
 
-    # Deployments -----------------------------------------------------------
+    # Deployments and ReplicaSets -------------------------------------------
     def _reconcile_deployment(self, key: str, on_step: Callable[[str], None] | None = None) -> None:
-        """Make the Deployment's pods match its replicas and template: scale, then roll."""
+        """The deployment controller: the ReplicaSet of the current template scaled to the
+        Deployment's replicas; older ones rolled down one pod at a time (maxSurge 1, maxUnavailable 0)."""
         view = self.view()
         deployment = view.objects[key]
-        current_hash = controllers.template_hash(deployment)
-        pods = controllers.owned_pods(deployment, view.of_kind("Pod"))
-        live = [p for p in pods if not controllers.pod_is_terminating(p)]
-        new = [p for p in live if p["metadata"]["labels"].get(controllers.POD_TEMPLATE_HASH) == current_hash]
-        old = sorted((p for p in live if p not in new), key=lambda p: p["metadata"]["name"])
         replicas = int(deployment["spec"].get("replicas", 1))
-        if not old:
-            self._scale_pods(deployment, new, replicas)
+        wanted = controllers.replica_set_for(deployment, 0)
+        new_key = obj_key(wanted)
+        sets = sorted(controllers.owned(deployment, view.of_kind("ReplicaSet")),
+                      key=lambda rs: (rs["metadata"]["creationTimestamp"], rs["metadata"]["name"]))
+        old_keys = [obj_key(rs) for rs in sets if obj_key(rs) != new_key and rs["spec"]["replicas"] > 0]
+        if new_key not in view.objects:
+            self.store.write({new_key: wanted})
+        if not old_keys:
+            self._scale_replica_set(new_key, replicas)
+            self._prune_history(deployment)
             return
-        # Rolling update, one pod at a time (maxSurge 1, maxUnavailable 0).
-        self._scale_pods(deployment, new, min(len(new), replicas))
-        for victim in old:
-            if len(new) < replicas:
-                created = self._create_pods(deployment, 1)
-                new += created
-                self.settle(Outcome())
-                if on_step:
-                    on_step(f"pod/{created[0]['metadata']['name']} ready")
-            self._remove_pod(victim)
-            if on_step:
-                on_step(f"pod/{victim['metadata']['name']} removed")
-        if len(new) < replicas:
-            self._create_pods(deployment, replicas - len(new))
+        self._scale_replica_set(new_key, min(self._replicas(new_key), replicas))
+        for old_key in old_keys:
+            while self._replicas(old_key) > 0:
+                if self._replicas(new_key) < replicas:
+                    created, _ = self._scale_replica_set(new_key, self._replicas(new_key) + 1)
+                    self.settle(Outcome())
+                    if on_step and created:
+                        on_step(f"pod/{created[0]['metadata']['name']} ready")
+                _, removed = self._scale_replica_set(old_key, self._replicas(old_key) - 1)
+                if on_step and removed:
+                    on_step(f"pod/{removed[0]['metadata']['name']} removed")
+        self._scale_replica_set(new_key, replicas)
+        self._prune_history(deployment)
 
-    def _scale_pods(self, deployment: Obj, pods: list[Obj], replicas: int) -> None:
-        if len(pods) < replicas:
-            self._create_pods(deployment, replicas - len(pods))
-        for pod in sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True)[:max(0, len(pods) - replicas)]:
+    def _replicas(self, key: str) -> int:
+        return int(self.view().objects[key]["spec"]["replicas"])
+
+    def _scale_replica_set(self, key: str, replicas: int) -> tuple[list[Obj], list[Obj]]:
+        """The ReplicaSet controller: spec.replicas set, then pods created or removed to match."""
+        view = self.view()
+        replica_set = view.objects[key]
+        if replica_set["spec"]["replicas"] != replicas:
+            replica_set = json.loads(json.dumps(replica_set))
+            replica_set["spec"]["replicas"] = replicas
+            self.store.write({key: replica_set})
+        pods = [p for p in controllers.owned(replica_set, view.of_kind("Pod")) if not controllers.pod_is_terminating(p)]
+        created = self._create_pods(replica_set, replicas - len(pods)) if len(pods) < replicas else []
+        removed = controllers.pods_to_remove(pods, len(pods) - replicas)
+        for pod in removed:
             self._remove_pod(pod)
+        return created, removed
 
-    def _create_pods(self, deployment: Obj, count: int) -> list[Obj]:
+    def _prune_history(self, deployment: Obj) -> None:
+        """Old ReplicaSets past the history limit go, as Kubernetes' revisionHistoryLimit does."""
+        view = self.view()
+        spent = sorted((rs for rs in controllers.owned(deployment, view.of_kind("ReplicaSet"))
+                        if rs["spec"]["replicas"] == 0 and not controllers.owned(rs, view.of_kind("Pod"))),
+                       key=lambda rs: rs["metadata"]["creationTimestamp"])
+        current = obj_key(controllers.replica_set_for(deployment, 0))
+        spent = [rs for rs in spent if obj_key(rs) != current]
+        if len(spent) > REVISION_HISTORY_LIMIT:
+            self.store.write({obj_key(rs): None for rs in spent[:len(spent) - REVISION_HISTORY_LIMIT]})
+
+    def _create_pods(self, replica_set: Obj, count: int) -> list[Obj]:
         view = self.view()
         names = {p["metadata"]["name"] for p in view.of_kind("Pod")}
         load = self._node_load(view)
         created = []
         for _ in range(count):
-            pod = controllers.new_pod_for(deployment, names)
+            pod = controllers.new_pod_for(replica_set, names)
             names.add(pod["metadata"]["name"])
             self._schedule(pod, load)
-            self._stamp(pod, None)
             created.append(pod)
         self.store.write({obj_key(p): p for p in created})
         return created
@@ -240,13 +268,29 @@ class Cluster:
     def _remove_pod(self, pod: Obj) -> None:
         """Graceful: out of every node's rules first, then stopped and unwired."""
         pod = json.loads(json.dumps(pod))
-        pod["metadata"]["deletionTimestamp"] = now_iso()
+        pod["metadata"]["deletionTimestamp"] = timestamp()
         self.store.write({obj_key(pod): pod})
         self.settle(Outcome())
         time.sleep(GRACE_SECONDS)
         self.store.write({obj_key(pod): None})
         kubelet.sync(self.state, self.store)
         save_state(self.state)
+
+    def _remove_replica_set(self, replica_set: Obj) -> None:
+        for pod in controllers.owned(replica_set, self.view().of_kind("Pod")):
+            self._remove_pod(pod)
+        self.store.write({obj_key(replica_set): None})
+
+    def _owner(self, obj: Obj, kind: str) -> str | None:
+        """The key of obj's controller of that kind, if it is still stored."""
+        namespace = obj["metadata"].get("namespace", "default")
+        view = self.view()
+        for ref in obj["metadata"].get("ownerReferences", []):
+            key = f"{kind}/{namespace}/{ref['name']}"
+            if ref.get("controller") and ref["kind"] == kind and \
+                    view.objects.get(key, {}).get("metadata", {}).get("uid") == ref.get("uid"):
+                return key
+        return None
 
     def scale(self, namespace: str, name: str, replicas: int) -> Outcome:
         if replicas < 0:
@@ -262,19 +306,21 @@ class Cluster:
         return self.settle(Outcome([f"deployment.apps/{name} scaled"]))
 
     def rollout_restart(self, namespace: str, name: str, on_step: Callable[[str], None] | None = None) -> Outcome:
+        """As kubectl: a restartedAt annotation on the template, so a new ReplicaSet rolls out."""
         key = f"Deployment/{namespace}/{name}"
         deployment = self.view().objects.get(key)
         if deployment is None:
             raise KproxyError(f"deployment {namespace}/{name} not found")
         deployment = json.loads(json.dumps(deployment))
         template_meta = deployment["spec"]["template"].setdefault("metadata", {})
-        template_meta.setdefault("annotations", {})["kubectl.kubernetes.io/restartedAt"] = now_iso()
+        template_meta.setdefault("annotations", {})["kubectl.kubernetes.io/restartedAt"] = controllers.now_iso()
         self.store.write({key: deployment})
         self._reconcile_deployment(key, on_step)
         return self.settle(Outcome([f"deployment.apps/{name} restarted"]))
 
     def delete(self, targets: list[tuple[str, str, str]]) -> Outcome:
-        """targets: (kind, namespace, name); a missing one is an error naming it."""
+        """targets: (kind, namespace, name); a missing one is an error naming it. What a deleted
+        object owned goes with it; a controller replaces a pod or ReplicaSet it still wants."""
         view = self.view()
         outcome = Outcome()
         for kind, namespace, name in targets:
@@ -289,10 +335,18 @@ class Cluster:
                 continue
             if kind == "Pod":
                 self._remove_pod(obj)
+                owner = self._owner(obj, "ReplicaSet")
+                if owner is not None:
+                    self._scale_replica_set(owner, self._replicas(owner))
+            elif kind == "ReplicaSet":
+                self._remove_replica_set(obj)
+                owner = self._owner(obj, "Deployment")
+                if owner is not None:
+                    self._reconcile_deployment(owner)
             elif kind == "Deployment":
                 self.store.write({key: None})
-                for pod in controllers.owned_pods(obj, self.view().of_kind("Pod")):
-                    self._remove_pod(pod)
+                for replica_set in controllers.owned(obj, self.view().of_kind("ReplicaSet")):
+                    self._remove_replica_set(replica_set)
             else:
                 self.store.write({key: None})
             outcome.changed.append(f"{kind.lower()}/{name} deleted")
@@ -300,10 +354,9 @@ class Cluster:
 
 
 def _same(old: Obj, new: Obj) -> bool:
-    strip = ("uid", "creationTimestamp")
     def clean(obj: Obj) -> Obj:
         out = {k: v for k, v in obj.items() if k != "status"}
-        out["metadata"] = {k: v for k, v in obj["metadata"].items() if k not in strip}
+        out["metadata"] = {k: v for k, v in obj["metadata"].items() if k not in IDENTITY}
         return out
     return clean(old) == clean(new)
 

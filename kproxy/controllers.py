@@ -1,8 +1,10 @@
 """The control plane's decisions, as pure functions over Kubernetes-shaped objects.
 
-Allocation of ClusterIPs and NodePorts, EndpointSlices from Service selectors
-and pod readiness (the endpoint-slice controller), and the pods a Deployment
-wants (the ReplicaSet controller, without ReplicaSet objects).
+Allocation of ClusterIPs and NodePorts; EndpointSlices and Endpoints from
+Service selectors and pod readiness (the endpoint-slice and endpoints
+controllers); the ReplicaSet a Deployment's template wants and the pods a
+ReplicaSet makes (the deployment and ReplicaSet controllers), with their
+status; and the kubelet's pod status.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ import hashlib
 import ipaddress
 import json
 import random
-import string
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from kproxy.errors import KproxyError
 from kproxy.proxy.source import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
-from kproxy.store import key_of
+from kproxy.store import carry_identity, key_of, timestamp
 
 Obj = dict[str, Any]
 SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
 FIRST_DYNAMIC_IP = SERVICE_CIDR.network_address + 10  # .1 is the kubernetes Service's, .10 often DNS
 NODE_PORT_RANGE = range(30000, 32768)
 POD_TEMPLATE_HASH = "pod-template-hash"
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+ENDPOINTSLICE_CONTROLLER = "endpointslice-controller.k8s.io"
+SAFE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery's rand: no vowels, no look-alikes
+MAX_GENERATE_NAME_PREFIX = 58  # 63 less the five random characters
 
 
 def now_iso() -> str:
@@ -131,11 +136,13 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: dict[str, Obj]) -> dict[str, Obj]:
+def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Obj]) -> dict[str, Obj]:
     """The EndpointSlices for one Service: pods grouped by their resolved port numbers.
 
-    previous (key -> slice) keeps the trigger-time annotation of unchanged slices,
-    so network programming latency is measured from the change that caused it.
+    previous (key -> slice) keeps the name, identity and trigger-time annotation
+    of the Service's slices whose ports are unchanged, so network programming
+    latency is measured from the change that caused it. New slices are named
+    like Kubernetes' (generateName "<service>-").
     """
     meta, spec = service["metadata"], service["spec"]
     namespace = meta.get("namespace", "default")
@@ -153,43 +160,99 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: dict[str, Obj])
             continue  # like Kubernetes: a pod without the named port is not an endpoint
         terminating = pod_is_terminating(pod)
         ready = pod_is_ready(pod) and not terminating
+        target = {"kind": "Pod", "namespace": namespace, "name": pmeta["name"]}
+        if pmeta.get("uid"):
+            target["uid"] = pmeta["uid"]
         groups.setdefault(tuple(r for r in resolved if r is not None), []).append({
             "addresses": [ip],
             "conditions": {"ready": ready, "serving": pod_is_ready(pod), "terminating": terminating},
             "nodeName": pod["spec"].get("nodeName", ""),
-            "targetRef": {"kind": "Pod", "namespace": namespace, "name": pmeta["name"]},
+            "targetRef": target,
         })
     if not groups and selector:
         groups[tuple(int(p["targetPort"]) if isinstance(p.get("targetPort"), int) else int(p["port"])
                      for p in spec.get("ports", []))] = []
+    mine = {tuple(p["port"] for p in s["ports"]): s for s in previous.values()
+            if s["metadata"].get("namespace") == namespace
+            and s["metadata"].get("labels", {}).get(SERVICE_NAME_LABEL) == meta["name"]}
+    prefix = f"{meta['name']}-"[:MAX_GENERATE_NAME_PREFIX]
+    taken = {s["metadata"]["name"] for s in mine.values()}
     out = {}
-    for index, (numbers, endpoints) in enumerate(sorted(groups.items())):
-        name = meta["name"] if index == 0 else f"{meta['name']}-{index}"
-        key = key_of("EndpointSlice", namespace, name)
+    for numbers, endpoints in sorted(groups.items()):
+        old = mine.get(numbers)
+        name = old["metadata"]["name"] if old else _generated_name(prefix, taken)
+        taken.add(name)
         slice_: Obj = {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
-            "metadata": {"name": name, "namespace": namespace, "labels": {SERVICE_NAME_LABEL: meta["name"]},
+            "metadata": {"name": name, "generateName": prefix, "namespace": namespace,
+                         "labels": {SERVICE_NAME_LABEL: meta["name"], MANAGED_BY_LABEL: ENDPOINTSLICE_CONTROLLER},
                          "annotations": {}},
             "addressType": "IPv4",
             "endpoints": sorted(endpoints, key=lambda e: e["addresses"][0]),
             "ports": [{"name": p.get("name") or "", "port": n, "protocol": p.get("protocol", "TCP")}
                       for p, n in zip(spec.get("ports", []), numbers)],
         }
-        old = previous.get(key)
+        if meta.get("uid"):
+            slice_["metadata"]["ownerReferences"] = [controller_ref(service)]
         same = old is not None and {k: v for k, v in old.items() if k != "metadata"} == \
             {k: v for k, v in slice_.items() if k != "metadata"}
         slice_["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] = (
             old["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] if same and old is not None else now_iso())
-        out[key] = slice_
+        out[key_of("EndpointSlice", namespace, name)] = carry_identity(slice_, old)
     return out
 
 
-def all_endpoint_slices(services: Iterable[Obj], pods: list[Obj], previous: dict[str, Obj]) -> dict[str, Obj | None]:
-    """Store changes that make every Service's EndpointSlices current (None deletes)."""
+def endpoints_object(service: Obj, slices: Iterable[Obj]) -> Obj:
+    """The v1 Endpoints of a Service (what `kubectl get endpoints` lists), mirrored from its
+    slices as the endpoints controller would: ready addresses, not-ready ones, terminating ones left out."""
+    meta = service["metadata"]
+    subsets = []
+    for slice_ in slices:
+        ready: list[Obj] = []
+        not_ready: list[Obj] = []
+        for endpoint in slice_["endpoints"]:
+            if endpoint["conditions"]["terminating"]:
+                continue
+            address = {"ip": endpoint["addresses"][0], "nodeName": endpoint["nodeName"],
+                       "targetRef": endpoint["targetRef"]}
+            (ready if endpoint["conditions"]["ready"] else not_ready).append(address)
+        subset: Obj = {"ports": [dict(p) if p["name"] else {k: v for k, v in p.items() if k != "name"}
+                                 for p in slice_["ports"]]}
+        if ready:
+            subset["addresses"] = ready
+        if not_ready:
+            subset["notReadyAddresses"] = not_ready
+        if ready or not_ready:
+            subsets.append(subset)
+    out: Obj = {"apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default"),
+                             "labels": dict(meta.get("labels") or {})}}
+    if subsets:
+        out["subsets"] = subsets
+    return out
+
+
+def all_endpoint_slices(services: Iterable[Obj], pods: list[Obj],
+                        previous: Mapping[str, Obj]) -> dict[str, Obj | None]:
+    """Store changes that make every Service's EndpointSlices and Endpoints current (None deletes).
+
+    previous: the store's EndpointSlice and Endpoints objects, by key."""
+    by_service: dict[tuple[str, str], dict[str, Obj]] = {}
+    for key, obj in previous.items():
+        if obj["kind"] == "EndpointSlice":
+            owner = (obj["metadata"].get("namespace", "default"), obj["metadata"]["labels"].get(SERVICE_NAME_LABEL, ""))
+            by_service.setdefault(owner, {})[key] = obj
     wanted: dict[str, Obj] = {}
     for service in services:
-        wanted.update(endpoint_slices(service, pods, previous))
+        if not service["spec"].get("selector"):
+            continue  # no managed endpoints, as in Kubernetes
+        slices = endpoint_slices(service, pods, by_service.get((service["metadata"].get("namespace", "default"),
+                                                                service["metadata"]["name"]), {}))
+        wanted.update(slices)
+        endpoints = endpoints_object(service, slices.values())
+        key = obj_key(endpoints)
+        wanted[key] = carry_identity(endpoints, previous.get(key))
     changes: dict[str, Obj | None] = {k: v for k, v in wanted.items() if previous.get(k) != v}
     for key in previous:
         if key not in wanted:
@@ -197,39 +260,172 @@ def all_endpoint_slices(services: Iterable[Obj], pods: list[Obj], previous: dict
     return changes
 
 
-# Deployments ---------------------------------------------------------------
+# Owners ----------------------------------------------------------------------
+
+def controller_ref(owner: Obj) -> Obj:
+    """The ownerReference a controller puts on what it makes (it needs the owner's uid: a stored owner)."""
+    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def owned(owner: Obj, objects: Iterable[Obj]) -> list[Obj]:
+    """The objects whose controller is owner (by uid, as Kubernetes' garbage collector matches them)."""
+    uid = owner["metadata"].get("uid")
+    return [o for o in objects
+            if any(r.get("controller") and r.get("uid") == uid for r in o["metadata"].get("ownerReferences", []))]
+
+
+# Deployments and ReplicaSets ---------------------------------------------------
+
+def _random_string(length: int) -> str:
+    return "".join(random.choices(SAFE_ALPHABET, k=length))
+
+
+def _generated_name(prefix: str, taken: set[str]) -> str:
+    """metadata.generateName: the prefix and five random characters, as the API server does."""
+    while True:
+        name = prefix + _random_string(5)
+        if name not in taken:
+            return name
+
 
 def template_hash(deployment: Obj) -> str:
+    """The pod-template-hash: a 32-bit hash of the pod template (FNV-32a in Kubernetes),
+    written in Kubernetes' safe alphabet (rand.SafeEncodeString of its decimal form)."""
     template = json.dumps(deployment["spec"]["template"], sort_keys=True).encode()
-    return hashlib.sha256(template).hexdigest()[:10]
+    number = int.from_bytes(hashlib.sha256(template).digest()[:4], "big")
+    return "".join(SAFE_ALPHABET[ord(digit) % len(SAFE_ALPHABET)] for digit in str(number))
 
 
-def _suffix() -> str:
-    return "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
-
-
-def new_pod_for(deployment: Obj, existing_names: set[str]) -> Obj:
-    meta, template = deployment["metadata"], deployment["spec"]["template"]
+def replica_set_for(deployment: Obj, replicas: int) -> Obj:
+    """The ReplicaSet running the Deployment's current template: <deployment>-<pod-template-hash>."""
+    meta, spec = deployment["metadata"], deployment["spec"]
     phash = template_hash(deployment)
-    while True:
-        name = f"{meta['name']}-{phash}-{_suffix()}"
-        if name not in existing_names:
-            break
-    labels = dict(template.get("metadata", {}).get("labels") or {})
-    labels[POD_TEMPLATE_HASH] = phash
+    template = json.loads(json.dumps(spec["template"]))
+    template_meta = template.setdefault("metadata", {})
+    template_meta["labels"] = {**(template_meta.get("labels") or {}), POD_TEMPLATE_HASH: phash}
+    selector = json.loads(json.dumps(spec["selector"]))
+    selector["matchLabels"] = {**(selector.get("matchLabels") or {}), POD_TEMPLATE_HASH: phash}
     return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": meta.get("namespace", "default"), "labels": labels,
-                     "ownerReferences": [{"kind": "Deployment", "name": meta["name"]}]},
-        "spec": json.loads(json.dumps(template.get("spec", {}))),
-        "status": {"phase": "Pending"},
+        "apiVersion": "apps/v1",
+        "kind": "ReplicaSet",
+        "metadata": {"name": f"{meta['name']}-{phash}", "namespace": meta.get("namespace", "default"),
+                     "labels": dict(template_meta["labels"]), "ownerReferences": [controller_ref(deployment)]},
+        "spec": {"replicas": replicas, "selector": selector, "template": template},
+        "status": {"replicas": 0},
     }
 
 
-def owned_pods(deployment: Obj, pods: Iterable[Obj]) -> list[Obj]:
-    meta = deployment["metadata"]
-    return [p for p in pods
-            if p["metadata"].get("namespace", "default") == meta.get("namespace", "default")
-            and any(o.get("kind") == "Deployment" and o.get("name") == meta["name"]
-                    for o in p["metadata"].get("ownerReferences", []))]
+def new_pod_for(replica_set: Obj, existing_names: set[str]) -> Obj:
+    """A pod of the ReplicaSet: named <replicaset>-<5 random characters>, owned by it."""
+    meta, template = replica_set["metadata"], replica_set["spec"]["template"]
+    template_meta = template.get("metadata") or {}
+    prefix = f"{meta['name']}-"[:MAX_GENERATE_NAME_PREFIX]
+    pod_meta: Obj = {"name": _generated_name(prefix, existing_names), "generateName": prefix,
+                     "namespace": meta.get("namespace", "default"), "labels": dict(template_meta.get("labels") or {}),
+                     "ownerReferences": [controller_ref(replica_set)]}
+    if template_meta.get("annotations"):
+        pod_meta["annotations"] = dict(template_meta["annotations"])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta,
+            "spec": json.loads(json.dumps(template.get("spec", {}))), "status": {"phase": "Pending"}}
+
+
+def pods_to_remove(pods: list[Obj], count: int) -> list[Obj]:
+    """Which pods a ReplicaSet scaling down removes first, as Kubernetes ranks them:
+    unready before ready, then more restarts, then the newest."""
+    newest_first = sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True)
+    ranked = sorted(newest_first, key=lambda p: (pod_is_ready(p), -restart_count(p)))
+    return ranked[:max(0, count)]
+
+
+def workload_statuses(objects: Mapping[str, Obj]) -> dict[str, Obj]:
+    """ReplicaSets' and Deployments' status counted from their pods: the changed objects by key."""
+    pods = [o for k, o in objects.items() if k.startswith("Pod/") and not pod_is_terminating(o)]
+    sets = [o for k, o in objects.items() if k.startswith("ReplicaSet/")]
+    changes: dict[str, Obj] = {}
+    counted: dict[str, Obj] = {}
+    for replica_set in sets:
+        mine = owned(replica_set, pods)
+        ready = sum(1 for p in mine if pod_is_ready(p))
+        status: Obj = {"replicas": len(mine), "fullyLabeledReplicas": len(mine)}
+        if ready:
+            status |= {"readyReplicas": ready, "availableReplicas": ready}  # minReadySeconds 0
+        counted[replica_set["metadata"]["uid"]] = status
+        if replica_set.get("status") != status:
+            changes[obj_key(replica_set)] = _with_status(replica_set, status)
+    for key, deployment in objects.items():
+        if not key.startswith("Deployment/"):
+            continue
+        mine = owned(deployment, sets)
+        current = next((rs for rs in mine if rs["metadata"]["name"] ==
+                        f"{deployment['metadata']['name']}-{template_hash(deployment)}"), None)
+        total = {field_: sum(counted[rs["metadata"]["uid"]].get(field_, 0) for rs in mine)
+                 for field_ in ("replicas", "readyReplicas", "availableReplicas")}
+        status = {"replicas": total["replicas"],
+                  "updatedReplicas": counted[current["metadata"]["uid"]]["replicas"] if current else 0,
+                  "readyReplicas": total["readyReplicas"], "availableReplicas": total["availableReplicas"]}
+        unavailable = int(deployment["spec"].get("replicas", 1)) - total["availableReplicas"]
+        status = {k: v for k, v in status.items() if v}  # zero counts are omitted, as in Kubernetes
+        if unavailable > 0:
+            status["unavailableReplicas"] = unavailable
+        if deployment.get("status") != status:
+            changes[key] = _with_status(deployment, status)
+    return changes
+
+
+def _with_status(obj: Obj, status: Obj) -> Obj:
+    return {**obj, "metadata": dict(obj["metadata"]), "status": status}
+
+
+# Pod status (the kubelet's) ----------------------------------------------------
+
+def restart_count(pod: Obj) -> int:
+    return sum(int(c.get("restartCount", 0)) for c in pod.get("status", {}).get("containerStatuses", []))
+
+
+def pod_status(pod: Obj, ip: str, host_ip: str, ready: bool) -> Obj:
+    """A running pod's status as the kubelet reports it; conditions keep their transition
+    time and containers their restarts from the pod's previous status."""
+    now = timestamp()
+    old = pod.get("status") or {}
+    before = {c["type"]: c for c in old.get("conditions", [])}
+    ready_text = "True" if ready else "False"
+
+    def condition(kind: str, status: str) -> Obj:
+        same = before.get(kind, {}).get("status") == status
+        return {"type": kind, "status": status,
+                "lastTransitionTime": before[kind]["lastTransitionTime"] if same else now}
+
+    previous = {c["name"]: c for c in old.get("containerStatuses", [])}
+    containers = []
+    for container in pod["spec"].get("containers", []):
+        was = previous.get(container["name"], {})
+        containers.append({"name": container["name"], "image": container.get("image", ""), "imageID": "",
+                           "ready": ready, "started": True, "restartCount": was.get("restartCount", 0),
+                           "state": was.get("state") or {"running": {"startedAt": now}},
+                           "lastState": was.get("lastState", {})})
+    return {
+        "phase": "Running",
+        "conditions": [condition("PodReadyToStartContainers", "True"), condition("Initialized", "True"),
+                       condition("Ready", ready_text), condition("ContainersReady", ready_text),
+                       condition("PodScheduled", "True")],
+        "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+        "podIP": ip, "podIPs": [{"ip": ip}],
+        "startTime": old.get("startTime", now),
+        "containerStatuses": containers,
+        "qosClass": "BestEffort",
+    }
+
+
+def record_restart(pod: Obj, exit_code: int) -> Obj:
+    """The pod after its workload was restarted (what a supervisor writes to the store): each
+    container's restartCount + 1, the ended run as lastState.terminated, a new run started now."""
+    now = timestamp()
+    pod = json.loads(json.dumps(pod))
+    for container in pod.get("status", {}).get("containerStatuses", []):
+        started = (container.get("state") or {}).get("running", {}).get("startedAt", now)
+        container["restartCount"] = int(container.get("restartCount", 0)) + 1
+        container["lastState"] = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0
+                                                 else "Error", "startedAt": started, "finishedAt": now}}
+        container["state"] = {"running": {"startedAt": now}}
+    return pod

@@ -24,7 +24,8 @@ How one run works (one guest per test session, never one per test):
    into the real root.
 3. The command runs as root in the guest's own root namespace (the guest is
    disposable: anything goes inside) from the same working directory, with
-   ``KPROXY_IN_GUEST=1``; its output goes to the run directory's
+   ``KPROXY_IN_GUEST=1`` and no kernel module loaded beforehand (a fresh VM:
+   kproxy loads what it needs itself, kproxy/kmod.py); its output goes to the run directory's
    ``console.log``, its exit status to ``status``; then the guest powers off.
 
     python -m kproxy.guest build             # make the cache (idempotent)
@@ -57,9 +58,6 @@ CPUS = 2
 MEMORY_MIB = 2048
 XZ_MAGIC = b"\xfd7zXZ\x00"
 IN_GUEST_ENV = "KPROXY_IN_GUEST"
-# Loaded before the command runs, as on a Kubernetes node: br_netfilter makes bridged (same-node)
-# pod traffic pass netfilter, so replies of a same-node endpoint are un-NATed; ip_vs for the IPVS tests.
-GUEST_MODULES = ("br_netfilter", "ip_vs", "dummy")
 
 
 class GuestError(RuntimeError):
@@ -255,43 +253,44 @@ def build_initramfs(root: Path, version: str, out: Path) -> None:
 
 @dataclass
 class GuestRun:
-    status: int  # the command's exit status; -1 when the guest never reported one
-    run_dir: Path  # the results share: console.log, status, and whatever the command wrote there
+    status: int  # the command's exit status
+    console: str  # what the command printed (stdout and stderr)
     seconds: float
-
-    @property
-    def console(self) -> str:
-        try:
-            return (self.run_dir / "console.log").read_text(errors="replace")
-        except OSError:
-            return ""
-
-    @property
-    def qemu_log(self) -> str:
-        try:
-            return (self.run_dir / "qemu.log").read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 def run(argv: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 1800,
         run_dir: Path | None = None, log=print) -> GuestRun:
-    """Boot a guest, run argv in cwd as root, power off. Raises GuestError if the guest itself fails."""
+    """Boot a guest, run argv in cwd as root, power off. Raises GuestError if the guest itself fails.
+
+    run_dir: the results share (console.log, status, whatever the command writes there), kept for
+    the caller; without one, a temporary directory that is removed afterwards."""
     reason = unavailable_reason()
     if reason:
         raise GuestError(reason)
     kernel = ensure_kernel(log=log)
     if run_dir is None:
-        run_dir = Path(tempfile.mkdtemp(prefix="kproxy-guest-"))
-    run_dir = run_dir.resolve()
+        with tempfile.TemporaryDirectory(prefix="kproxy-guest-") as tmp:
+            return _boot(kernel, argv, cwd, env, timeout, Path(tmp), log)
+    return _boot(kernel, argv, cwd, env, timeout, run_dir.resolve(), log)
+
+
+def _console(run_dir: Path) -> str:
+    try:
+        return (run_dir / "console.log").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _boot(kernel: Kernel, argv: list[str], cwd: Path, env: dict[str, str] | None, timeout: float, run_dir: Path,
+          log) -> GuestRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("status", "console.log"):
         (run_dir / stale).unlink(missing_ok=True)
     exports = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
                "LANG": "C.UTF-8", IN_GUEST_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+    # Nothing is loaded before the command: the guest stands for a user's freshly booted VM, and
+    # kproxy must load what it needs itself (a preloaded br_netfilter once hid a same-node bug).
     script = ["set -e"] + [f"export {k}={shlex.quote(v)}" for k, v in exports.items()] + [
-        # What a Kubernetes node loads at boot (kubeadm's modules-load.d); built into many host kernels.
-        f"modprobe -a {' '.join(GUEST_MODULES)} || true"] + [
         f"cd {shlex.quote(str(cwd))}", "exec " + shlex.join(argv)]
     (run_dir / "command.sh").write_text("\n".join(script) + "\n")
     modules = kernel.root / "lib" / "modules"
@@ -312,14 +311,15 @@ def run(argv: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise GuestError(f"the guest did not finish within {timeout:.0f} s (console: {run_dir}/console.log)")
+            raise GuestError(f"the guest did not finish within {timeout:.0f} s; console tail:\n"
+                             f"{_console(run_dir)[-3000:]}")
     took = time.monotonic() - started
     try:
         status = int((run_dir / "status").read_text().strip())
     except (OSError, ValueError):
         raise GuestError(f"the guest reported no exit status (qemu exited {proc.returncode}); "
                          f"qemu log:\n{(run_dir / 'qemu.log').read_text(errors='replace')[-3000:]}")
-    return GuestRun(status, run_dir, took)
+    return GuestRun(status, _console(run_dir), took)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
-"""Kubernetes objects kproxy understands: parsing, validation, Kubernetes-shaped output.
+"""Kubernetes objects kproxy understands: parsing, validation, their Kubernetes form.
 
     objs = parse_manifests(Path("web.yaml").read_text(), "web.yaml")   # kproxy apply -f
-    json.dumps(to_k8s(objs[0], uid="...", creation_timestamp="..."))    # kproxy get -o json
+    to_k8s(objs[0])                                                     # what apply stores
 
 Objects: v1 Service (ClusterIP, NodePort), v1 Pod, apps/v1 Deployment, and the
 v1 List (plus ServiceList, PodList, DeploymentList) wrappers kubectl accepts.
@@ -163,42 +163,6 @@ class Deployment:
     @property
     def key(self) -> str:
         return f"Deployment/{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class SliceEndpoint:
-    address: str
-    node_name: str = ""
-    pod_name: str = ""  # targetRef (a Pod in the slice's namespace); "" for none
-    pod_uid: str = ""
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
-
-
-@dataclass(frozen=True)
-class SlicePort:
-    port: int
-    name: str = ""
-    protocol: str = "TCP"
-
-
-@dataclass(frozen=True)
-class EndpointSlice:
-    """Output only (kproxy get): the controllers decide the contents and the name."""
-
-    kind: ClassVar[str] = "EndpointSlice"
-    api_version: ClassVar[str] = "discovery.k8s.io/v1"
-
-    name: str
-    service_name: str
-    namespace: str = "default"
-    endpoints: tuple[SliceEndpoint, ...] = ()
-    ports: tuple[SlicePort, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"EndpointSlice/{self.namespace}/{self.name}"
 
 
 Obj = Service | Pod | Deployment
@@ -615,8 +579,8 @@ def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[st
 # --- Kubernetes-shaped output --------------------------------------------------------------
 
 
-def _metadata(name: str, namespace: str | None, labels: Mapping[str, str], annotations: Mapping[str, str],
-              uid: str, creation_timestamp: str) -> dict[str, Any]:
+def _metadata(name: str, namespace: str | None, labels: Mapping[str, str],
+              annotations: Mapping[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if namespace is not None:
         meta["namespace"] = namespace
@@ -624,10 +588,6 @@ def _metadata(name: str, namespace: str | None, labels: Mapping[str, str], annot
         meta["labels"] = dict(labels)
     if annotations:
         meta["annotations"] = dict(annotations)
-    if uid:
-        meta["uid"] = uid
-    if creation_timestamp:
-        meta["creationTimestamp"] = creation_timestamp
     return meta
 
 
@@ -649,11 +609,11 @@ def _pod_spec_k8s(spec: PodSpec) -> dict[str, Any]:
     return out
 
 
-def to_k8s(obj: Obj | EndpointSlice, *, uid: str = "", creation_timestamp: str = "", **status: Any) -> dict[str, Any]:
-    """The object as `kubectl get -o json` prints it; keyword arguments beyond uid and
-    creation_timestamp become .status fields verbatim (podIP="10.244.1.5", readyReplicas=3, ...)."""
-    meta = _metadata(obj.name, obj.namespace, getattr(obj, "labels", {}), getattr(obj, "annotations", {}),
-                     uid, creation_timestamp)
+def to_k8s(obj: Obj, **status: Any) -> dict[str, Any]:
+    """The object in its Kubernetes form, as `kproxy apply` stores it (the store adds uid,
+    creationTimestamp and resourceVersion); keyword arguments become .status fields
+    verbatim (podIP="10.244.1.5", readyReplicas=3, ...)."""
+    meta = _metadata(obj.name, obj.namespace, obj.labels, obj.annotations)
     out: dict[str, Any] = {"apiVersion": obj.api_version, "kind": obj.kind, "metadata": meta}
     if isinstance(obj, Service):
         out["spec"] = _service_spec_k8s(obj)
@@ -661,7 +621,7 @@ def to_k8s(obj: Obj | EndpointSlice, *, uid: str = "", creation_timestamp: str =
     elif isinstance(obj, Pod):
         out["spec"] = _pod_spec_k8s(obj.spec)
         out["status"] = dict(status)
-    elif isinstance(obj, Deployment):
+    else:
         tmeta: dict[str, Any] = {"labels": dict(obj.template.labels)}
         if obj.template.annotations:
             tmeta["annotations"] = dict(obj.template.annotations)
@@ -671,14 +631,6 @@ def to_k8s(obj: Obj | EndpointSlice, *, uid: str = "", creation_timestamp: str =
         out["spec"] = {"replicas": obj.replicas, "selector": obj.selector.to_match(), "strategy": strategy,
                        "template": {"metadata": tmeta, "spec": _pod_spec_k8s(obj.template.spec)}}
         out["status"] = dict(status)
-    else:
-        if status:
-            raise TypeError("an EndpointSlice has no status")
-        meta["labels"] = {"endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-                          "kubernetes.io/service-name": obj.service_name}
-        out["addressType"] = "IPv4"
-        out["endpoints"] = [_slice_endpoint_k8s(e, obj.namespace) for e in obj.endpoints] or None
-        out["ports"] = [{"name": p.name, "port": p.port, "protocol": p.protocol} for p in obj.ports]
     return out
 
 
@@ -704,39 +656,3 @@ def _service_spec_k8s(svc: Service) -> dict[str, Any]:
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": svc.affinity_timeout_seconds}}
     spec["type"] = svc.type
     return spec
-
-
-def _slice_endpoint_k8s(e: SliceEndpoint, namespace: str) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "addresses": [e.address],
-        "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
-    }
-    if e.node_name:
-        d["nodeName"] = e.node_name
-    if e.pod_name:
-        ref = {"kind": "Pod", "name": e.pod_name, "namespace": namespace}
-        if e.pod_uid:
-            ref["uid"] = e.pod_uid
-        d["targetRef"] = ref
-    return d
-
-
-def node_to_k8s(name: str, ip: str, pod_cidr: str, labels: Mapping[str, str] | None = None, *,
-                ready: bool = True, uid: str = "", creation_timestamp: str = "") -> dict[str, Any]:
-    """A lab node as `kubectl get node -o json` prints it (cluster-scoped: no namespace)."""
-    all_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"} | dict(labels or {})
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": _metadata(name, None, all_labels, {}, uid, creation_timestamp),
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        },
-    }
-
-
-def k8s_list(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """What `kubectl get ... -o json` prints for several objects."""
-    return {"apiVersion": "v1", "items": list(items), "kind": "List", "metadata": {"resourceVersion": ""}}

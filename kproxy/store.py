@@ -10,6 +10,11 @@ a writer folds it into a new snapshot (atomic rename) and starts a new
 journal file; watchers notice the new file and reload.
 
 Keys are "Kind/namespace/name" ("Node/name" for cluster-scoped objects).
+
+Like the API server, a write stamps every object it stores: metadata.uid and
+creationTimestamp when the object has none yet (a writer updating an object
+carries them over from the old one, see carry_identity), and
+metadata.resourceVersion, the version of this write.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
 Obj = dict[str, Any]
@@ -28,6 +35,30 @@ JOURNAL = "journal.jsonl"
 VERSION = "version"  # the latest version, so a writer need not read the whole store
 LOCK = "lock"
 COMPACT_MIN_BYTES = 1 << 20
+
+
+def timestamp() -> str:
+    """Now as Kubernetes prints a metav1.Time: RFC 3339 in UTC, whole seconds."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+IDENTITY = ("uid", "creationTimestamp", "resourceVersion")
+
+
+def carry_identity(obj: Obj, old: Obj | None) -> Obj:
+    """An update of old keeps its uid, creationTimestamp and (until written) resourceVersion; returns obj."""
+    if old is not None:
+        for name in IDENTITY:
+            if name in old["metadata"]:
+                obj["metadata"][name] = old["metadata"][name]
+    return obj
+
+
+def _stamp(obj: Obj, version: int, now: str) -> None:
+    meta = obj["metadata"]
+    meta.setdefault("uid", str(uuid.uuid4()))
+    meta.setdefault("creationTimestamp", now)
+    meta["resourceVersion"] = str(version)
 
 
 def key_of(kind: str, namespace: str, name: str) -> str:
@@ -90,9 +121,13 @@ class Store:
             return 0
 
     def write(self, changes: Mapping[str, Obj | None]) -> int:
-        """Apply a batch atomically; returns the new version."""
+        """Apply a batch atomically, stamping its objects in place; returns the new version."""
         with self._locked():
             version = self.version() + 1
+            now = timestamp()
+            for obj in changes.values():
+                if obj is not None:
+                    _stamp(obj, version, now)
             line = json.dumps({"v": version, "changes": dict(changes)}, separators=(",", ":")) + "\n"
             with open(self.dir / JOURNAL, "ab") as journal:
                 journal.write(line.encode())

@@ -1,21 +1,28 @@
-"""The guest lane of the test suite: `@pytest.mark.ipvs` tests on a kernel that has IPVS.
+"""The guest lane of the test suite: tests that need Debian's stock kernel, freshly booted.
 
-Where the host kernel has IPVS (``/proc/net/ip_vs``, or an ``ip_vs`` module
-``modprobe -n`` finds), ipvs tests run natively like any other test. Where it
-has not, the session boots ONE QEMU guest before the tests run (kproxy/guest.py:
+Two marks send a test there:
+- ``@pytest.mark.ipvs``: needs IPVS. Where the host kernel has IPVS
+  (``/proc/net/ip_vs``, or an ``ip_vs`` module ``modprobe -n`` finds), these
+  run natively like any other test; where it has not, in the guest.
+- ``@pytest.mark.guest``: always in the guest. It stands for a user's fresh VM
+  (the Vagrant box's kernel, nothing preloaded), where modules this host has
+  built in are modules nothing has loaded yet: what kproxy must load itself.
+
+The session boots ONE QEMU guest before the tests run (kproxy/guest.py:
 Debian's stock kernel, the host's ``/`` read-only under a tmpfs overlay) that
-runs every collected ipvs test in one pytest session; each test's own report
+runs every collected guest-lane test in one pytest session; each test's own report
 (outcome, failure text, captured output, duration) comes back through the
 writable share, serialized by pytest itself, and is reported on the host as
 that test's result. The host never sets up those tests' fixtures.
 
-Never a silent skip: with no IPVS and no way to boot the guest, or when the
-guest dies, each ipvs test fails with the reason. Without root, kernel tests
+Never a silent skip: with no way to boot the guest, or when the guest dies,
+each of its tests fails with the reason. Without root, kernel tests
 are expected failures as everywhere else in the suite (tests/conftest.py).
 
 Settings: KPROXY_GUEST_TIMEOUT (seconds for the whole guest session),
-KPROXY_GUEST=never (treat the host as having no guest: fail) or
-KPROXY_GUEST=always (use the guest even where the host has IPVS).
+KPROXY_GUEST=never (treat the host as having no guest: fail),
+KPROXY_GUEST=always (ipvs tests in the guest even where the host has IPVS) or
+KPROXY_GUEST=native (ipvs tests on this kernel; guest-marked ones still boot a guest).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from _pytest.reports import TestReport
 
 from kproxy import guest
 
-MARK = "ipvs"
+IPVS_MARK = "ipvs"
+FRESH_MARK = "guest"
 REPORT_ENV = "KPROXY_GUEST_REPORT"  # in the guest: where to write the reports
 SELECT_ENV = "KPROXY_GUEST_SELECT"  # in the guest: the node ids to run
 
@@ -66,10 +74,11 @@ class GuestSide:
 
 
 class HostSide:
-    """On a host without IPVS: run the ipvs tests in one guest, report each one here."""
+    """On the host: run the guest-lane tests in one guest, report each one here."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, ipvs_in_guest: bool) -> None:
         self.config = config
+        self.ipvs_in_guest = ipvs_in_guest
         self.items: list[pytest.Item] = []
         self.reports: dict[str, list[TestReport]] | None = None
         self.error = ""
@@ -77,10 +86,10 @@ class HostSide:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        self.items = [item for item in items if item.get_closest_marker(MARK)]
+        self.items = [item for item in items if self._intercepts(item)]
 
     def _intercepts(self, item: pytest.Item) -> bool:
-        if not item.get_closest_marker(MARK):
+        if not (item.get_closest_marker(FRESH_MARK) or (self.ipvs_in_guest and item.get_closest_marker(IPVS_MARK))):
             return False
         xfail = item.get_closest_marker("xfail")
         return not (xfail and xfail.kwargs.get("run") is False)  # e.g. kernel tests without root
@@ -112,7 +121,7 @@ class HostSide:
     def _failure(self, item: pytest.Item) -> TestReport:
         text = self.error or "the guest ran but reported nothing for this test (see its console log)"
         return TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed",
-                          f"IPVS test not run: {text}", "call", [], 0.0)
+                          f"guest-lane test not run: {text}", "call", [], 0.0)
 
     def _run_guest(self) -> None:
         self.reports = {}
@@ -120,9 +129,8 @@ class HostSide:
         reason = "" if os.environ.get("KPROXY_GUEST") != "never" else "KPROXY_GUEST=never"
         reason = reason or guest.unavailable_reason()
         if reason:
-            self.error = (f"this kernel has no IPVS and no QEMU guest can be booted: {reason}. "
-                          "Run on a kernel with IPVS (e.g. the Vagrant VM) or install the guest lane's "
-                          "packages (sudo scripts/setup).")
+            self.error = (f"this test runs in a QEMU guest booting Debian's stock kernel, and none can be booted: "
+                          f"{reason}. Install the guest lane's packages (scripts/setup, as root).")
             return
         terminal = self.config.pluginmanager.get_plugin("terminalreporter")
         run_dir = Path(tempfile.mkdtemp(prefix="kproxy-guest-"))
@@ -130,8 +138,8 @@ class HostSide:
         files = sorted({str(item.path) for item in items})
         timeout = float(os.environ.get("KPROXY_GUEST_TIMEOUT", min(3600, 300 + 90 * len(items))))
         if terminal:
-            terminal.write_line(f"\nguest lane: this kernel has no IPVS; running {len(items)} ipvs test(s) in one "
-                                f"QEMU guest (Debian's kernel, TCG; timeout {timeout:.0f} s) ...", bold=True)
+            terminal.write_line(f"\nguest lane: running {len(items)} test(s) in one QEMU guest (Debian's stock kernel, "
+                                f"freshly booted, TCG; timeout {timeout:.0f} s) ...", bold=True)
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
                 "-o", f"timeout={self.config.getini('timeout') or 300}",
                 f"--junitxml={run_dir}/junit.xml", *files]
@@ -153,7 +161,7 @@ class HostSide:
             if isinstance(report, TestReport):
                 self.reports.setdefault(report.nodeid, []).append(report)
         missing = [item.nodeid for item in items if item.nodeid not in self.reports]
-        self.summary = (f"guest lane: {len(items)} ipvs test(s) ran in a QEMU guest (kernel "
+        self.summary = (f"guest lane: {len(items)} test(s) ran in a QEMU guest (kernel "
                         f"{guest.ensure_kernel().version}) in {time.monotonic() - started:.1f} s, guest pytest exit "
                         f"status {result.status}; console log {run_dir}/console.log")
         if missing:
@@ -176,5 +184,5 @@ def configure(config: pytest.Config) -> None:
             config.pluginmanager.register(GuestSide(config, report, os.environ.get(SELECT_ENV)), "kproxy-guest-side")
         return
     mode = os.environ.get("KPROXY_GUEST", "")
-    if mode == "always" or (mode != "native" and not guest.host_has_ipvs()):
-        config.pluginmanager.register(HostSide(config), "kproxy-guest-host-side")
+    ipvs_in_guest = mode == "always" or (mode != "native" and not guest.host_has_ipvs())
+    config.pluginmanager.register(HostSide(config, ipvs_in_guest), "kproxy-guest-host-side")

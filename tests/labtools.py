@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from kproxy.lab.probe import parse_answer, probe_tcp
+from kproxy.lab.state import ns_path
 from tests.runtime import VENV_BIN
 
 KPROXY = str(VENV_BIN / "kproxy")
@@ -56,3 +58,31 @@ def pod_ip(info: dict[str, Any], pod: str) -> str:
 
 def node_ip(info: dict[str, Any], node: str) -> str:
     return next(n["ip"] for n in info["nodes"] if n["name"] == node)
+
+
+class Lab:
+    """A running lab seen as a user sees it: its pods, Services and answers."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.info = status(self.name)
+        self.services = {s["metadata"]["name"]: s for s in
+                         json.loads(kproxy("get", "svc", "--lab", self.name, "-o", "json").stdout)["items"]}
+
+    def ip(self, service: str) -> str:
+        return str(self.services[service]["spec"]["clusterIP"])
+
+    def node_port(self, service: str) -> int:
+        return int(self.services[service]["spec"]["ports"][0]["nodePort"])
+
+    def ns(self, member: str) -> str:
+        return ns_path(self.name, member)
+
+    def ask(self, member: str, ip: str, port: int, timeout: float = 3) -> dict[str, str]:
+        return parse_answer(probe_tcp(self.ns(member), ip, port, timeout=timeout))
+
+    def pods(self, selector: str) -> list[dict[str, Any]]:
+        return json.loads(kproxy("get", "pods", "--lab", self.name, "-l", selector, "-o", "json").stdout)["items"]

@@ -1,7 +1,8 @@
-"""Allocation and the endpoint-slice controller, without root."""
+"""Allocation, the endpoint-slice, deployment and ReplicaSet controllers, and pod status, without root."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -90,33 +91,131 @@ def test_a_terminating_pod_leaves_the_ready_set_and_unchanged_slices_keep_their_
     assert again == first
     pods[1]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     changed = controllers.all_endpoint_slices([service], pods, first)
-    (slice_,) = changed.values()
+    (key,) = first
+    slice_ = changed[key]  # the same slice, changed
     assert slice_ is not None
     assert [e["conditions"] for e in slice_["endpoints"]][1] == {"ready": False, "serving": True, "terminating": True}
+    endpoints = changed["Endpoints/default/web"]
+    assert endpoints is not None and [[a["ip"] for a in s["addresses"]] for s in endpoints["subsets"]] == \
+        [["10.244.1.2"]]  # the terminating pod is in neither addresses nor notReadyAddresses
 
 
-def test_deleting_a_service_deletes_its_slices() -> None:
+def test_slices_are_named_and_labelled_like_the_endpointslice_controllers() -> None:
+    service = svc("web", "10.96.0.10") | {"apiVersion": "v1"}
+    service["metadata"]["uid"] = "5b6c-service"
+    a = pod("a", "10.244.1.2")
+    a["metadata"]["uid"] = "9f1e-pod"
+    (slice_,) = controllers.endpoint_slices(service, [a], {}).values()
+    meta = slice_["metadata"]
+    assert re.fullmatch(r"web-[bcdfghjklmnpqrstvwxz2456789]{5}", meta["name"]) and meta["generateName"] == "web-"
+    assert meta["labels"] == {"kubernetes.io/service-name": "web",
+                              "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}
+    assert meta["ownerReferences"] == [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "5b6c-service",
+                                        "controller": True, "blockOwnerDeletion": True}]
+    assert slice_["endpoints"][0]["targetRef"] == {"kind": "Pod", "namespace": "default", "name": "a",
+                                                   "uid": "9f1e-pod"}
+
+
+def test_deleting_a_service_deletes_its_slices_and_endpoints() -> None:
     service = svc("web", "10.96.0.10")
-    slices = controllers.endpoint_slices(service, [pod("a", "10.244.1.2")], {})
-    assert controllers.all_endpoint_slices([], [], slices) == {key: None for key in slices}
+    current = controllers.all_endpoint_slices([service], [pod("a", "10.244.1.2")], {})
+    assert len(current) == 2 and "Endpoints/default/web" in current
+    assert controllers.all_endpoint_slices([], [], {k: v for k, v in current.items() if v}) == \
+        {key: None for key in current}
 
 
-def test_deployment_pods_carry_the_template_hash_and_an_owner() -> None:
-    deployment = {"kind": "Deployment", "metadata": {"name": "api", "namespace": "default"},
-                  "spec": {"replicas": 2, "template": {"metadata": {"labels": {"app": "api"}}, "spec": {}}}}
-    made = controllers.new_pod_for(deployment, set())
-    phash = controllers.template_hash(deployment)
-    assert made["metadata"]["name"].startswith(f"api-{phash}-")
+def deployment(replicas: int = 2) -> dict[str, Any]:
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "api", "namespace": "default", "uid": "d-uid"},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "api"}},
+                     "template": {"metadata": {"labels": {"app": "api"}},
+                                  "spec": {"containers": [{"name": "api", "image": "registry.k8s.io/pause:3.9"}]}}}}
+
+
+def stored(obj: dict[str, Any], uid: str) -> dict[str, Any]:
+    """obj as the store keeps it: with a uid and a creationTimestamp."""
+    obj["metadata"] |= {"uid": uid, "creationTimestamp": "2026-01-01T00:00:00Z"}
+    return obj
+
+
+def test_a_deployment_runs_a_replica_set_named_by_its_template_hash_whose_pods_it_owns() -> None:
+    dep = deployment()
+    phash = controllers.template_hash(dep)
+    assert re.fullmatch(r"[bcdfghjklmnpqrstvwxz2456789]{1,10}", phash)
+    rs = stored(controllers.replica_set_for(dep, 2), "rs-uid")
+    assert rs["metadata"]["name"] == f"api-{phash}"
+    assert rs["metadata"]["labels"] == {"app": "api", "pod-template-hash": phash}
+    assert rs["metadata"]["ownerReferences"] == [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "api",
+                                                  "uid": "d-uid", "controller": True, "blockOwnerDeletion": True}]
+    assert rs["spec"]["selector"] == {"matchLabels": {"app": "api", "pod-template-hash": phash}}
+    made = controllers.new_pod_for(rs, set())
+    assert re.fullmatch(rf"api-{phash}-[bcdfghjklmnpqrstvwxz2456789]{{5}}", made["metadata"]["name"])
     assert made["metadata"]["labels"] == {"app": "api", "pod-template-hash": phash}
-    assert controllers.owned_pods(deployment, [made, pod("x", "10.244.1.9")]) == [made]
+    assert made["metadata"]["ownerReferences"] == [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                                    "name": f"api-{phash}", "uid": "rs-uid", "controller": True,
+                                                    "blockOwnerDeletion": True}]
+    assert controllers.owned(rs, [made, pod("x", "10.244.1.9")]) == [made]
+    assert controllers.owned(dep, [rs]) == [rs]
 
 
-def _store(services: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def test_a_restart_annotation_changes_the_hash_so_a_new_replica_set_rolls_out() -> None:
+    dep = deployment()
+    before = controllers.replica_set_for(dep, 2)["metadata"]["name"]
+    dep["spec"]["template"]["metadata"]["annotations"] = {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}
+    assert controllers.replica_set_for(dep, 2)["metadata"]["name"] != before
+
+
+def test_scaling_down_removes_unready_pods_first_then_the_newest() -> None:
+    old, new, unready = pod("old", "10.244.1.2"), pod("new", "10.244.1.3"), pod("unready", "10.244.1.4", ready=False)
+    old["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    new["metadata"]["creationTimestamp"] = "2026-01-02T00:00:00Z"
+    unready["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
+    assert [p["metadata"]["name"] for p in controllers.pods_to_remove([old, new, unready], 2)] == ["unready", "new"]
+
+
+def test_replica_set_and_deployment_status_count_their_pods() -> None:
+    dep = stored(deployment(3), "d-uid")
+    rs = stored(controllers.replica_set_for(dep, 3), "rs-uid")
+    pods = [stored(controllers.new_pod_for(rs, set()), f"p{i}") for i in range(3)]
+    for i, made in enumerate(pods):
+        made["status"] = pod(made["metadata"]["name"], f"10.244.1.{i + 2}")["status"]
+    pods[2]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"  # leaving: not counted
+    objects = {controllers.obj_key(o): o for o in [dep, rs, *pods]}
+    changes = controllers.workload_statuses(objects)
+    assert changes[controllers.obj_key(rs)]["status"] == {"replicas": 2, "fullyLabeledReplicas": 2,
+                                                          "readyReplicas": 2, "availableReplicas": 2}
+    assert changes["Deployment/default/api"]["status"] == {"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2,
+                                                           "availableReplicas": 2, "unavailableReplicas": 1}
+    objects.update(changes)
+    assert controllers.workload_statuses(objects) == {}  # nothing more to write
+
+
+def test_pod_status_keeps_transition_times_and_restarts_and_a_restart_is_counted() -> None:
+    made = controllers.new_pod_for(stored(controllers.replica_set_for(deployment(), 2), "rs-uid"), set())
+    made["status"] = controllers.pod_status(made, "10.244.1.5", "172.18.0.2", ready=False)
+    (container,) = made["status"]["containerStatuses"]
+    assert container | {"state": None} == {"name": "api", "image": "registry.k8s.io/pause:3.9", "imageID": "",
+                                           "ready": False, "started": True, "restartCount": 0, "state": None,
+                                           "lastState": {}}
+    scheduled = next(c for c in made["status"]["conditions"] if c["type"] == "PodScheduled")
+    scheduled["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+    restarted = controllers.record_restart(made, exit_code=137)
+    assert controllers.restart_count(restarted) == 1 and controllers.restart_count(made) == 0
+    assert restarted["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] == 137
+    ready = controllers.pod_status(restarted, "10.244.1.5", "172.18.0.2", ready=True)
+    assert controllers.restart_count({"status": ready}) == 1
+    conditions = {c["type"]: c for c in ready["conditions"]}
+    assert conditions["Ready"]["status"] == "True"
+    assert conditions["PodScheduled"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"  # unchanged: kept
+
+
+def _store(services: list[dict[str, Any]], pods: list[dict[str, Any]],
+           previous: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     objects: dict[str, dict[str, Any]] = {}
+    slices = {k: v for k, v in (previous or {}).items() if k.startswith("EndpointSlice/")}
     for service in services:
         objects[f"Service/default/{service['metadata']['name']}"] = service
-        for name, slice_ in controllers.endpoint_slices(service, pods, {}).items():
-            objects[f"EndpointSlice/default/{slice_['metadata']['name']}"] = slice_
+        objects.update(controllers.endpoint_slices(service, pods, slices))
     return objects
 
 
@@ -134,7 +233,7 @@ def test_the_state_tracker_follows_changes_like_a_fresh_read_and_keeps_untouched
     assert list(first.services) == fresh().services and first.endpoints == fresh().endpoints
     # One of web's pods goes: only web's endpoints are new objects; db's and the service tuple stay.
     before = dict(objects)
-    objects.update(_store([web], pods[:1] + pods[2:]))
+    objects.update(_store([web], pods[:1] + pods[2:], objects))
     changed = {k for k in objects if objects[k] is not before.get(k)}
     second = tracker.update(objects, changed)
     assert list(second.services) == fresh().services and second.endpoints == fresh().endpoints

@@ -13,14 +13,18 @@ from pyroute2 import IPVS, IPVSService
 
 from cni.masq import IPTABLES_SAVE
 from cni.netns import entered, iproute_in
-from kproxy.proxy.ipvs import IpvsProxier
+from kproxy import kmod
+from kproxy.proxy.ipvs import IpvsProxier, kernel_modules
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 from tests.runtime import in_ns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ipvs]
 
 
-def test_the_kernel_has_ipvs_and_dummy_links(netns) -> None:
+def test_the_kernel_has_ipvs_and_dummy_links_once_kproxy_loaded_them(netns) -> None:
+    # What the IPVS proxier does first (the guest boots with nothing loaded; the kernel does not
+    # load ip_vs on the first netlink request).
+    kmod.ensure(kernel_modules())
     node = netns("node")
     with iproute_in(node) as ipr:
         ipr.link("add", ifname="kube-ipvs0", kind="dummy")

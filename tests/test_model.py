@@ -14,15 +14,10 @@ from kproxy.model import (
     Container,
     ContainerPort,
     Deployment,
-    EndpointSlice,
     Pod,
     PodSpec,
     Service,
     ServicePortSpec,
-    SliceEndpoint,
-    SlicePort,
-    k8s_list,
-    node_to_k8s,
     parse_manifests,
     parse_object,
     to_k8s,
@@ -445,10 +440,9 @@ def test_document_errors(text: str, message: str) -> None:
 def test_service_to_k8s_round_trip() -> None:
     [svc] = parse_manifests(DOCS_NODEPORT, "svc.yaml")
     allocated = Service(**{**svc.__dict__, "cluster_ip": "10.96.0.10"})
-    out = json.loads(json.dumps(to_k8s(allocated, uid="u-1", creation_timestamp="2024-01-01T00:00:00Z")))
+    out = json.loads(json.dumps(to_k8s(allocated)))
     assert out["apiVersion"] == "v1" and out["kind"] == "Service"
-    assert out["metadata"] == {"name": "service-python", "namespace": "default", "uid": "u-1",
-                               "creationTimestamp": "2024-01-01T00:00:00Z"}
+    assert out["metadata"] == {"name": "service-python", "namespace": "default"}
     assert out["spec"]["clusterIP"] == "10.96.0.10" and out["spec"]["clusterIPs"] == ["10.96.0.10"]
     assert out["spec"]["ports"] == [{"port": 3000, "protocol": "TCP", "targetPort": 80, "nodePort": 30080}]
     assert out["spec"]["type"] == "NodePort" and out["spec"]["sessionAffinity"] == "None"
@@ -482,32 +476,3 @@ def test_pod_and_deployment_round_trip() -> None:
     assert out["apiVersion"] == "apps/v1" and out["spec"]["selector"] == {"matchLabels": {"app": "nginx"}}
     assert out["spec"]["strategy"]["type"] == "RollingUpdate" and out["status"] == {"readyReplicas": 3}
     assert parse_object(out) == dep
-
-
-def test_node_endpointslice_list() -> None:
-    node = node_to_k8s("node1", "192.168.50.11", "10.244.1.0/24", {"zone": "a"})
-    assert node["kind"] == "Node" and "namespace" not in node["metadata"]
-    assert node["metadata"]["labels"] == {"kubernetes.io/hostname": "node1", "kubernetes.io/os": "linux", "zone": "a"}
-    assert {"type": "InternalIP", "address": "192.168.50.11"} in node["status"]["addresses"]
-    assert node["spec"] == {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]}
-
-    eps = EndpointSlice(
-        name="web-abc12", service_name="web",
-        endpoints=(SliceEndpoint("10.244.1.5", node_name="node1", pod_name="web-1"),
-                   SliceEndpoint("10.244.2.7", node_name="node2", ready=False, terminating=True)),
-        ports=(SlicePort(8080, name="http"),),
-    )
-    out = to_k8s(eps)
-    assert out["apiVersion"] == "discovery.k8s.io/v1" and out["addressType"] == "IPv4"
-    assert out["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
-    assert out["endpoints"][0] == {
-        "addresses": ["10.244.1.5"], "conditions": {"ready": True, "serving": True, "terminating": False},
-        "nodeName": "node1", "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default"},
-    }
-    assert out["endpoints"][1]["conditions"] == {"ready": False, "serving": True, "terminating": True}
-    assert out["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
-    assert to_k8s(EndpointSlice(name="e", service_name="web"))["endpoints"] is None
-
-    lst = k8s_list([node, out])
-    assert lst == {"apiVersion": "v1", "items": [node, out], "kind": "List", "metadata": {"resourceVersion": ""}}
-    json.dumps(lst)

@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -20,8 +20,8 @@ from cni.masq import IPTABLES_SAVE
 from cni.netns import entered
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
 from kproxy.agent import status_path
-from kproxy.lab.state import lab_dir, ns_path
-from tests.labtools import kproxy, running_lab, status
+from kproxy.lab.state import lab_dir
+from tests.labtools import Lab, kproxy, running_lab, status
 from tests.runtime import in_ns
 
 pytestmark = pytest.mark.kernel
@@ -104,32 +104,6 @@ spec:
   ports:
   - {port: 80, targetPort: 9000}
 """
-
-
-class Lab:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.refresh()
-
-    def refresh(self) -> None:
-        self.info = status(self.name)
-        self.services = {s["metadata"]["name"]: s for s in
-                         json.loads(kproxy("get", "svc", "--lab", self.name, "-o", "json").stdout)["items"]}
-
-    def ip(self, service: str) -> str:
-        return str(self.services[service]["spec"]["clusterIP"])
-
-    def node_port(self, service: str) -> int:
-        return int(self.services[service]["spec"]["ports"][0]["nodePort"])
-
-    def ns(self, member: str) -> str:
-        return ns_path(self.name, member)
-
-    def ask(self, member: str, ip: str, port: int, timeout: float = 3) -> dict[str, str]:
-        return parse_answer(probe_tcp(self.ns(member), ip, port, timeout=timeout))
-
-    def pods(self, selector: str) -> list[dict[str, Any]]:
-        return json.loads(kproxy("get", "pods", "--lab", self.name, "-l", selector, "-o", "json").stdout)["items"]
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -226,14 +200,19 @@ def test_scaling_a_deployment_changes_its_endpoints(lab: Lab) -> None:
     def answering() -> set[str]:
         return {lab.ask("client", lab.ip("api"), 80)["pod"] for _ in range(40)}
 
+    def scale(replicas: int) -> set[str]:
+        done = kproxy("scale", "--lab", lab.name, "deploy/api", "--replicas", str(replicas))
+        assert "not ready" not in done.stderr, done.stderr  # scale returns once its pods are in rotation
+        return {p["metadata"]["name"] for p in lab.pods("app=api")}
+
     assert len(answering()) == 2
-    kproxy("scale", "--lab", lab.name, "deploy/api", "--replicas", "4")
-    pods = {p["metadata"]["name"] for p in lab.pods("app=api")}
-    assert len(pods) == 4 and answering() == pods
-    kproxy("scale", "--lab", lab.name, "deploy/api", "--replicas", "1")
-    pods = {p["metadata"]["name"] for p in lab.pods("app=api")}
-    assert len(pods) == 1 and answering() == pods
-    kproxy("scale", "--lab", lab.name, "deploy/api", "--replicas", "2")
+    try:
+        pods = scale(4)
+        assert len(pods) == 4 and answering() == pods
+        pods = scale(1)
+        assert len(pods) == 1 and answering() == pods
+    finally:
+        scale(2)  # what the other tests of this lab expect, also after a failure here
 
 
 def test_a_rollout_fails_no_request(lab: Lab) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from multiprocessing import Pool
 from pathlib import Path
 
 from kproxy import store as store_mod
-from kproxy.store import Store, key_of
+from kproxy.store import Store, carry_identity, key_of
 
 
 def svc(name: str, ip: str = "10.96.0.10") -> dict[str, object]:
@@ -61,7 +62,7 @@ def test_compaction_folds_the_journal_and_watchers_follow(tmp_path: Path, monkey
 def _write_many(args: tuple[str, int]) -> list[int]:
     directory, worker = args
     store = Store(Path(directory))
-    return [store.write({f"Pod/default/w{worker}-{i}": {"n": i}}) for i in range(25)]
+    return [store.write({f"Service/default/w{worker}-{i}": svc(f"w{worker}-{i}")}) for i in range(25)]
 
 
 def test_concurrent_writers_get_distinct_versions(tmp_path: Path) -> None:
@@ -70,3 +71,19 @@ def test_concurrent_writers_get_distinct_versions(tmp_path: Path) -> None:
     assert sorted(versions) == list(range(1, 101))
     assert len(Store(tmp_path).read().objects) == 100
     assert os.path.exists(tmp_path / "lock")
+
+
+def test_a_write_stamps_identity_once_and_the_resource_version_every_time(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.write({"Service/default/a": svc("a")})
+    first = store.read().objects["Service/default/a"]["metadata"]
+    assert first["resourceVersion"] == "1" and len(first["uid"]) == 36
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["creationTimestamp"])
+    store.write({"Service/default/b": svc("b")})
+    update = carry_identity(svc("a", "10.96.0.99"), store.read().objects["Service/default/a"])
+    store.write({"Service/default/a": update})
+    view = store.read()
+    again = view.objects["Service/default/a"]["metadata"]
+    assert again["resourceVersion"] == "3" and view.objects["Service/default/b"]["metadata"]["resourceVersion"] == "2"
+    assert (again["uid"], again["creationTimestamp"]) == (first["uid"], first["creationTimestamp"])
+    assert view.objects["Service/default/b"]["metadata"]["uid"] != first["uid"]

@@ -13,20 +13,20 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from cni.netns import entered, iproute_in, write_sysctl
+from kproxy import kmod
 from kproxy.agent import status_path
-from kproxy.controllers import now_iso
 from kproxy.errors import KproxyError
 from kproxy.lab import kubelet, overlay, processes, supervisor
 from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
 from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
     ensure_namespaces, ensure_uplink, random_mac
-from kproxy.proxy import DEFAULT_MODE, MODES, make_proxier
+from kproxy.proxy import DEFAULT_MODE, MODES, kernel_modules, make_proxier
 from kproxy.proxy.types import NodeInfo
-from kproxy.store import Store
+from kproxy.store import Store, carry_identity
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
 
@@ -74,10 +74,13 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
 def node_object(state: LabState, name: str) -> dict[str, Any]:
     node = state.nodes[name]
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **node.labels}},
+            "metadata": {"name": name,
+                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **node.labels}},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
-                                     {"type": "Hostname", "address": name}]}}
+                                     {"type": "Hostname", "address": name}],
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                       "message": "kubelet is posting ready status"}]}}
 
 
 def topology_pod_objects(topology: Topology, placement: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -108,28 +111,32 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
             if obj["spec"].get("nodeName") not in state.nodes or (from_topology and key not in topology_pods):
                 changes[key] = None
     for name in state.nodes:
-        obj = node_object(state, name)
         old = view.objects.get(f"Node/{name}")
-        obj["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else now_iso()
+        obj = carry_identity(node_object(state, name), old)
         if old != obj:
             changes[f"Node/{name}"] = obj
     existing = {o["metadata"]["name"]: o["spec"]["nodeName"] for k, o in view.objects.items()
                 if k.startswith("Pod/default/") and k not in changes}
     for key, obj in topology_pod_objects(topology, place_pods(topology, existing)).items():
         old = view.objects.get(key)
-        obj["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else now_iso()
+        carry_identity(obj, old)
         if old is None or {k: old[k] for k in ("metadata", "spec")} != {k: obj[k] for k in ("metadata", "spec")}:
             changes[key] = obj
     if changes:
         store.write(changes)
 
 
-def up(topology: Topology, mode: str | None = None,
-       ipvs_scheduler: str | None = None) -> tuple[LabState, kubelet.Report]:
+def up(topology: Topology, mode: str | None = None, ipvs_scheduler: str | None = None,
+       say: Callable[[str], object] = print) -> tuple[LabState, kubelet.Report]:
+    """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded)."""
     previous = load_state(topology.name)
     if previous is None and lab_namespaces(topology.name):
         teardown(topology.name)  # leftovers of a crash before any state was written
     state = plan(topology, previous, mode, ipvs_scheduler)
+    # Before anything is made: a kernel that lacks a module gets a refusal, not a half-built lab.
+    loaded = kmod.ensure([*kmod.LAB_MODULES, *kernel_modules(state.mode, ipvs_scheduler=state.ipvs_scheduler)])
+    if loaded:
+        say(kmod.notice(loaded))
     directory = lab_dir(state.name)
     directory.mkdir(parents=True, exist_ok=True)
     if previous is not None and (previous.mode != state.mode or (
@@ -154,6 +161,8 @@ def up(topology: Topology, mode: str | None = None,
         ensure_uplink(state.name, node, spec.ip, prefix)
         ensure_default_route(state.name, node)
         write_sysctl(ns_path(state.name, node), "net/ipv4/ip_forward", "1")
+        # Set, not assumed: bridged same-node replies must pass iptables to be un-NATed (kmod.py).
+        write_sysctl(ns_path(state.name, node), "net/bridge/bridge-nf-call-iptables", "1")
         cni_dir = directory / "cni"
         cni_dir.mkdir(parents=True, exist_ok=True)
         (cni_dir / f"{node}.conf").write_text(json.dumps(cni_config(state, node), indent=2) + "\n")

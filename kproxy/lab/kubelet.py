@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy import controllers
@@ -23,12 +24,14 @@ from kproxy.store import Store, View
 
 DEFAULT_PORT = 8080
 READY_TIMEOUT = 10.0
+READY_POLL = 0.02  # seconds between readiness probes of a pod that does not answer yet
 
 
 @dataclass
 class Report:
     wired: int = 0
     removed: int = 0
+    unready: list[str] = field(default_factory=list)  # "ns/name" of pods that did not answer in time
 
 
 def pod_ports(pod: dict[str, Any], services: list[dict[str, Any]]) -> list[int]:
@@ -60,12 +63,20 @@ def pod_is_wired(state: LabState, member: str) -> bool:
 
 
 def _ready(state: LabState, member: str) -> bool:
+    """Whether the pod answers within READY_TIMEOUT. Probed until it does, as a kubelet repeats its
+    readiness probe: a workload told of a new pod opens its sockets a moment later, and one
+    refused probe then would leave the pod out of its Services until the next sync."""
     spec = state.pods[member]
-    try:
-        probe_tcp(ns_path(state.name, spec.node), spec.ip, spec.ports[0], timeout=READY_TIMEOUT)
-        return True
-    except OSError:
-        return False
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            probe_tcp(ns_path(state.name, spec.node), spec.ip, spec.ports[0],
+                      timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            return True
+        except OSError:
+            if time.monotonic() + READY_POLL >= deadline:
+                return False
+            time.sleep(READY_POLL)
 
 
 def sync(state: LabState, store: Store) -> Report:
@@ -104,10 +115,13 @@ def sync(state: LabState, store: Store) -> Report:
     ensure_daemons(state)  # the workloads that were not running start with their spec
 
     changes = _pod_statuses(state, desired, fresh)
+    report.unready = sorted(f"{p['metadata'].get('namespace', 'default')}/{p['metadata']['name']}"
+                            for p in changes.values() if not controllers.pod_is_ready(p))
     pods_now = [changes.get(f"Pod/{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}") or pod
                 for pod in desired.values()]
-    previous = {key: obj for key, obj in view.objects.items() if key.startswith("EndpointSlice/")}
+    previous = {key: obj for key, obj in view.objects.items() if key.startswith(("EndpointSlice/", "Endpoints/"))}
     changes.update(controllers.all_endpoint_slices(services, pods_now, previous))
+    changes.update(controllers.workload_statuses({k: v for k, v in (view.objects | changes).items() if v is not None}))
     if changes:
         store.write(changes)
     return report
@@ -123,14 +137,7 @@ def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: se
     for member in stale:
         pod = json.loads(json.dumps(desired[member]))
         spec = state.pods[member]
-        pod["status"] = {
-            "phase": "Running",
-            "podIP": spec.ip,
-            "podIPs": [{"ip": spec.ip}],
-            "hostIP": state.nodes[spec.node].ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready[member] else "False",
-                            "lastTransitionTime": controllers.now_iso()}],
-        }
+        pod["status"] = controllers.pod_status(pod, spec.ip, state.nodes[spec.node].ip, ready[member])
         changes[f"Pod/{spec.namespace}/{spec.name}"] = pod
     return changes
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kproxy.errors import KproxyError
+from kproxy.kmod import Module
 from kproxy.proxy.types import NodeInfo, Proxier, ProxyState
 
 MODES = ("iptables", "userspace", "ipvs")
@@ -23,6 +24,15 @@ def make_proxier(mode: str, node: NodeInfo, *, ipvs_scheduler: str = "") -> Prox
 
         return IpvsProxier(node, scheduler=ipvs_scheduler)  # "": $KPROXY_IPVS_SCHEDULER, else rr
     raise KproxyError(f"unknown proxy mode {mode!r} (known: {', '.join(MODES)})")
+
+
+def kernel_modules(mode: str, *, ipvs_scheduler: str = "") -> tuple[Module, ...]:
+    """The kernel modules the mode needs beyond the lab's own (kproxy.kmod.LAB_MODULES)."""
+    if mode == "ipvs":
+        from kproxy.proxy.ipvs import kernel_modules as ipvs_modules
+
+        return ipvs_modules(ipvs_scheduler)
+    return ()
 
 
 def render_text(mode: str, state: ProxyState, node: NodeInfo) -> str:

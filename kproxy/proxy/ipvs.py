@@ -52,6 +52,7 @@ from typing import Any
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.iptables import usable_endpoints
 from kproxy.proxy.kernel import restore, run, set_sysctl
+from kproxy import kmod
 from kproxy.proxy.saved import has_jump, read_tables, remove_chains
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
@@ -64,6 +65,16 @@ PERSISTENT = 0x0001  # IP_VS_SVC_F_PERSISTENT
 FWD_MASQ = 0  # IP_VS_CONN_F_MASQ
 PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+
+
+
+def kernel_modules(scheduler: str = "") -> tuple[kmod.Module, ...]:
+    """What IPVS mode needs loaded; kube-proxy loads these itself, as the kernel does not on demand."""
+    scheduler = scheduler or DEFAULT_SCHEDULER
+    return (kmod.Module("ip_vs", "IPVS mode", "/proc/net/ip_vs"),
+            kmod.Module(f"ip_vs_{scheduler}", f"the IPVS scheduler {scheduler}"),
+            kmod.Module("dummy", f"the {DUMMY} link"))
+
 
 KUBE_CLUSTER_IP = "KUBE-CLUSTER-IP"
 KUBE_LOOP_BACK = "KUBE-LOOP-BACK"
@@ -347,6 +358,8 @@ class IpvsProxier:
     def _sockets(self) -> None:
         if self._ipr is None:
             from pyroute2 import IPVS, IPRoute
+
+            kmod.ensure(kernel_modules(self.scheduler))  # an agent restarted on a fresh boot, too
 
             self._ipr = IPRoute()
             self._ipvs = IPVS()
