@@ -122,10 +122,10 @@ def _daemon_state(node: dict[str, Any], kind: str) -> str:
 
 def _restarts(node: dict[str, Any], kind: str) -> str:
     """kubectl's RESTARTS: the count, and how long ago the last one was."""
-    from kproxy.getcmd import age
+    from kproxy.getcmd import since
 
     count, last = node[f"{kind}Restarts"], node[f"{kind}LastRestart"]
-    return f"{count} ({age({'metadata': {'creationTimestamp': last}})} ago)" if last else str(count)
+    return f"{count} ({since(last)} ago)" if last else str(count)
 
 
 def _fmt_labels(labels: dict[str, str]) -> str:
