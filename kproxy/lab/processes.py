@@ -74,9 +74,10 @@ def spawn(daemon: Daemon, lab_dir: Path, node: str, node_ns: str, args: list[str
                                 stdout=log, stderr=log, start_new_session=True)
 
 
-def log_tail(daemon: Daemon, lab_dir: Path, node: str) -> str:
+def log_tail(log: Path) -> str:
+    """The last line a daemon logged (why it did not start)."""
     try:
-        lines = daemon.logfile(lab_dir, node).read_text().strip().splitlines()
+        lines = log.read_text().strip().splitlines()
     except FileNotFoundError:
         lines = []
     return lines[-1] if lines else "no output"
@@ -93,7 +94,7 @@ def start(daemon: Daemon, lab_dir: Path, node: str, node_ns: str, args: list[str
         if proc.poll() is not None:
             break
         time.sleep(0.01)
-    raise KproxyError(f"the {daemon.kind} of node {node} did not start: {log_tail(daemon, lab_dir, node)}")
+    raise KproxyError(f"the {daemon.kind} of node {node} did not start: {log_tail(daemon.logfile(lab_dir, node))}")
 
 
 def stop(daemon: Daemon, lab_dir: Path, node: str) -> None:

@@ -146,17 +146,20 @@ class Supervisor:
             now = time.monotonic()
             due = [r.next_start for r in self.records.values() if r.next_start is not None]
             timeout = max(0.0, min([LAB_CHECK, *(t - now for t in due)]))
-            for key, _ in self.selector.select(timeout):
-                if key.fd == self.wakeup_r:
-                    signums = set(os.read(self.wakeup_r, 64))
-                    if signums & {signal.SIGTERM, signal.SIGINT}:
-                        return
-                    wanted = self._load_spec()
-                    if wanted is None:
-                        return
-                    self.reconcile(wanted)
-                else:
+            ready = [key for key, _ in self.selector.select(timeout)]
+            # Deaths first: a reconcile may stop daemons and close pidfds (whose numbers a new
+            # pidfd may then reuse) that are still among these events.
+            for key in ready:
+                if key.fd != self.wakeup_r:
                     self._exited(key.data)
+            if any(key.fd == self.wakeup_r for key in ready):
+                signums = set(os.read(self.wakeup_r, 64))
+                if signums & {signal.SIGTERM, signal.SIGINT}:
+                    return
+                wanted = self._load_spec()
+                if wanted is None:
+                    return
+                self.reconcile(wanted)
             now = time.monotonic()
             for record in list(self.records.values()):
                 if record.next_start is not None and record.next_start <= now:
@@ -452,14 +455,14 @@ def ensure(lab_dir: Path, wanted: list[Wanted], wait_running: bool = True) -> No
             if failing:
                 w = failing[0]
                 raise KproxyError(f"the {w.kind} of node {w.node} did not start: "
-                                  f"{processes.log_tail(w.daemon, lab_dir, w.node)}")
+                                  f"{processes.log_tail(w.daemon.logfile(lab_dir, w.node))}")
             now_running = sum(1 for w in wanted if processes.running_pid(w.daemon, lab_dir, w.node))
             if now_running == len(wanted):
                 return
             if now_running > running:  # a slow machine gets ENSURE_TIMEOUT per daemon, not for all
                 running, deadline = now_running, time.monotonic() + ENSURE_TIMEOUT
         if started is not None and started.poll() is not None:
-            raise KproxyError(f"the supervisor of {lab_dir} did not start: {_log_tail(lab_dir / LOGFILE)}")
+            raise KproxyError(f"the supervisor of {lab_dir} did not start: {processes.log_tail(lab_dir / LOGFILE)}")
         if time.monotonic() > deadline:
             pending = [w.name for w in wanted if not processes.running_pid(w.daemon, lab_dir, w.node)]
             raise KproxyError(f"the supervisor of {lab_dir} did not start {', '.join(pending) or 'in time'} "
@@ -488,14 +491,6 @@ def stop(lab_dir: Path) -> None:
     finally:
         os.close(pidfd)
     (lab_dir / PIDFILE).unlink(missing_ok=True)
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        lines = path.read_text().strip().splitlines()
-    except FileNotFoundError:
-        lines = []
-    return lines[-1] if lines else "no output"
 
 
 if __name__ == "__main__":
