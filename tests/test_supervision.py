@@ -133,8 +133,9 @@ def test_a_killed_agent_is_back_at_once_resyncs_fully_and_its_restart_shows() ->
 
 
 @pytest.mark.kernel
-def test_traffic_through_a_cluster_ip_flows_while_the_agent_is_down() -> None:
-    with running_lab() as lab:
+@pytest.mark.parametrize("mode", ["iptables", pytest.param("ipvs", marks=pytest.mark.ipvs)])  # ipvs: in the guest
+def test_traffic_through_a_cluster_ip_flows_while_the_agent_is_down(mode: str) -> None:
+    with running_lab("--mode", mode) as lab:
         kproxy("apply", "--lab", lab, "-f", str(WEB_SERVICE))
         web = json.loads(kproxy("get", "svc", "web", "--lab", lab, "-o", "json").stdout)["spec"]["clusterIP"]
         assert answer(lab, "client", web, 80).startswith("web-")

@@ -176,8 +176,9 @@ def up(topology: Topology, mode: str | None = None, ipvs_scheduler: str | None =
     # not theirs to have, exactly like a client outside a cluster.
     store = Store(directory / "store")
     _sync_store_topology(state, topology, store)
-    report = kubelet.sync(state, store)  # also has the supervisor run every node's workload and agent
+    report = kubelet.sync(state, store)
     save_state(state)
+    kubelet.ensure_daemons(state)  # agents last: their first sync finds every pod wired, not one sync per pod
     return state, report
 
 

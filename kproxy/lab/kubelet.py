@@ -112,7 +112,7 @@ def sync(state: LabState, store: Store) -> Report:
         workload_pods = [{"name": spec.name, "netns": ns_path(state.name, m), "tcp": spec.ports, "udp": spec.ports}
                          for m, spec in sorted(state.pods.items()) if spec.node == node]
         processes.ensure_workload(directory, node, workload_pods, reload=node in rewired_nodes)
-    ensure_daemons(state)  # the workloads that were not running start with their spec
+    ensure_workloads(state)  # those that were not running start with their spec
 
     changes = _pod_statuses(state, desired, fresh)
     report.unready = sorted(f"{p['metadata'].get('namespace', 'default')}/{p['metadata']['name']}"
@@ -148,21 +148,24 @@ def agent_args(state: LabState, node: str) -> list[str]:
             + (["--ipvs-scheduler", state.ipvs_scheduler] if state.ipvs_scheduler else []))
 
 
-def node_daemons(state: LabState, agents: bool = True) -> list[supervisor.Wanted]:
-    """Each node's workload (once it has a spec) and, with agents, its agent."""
+def _workloads(state: LabState) -> list[supervisor.Wanted]:
+    """Each node's workload that has a spec (the kubelet's sync writes it)."""
     directory = lab_dir(state.name)
-    wanted = []
-    for node in sorted(state.nodes):
-        netns = ns_path(state.name, node)
-        spec = processes.spec_path(directory, node)
-        if spec.exists():
-            wanted.append(supervisor.Wanted(processes.WORKLOAD.kind, node, netns, ("--spec", str(spec))))
-        if agents:
-            wanted.append(supervisor.Wanted(processes.AGENT.kind, node, netns, tuple(agent_args(state, node))))
-    return wanted
+    return [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
+                              ("--spec", str(processes.spec_path(directory, node))))
+            for node in sorted(state.nodes) if processes.spec_path(directory, node).exists()]
 
 
-def ensure_daemons(state: LabState, agents: bool = True) -> None:
-    """The lab's supervisor runs exactly these daemons (without agents: a mode switch stops them);
-    returns once each runs."""
-    supervisor.ensure(lab_dir(state.name), node_daemons(state, agents))
+def ensure_workloads(state: LabState) -> None:
+    """The lab's supervisor runs every node's workload, and the agents it runs now (up starts
+    those once the pods are in place, ensure_daemons); returns once each runs."""
+    directory = lab_dir(state.name)
+    agents = [w for w in supervisor.current(directory) if w.kind == processes.AGENT.kind and w.node in state.nodes]
+    supervisor.ensure(directory, _workloads(state) + agents)
+
+
+def ensure_daemons(state: LabState) -> None:
+    """The lab's supervisor runs every node's workload and agent, as state says; returns once each runs."""
+    agents = [supervisor.Wanted(processes.AGENT.kind, node, ns_path(state.name, node), tuple(agent_args(state, node)))
+              for node in sorted(state.nodes)]
+    supervisor.ensure(lab_dir(state.name), _workloads(state) + agents)
