@@ -165,7 +165,17 @@ def ensure_workloads(state: LabState) -> None:
 
 
 def ensure_daemons(state: LabState) -> None:
-    """The lab's supervisor runs every node's workload and agent, as state says; returns once each runs."""
+    """The lab's supervisor runs every node's workload and agent, as state says; returns once each runs.
+
+    Missing agents start one after the other: their first syncs, each importing its proxy mode
+    and reading the kernel, then overlap less (three at once took a QEMU guest twice as long)."""
+    directory = lab_dir(state.name)
     agents = [supervisor.Wanted(processes.AGENT.kind, node, ns_path(state.name, node), tuple(agent_args(state, node)))
               for node in sorted(state.nodes)]
-    supervisor.ensure(lab_dir(state.name), _workloads(state) + agents)
+    running = set(supervisor.current(directory))
+    wanted = _workloads(state) + [a for a in agents if a in running]
+    for agent in agents:
+        if agent not in wanted:
+            wanted.append(agent)
+            supervisor.ensure(directory, wanted)
+    supervisor.ensure(directory, _workloads(state) + agents)
