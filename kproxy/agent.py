@@ -81,6 +81,7 @@ class Agent:
         self.running = True
         self.last_ok = 0.0
         self.last_error = ""
+        self.full_syncs = 0  # a restarted agent's first sync is full: the report shows it
 
     def _proxier(self, view: View) -> Any:
         if self.proxier is None:
@@ -126,6 +127,7 @@ class Agent:
                 self.metrics.programming.observe(max(0.0, now - _parse_time(trigger)))
         self.last_ok = now
         self.last_error = ""
+        self.full_syncs += result.full
         self._report(view.version, ok=True, full=result.full, seconds=took, tracker_seconds=started - tracking)
 
     def _report(self, version: int, ok: bool, **extra: Any) -> None:
@@ -133,7 +135,8 @@ class Agent:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps({"version": version, "ok": ok, "mode": self.mode, "error": self.last_error,
-                                   "time": time.time(), **extra}))
+                                   "time": time.time(), "pid": os.getpid(), "fullSyncs": self.full_syncs,
+                                   **extra}))
         os.replace(tmp, path)
 
     def run(self) -> None:

@@ -90,12 +90,15 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         return 0
     print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
           f"external {info['external']['ip']}")
+    supervisor = info["supervisorPid"]
+    print(f"supervisor pid {supervisor}" if supervisor
+          else "supervisor DEAD ('kproxy lab up' with this lab's topology starts a new one)")
     print()
-    rows = [["NODE", "IP", "POD CIDR", "LABELS", "AGENT", "WORKLOAD", "NETNS"]]
+    rows = [["NODE", "IP", "POD CIDR", "LABELS", "AGENT", "RESTARTS", "WORKLOAD", "RESTARTS", "NETNS"]]
     for n in info["nodes"]:
         rows.append([n["name"], n["ip"], n["podCIDR"], _fmt_labels(n["labels"]),
-                     f"pid {n['agentPid']}" if n["agentPid"] else "DEAD",
-                     f"pid {n['workloadPid']}" if n["workloadPid"] else "DEAD",
+                     _daemon_state(n, "agent"), _restarts(n, "agent"),
+                     _daemon_state(n, "workload"), _restarts(n, "workload"),
                      n["namespace"] if n["present"] else "MISSING"])
     print(_table(rows))
     print()
@@ -106,6 +109,20 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
                      "ok" if p["wired"] else ("MISSING" if not p["present"] else "NOT WIRED")])
     print(_table(rows))
     return 0
+
+
+def _daemon_state(node: dict[str, Any], kind: str) -> str:
+    if node[f"{kind}Pid"]:
+        return f"pid {node[f'{kind}Pid']}"
+    return node[f"{kind}Waiting"] or "DEAD"
+
+
+def _restarts(node: dict[str, Any], kind: str) -> str:
+    """kubectl's RESTARTS: the count, and how long ago the last one was."""
+    from kproxy.getcmd import since
+
+    count, last = node[f"{kind}Restarts"], node[f"{kind}LastRestart"]
+    return f"{count} ({since(last)} ago)" if last else str(count)
 
 
 def _fmt_labels(labels: dict[str, str]) -> str:

@@ -30,7 +30,8 @@ def lab_traces(name: str) -> list[str]:
         found.append(str(lab_dir(name)))
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     found += [line for line in ps.splitlines()
-              if ("kproxy.lab.workload" in line or "kproxy.agent" in line) and f"/{name}" in line]
+              if any(daemon in line for daemon in ("kproxy.lab.workload", "kproxy.agent", "kproxy.lab.supervisor"))
+              and f"/{name}" in line]
     return found
 
 
@@ -154,16 +155,20 @@ def test_up_again_changes_nothing_and_reconciles_what_broke() -> None:
         assert "(0 wired now, 0 removed)" in again.stdout
         assert status(lab) == before
 
-        # A workload dies and a pod's namespace disappears: up brings both back.
+        # The supervisor dies, then a workload (nobody restarts it), and a pod's namespace
+        # disappears: up brings all three back.
+        os.kill(before["supervisorPid"], signal.SIGKILL)
         workload = int((lab_dir(lab) / "workload-node3.pid").read_text())
         os.kill(workload, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns_name(lab, "web-2")], check=True)
         broken = status(lab)
+        assert broken["supervisorPid"] is None
         assert next(n for n in broken["nodes"] if n["name"] == "node3")["workloadPid"] is None
         assert next(p for p in broken["pods"] if p["name"] == "web-2")["present"] is False
         kproxy("lab", "up", "--name", lab)
         info = status(lab)
         assert all(p["wired"] for p in info["pods"]) and all(n["workloadPid"] for n in info["nodes"])
+        assert info["supervisorPid"] is not None
         assert answer(lab, "client", pod_ip(info, "web-3"))["pod"] == "web-3"
         assert answer(lab, "client", pod_ip(info, "web-2"))["pod"] == "web-2"
 

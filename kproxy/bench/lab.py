@@ -5,7 +5,7 @@
 Runs the real CLI (interpreter start included), on the default 3-node lab and
 on one node with N pods. Memory is the growth of the kernel's own memory
 (slab, stacks, page tables, per-CPU: what namespaces, links and sockets cost)
-while the lab is up, plus the RSS of the lab's processes (workloads, agents).
+while the lab is up, plus the RSS of the lab's processes (workloads, agents, supervisor).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import yaml
 from kproxy.bench import require_root
 from kproxy.lab.processes import DAEMONS, running_pid
 from kproxy.lab.state import lab_dir
+from kproxy.lab.supervisor import supervisor_pid
 
 KPROXY = str(Path(sys.executable).parent / "kproxy")
 
@@ -42,14 +43,13 @@ def kernel_kib() -> int:
 
 
 def lab_rss_kib(name: str, nodes: list[str]) -> int:
+    pids = [running_pid(daemon, lab_dir(name), node) for daemon in DAEMONS for node in nodes]
     total = 0
-    for daemon in DAEMONS:
-        for node in nodes:
-            pid = running_pid(daemon, lab_dir(name), node)
-            if pid:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+    for pid in [*pids, supervisor_pid(lab_dir(name))]:
+        if pid:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
     return total
 
 

@@ -19,7 +19,7 @@ from cni.netns import entered, iproute_in, write_sysctl
 from kproxy import kmod
 from kproxy.agent import status_path
 from kproxy.errors import KproxyError
-from kproxy.lab import kubelet, overlay, processes
+from kproxy.lab import kubelet, overlay, processes, supervisor
 from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
 from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
@@ -146,9 +146,10 @@ def up(topology: Topology, mode: str | None = None, ipvs_scheduler: str | None =
     save_state(state)  # the intent first: a crash from here on is reconciled by the next up
 
     gone_nodes = [n for n in (previous.nodes if previous else {}) if n not in state.nodes]
+    if gone_nodes:
+        supervisor.ensure(directory, [w for w in supervisor.current(directory) if w.node not in gone_nodes],
+                          wait_running=False)
     for node in gone_nodes:
-        for daemon in processes.DAEMONS:
-            processes.stop(daemon, directory, node)
         shutil.rmtree(directory / "ipam" / node, ignore_errors=True)
         (directory / "cni" / f"{node}.conf").unlink(missing_ok=True)
     present = lab_namespaces(state.name)
@@ -177,8 +178,7 @@ def up(topology: Topology, mode: str | None = None, ipvs_scheduler: str | None =
     _sync_store_topology(state, topology, store)
     report = kubelet.sync(state, store)
     save_state(state)
-    for node in state.nodes:
-        kubelet.ensure_agent(state, node)
+    kubelet.ensure_daemons(state)  # agents last: their first sync finds every pod wired, not one sync per pod
     return state, report
 
 
@@ -187,8 +187,9 @@ def _stop_agents(previous: LabState, clean: bool) -> None:
     clean, also remove what the previous mode programmed in each node (kube-proxy --cleanup)."""
     directory = lab_dir(previous.name)
     present = set(lab_namespaces(previous.name))
+    supervisor.ensure(directory, [w for w in supervisor.current(directory) if w.kind != processes.AGENT.kind],
+                      wait_running=False)
     for node, spec in previous.nodes.items():
-        processes.stop(processes.AGENT, directory, node)
         status_path(directory, node).unlink(missing_ok=True)  # waiting for the new agent, not the old one
         if clean and ns_name(previous.name, node) in present:
             with entered(ns_path(previous.name, node)):
@@ -198,7 +199,8 @@ def _stop_agents(previous: LabState, clean: bool) -> None:
 def teardown(name: str) -> list[str]:
     """Remove every trace of the lab: processes, namespaces, state. Returns the namespaces removed."""
     directory = lab_dir(name)
-    for daemon in processes.DAEMONS:
+    supervisor.stop(directory)  # first: nothing restarts what is stopped next
+    for daemon in processes.DAEMONS:  # what a dead supervisor left behind
         for node in processes.nodes_with(daemon, directory):
             processes.stop(daemon, directory, node)
     names = lab_namespaces(name)
@@ -243,17 +245,25 @@ def status(lab: str) -> dict[str, Any]:
     state = require(lab)
     have = set(lab_namespaces(lab))
     directory = lab_dir(lab)
+    supervised = supervisor.read_status(directory).get("daemons", {})
     nodes = []
     for name, spec in sorted(state.nodes.items()):
-        nodes.append({"name": name, "ip": spec.ip, "podCIDR": spec.pod_cidr, "labels": spec.labels,
-                      "namespace": ns_name(lab, name), "present": ns_name(lab, name) in have,
-                      "workloadPid": processes.running_pid(processes.WORKLOAD, directory, name),
-                      "agentPid": processes.running_pid(processes.AGENT, directory, name)})
+        node: dict[str, Any] = {"name": name, "ip": spec.ip, "podCIDR": spec.pod_cidr, "labels": spec.labels,
+                                "namespace": ns_name(lab, name), "present": ns_name(lab, name) in have}
+        for daemon in (processes.WORKLOAD, processes.AGENT):
+            record = supervised.get(f"{daemon.kind}-{name}") or {}
+            node[f"{daemon.kind}Pid"] = processes.running_pid(daemon, directory, name)
+            node[f"{daemon.kind}Restarts"] = record.get("restarts", 0)
+            node[f"{daemon.kind}LastRestart"] = (record.get("lastExit") or {}).get("finishedAt") \
+                if record.get("restarts") else None
+            node[f"{daemon.kind}Waiting"] = record.get("waiting")
+        nodes.append(node)
     pods = []
     for member, spec in sorted(state.pods.items()):
         pods.append({"name": spec.name, "namespace": spec.namespace, "node": spec.node, "ip": spec.ip,
                      "labels": spec.labels, "ports": spec.ports, "netns": ns_name(lab, member),
                      "present": ns_name(lab, member) in have, "wired": kubelet.pod_is_wired(state, member)})
     return {"name": lab, "overlay": state.overlay, "mode": state.mode, "podCIDR": state.pod_cidr,
+            "supervisorPid": supervisor.supervisor_pid(directory),
             "nodeCIDR": state.node_cidr, "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
             "nodes": nodes, "pods": pods}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy import controllers
-from kproxy.lab import processes
+from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
 from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, run_cni, wire_pod
@@ -111,8 +111,8 @@ def sync(state: LabState, store: Store) -> Report:
     for node in state.nodes:
         workload_pods = [{"name": spec.name, "netns": ns_path(state.name, m), "tcp": spec.ports, "udp": spec.ports}
                          for m, spec in sorted(state.pods.items()) if spec.node == node]
-        processes.ensure_workload(directory, node, ns_path(state.name, node), workload_pods,
-                                  reload=node in rewired_nodes)
+        processes.ensure_workload(directory, node, workload_pods, reload=node in rewired_nodes)
+    ensure_workloads(state)  # those that were not running start with their spec
 
     changes = _pod_statuses(state, desired, fresh)
     report.unready = sorted(f"{p['metadata'].get('namespace', 'default')}/{p['metadata']['name']}"
@@ -142,12 +142,40 @@ def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: se
     return changes
 
 
-def ensure_agent(state: LabState, node: str) -> int:
+def agent_args(state: LabState, node: str) -> list[str]:
+    return (["--lab-dir", str(lab_dir(state.name)), "--node", node, "--mode", state.mode,
+             "--cluster-cidr", state.pod_cidr]
+            + (["--ipvs-scheduler", state.ipvs_scheduler] if state.ipvs_scheduler else []))
+
+
+def _workloads(state: LabState) -> list[supervisor.Wanted]:
+    """Each node's workload that has a spec (the kubelet's sync writes it)."""
     directory = lab_dir(state.name)
-    pid = processes.running_pid(processes.AGENT, directory, node)
-    if pid is not None:
-        return pid
-    return processes.start(processes.AGENT, directory, node, ns_path(state.name, node),
-                           ["--lab-dir", str(directory), "--node", node, "--mode", state.mode,
-                            "--cluster-cidr", state.pod_cidr]
-                           + (["--ipvs-scheduler", state.ipvs_scheduler] if state.ipvs_scheduler else []))
+    return [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
+                              ("--spec", str(processes.spec_path(directory, node))))
+            for node in sorted(state.nodes) if processes.spec_path(directory, node).exists()]
+
+
+def ensure_workloads(state: LabState) -> None:
+    """The lab's supervisor runs every node's workload, and the agents it runs now (up starts
+    those once the pods are in place, ensure_daemons); returns once each runs."""
+    directory = lab_dir(state.name)
+    agents = [w for w in supervisor.current(directory) if w.kind == processes.AGENT.kind and w.node in state.nodes]
+    supervisor.ensure(directory, _workloads(state) + agents)
+
+
+def ensure_daemons(state: LabState) -> None:
+    """The lab's supervisor runs every node's workload and agent, as state says; returns once each runs.
+
+    Missing agents start one after the other: their first syncs, each importing its proxy mode
+    and reading the kernel, then overlap less (three at once took a QEMU guest twice as long)."""
+    directory = lab_dir(state.name)
+    agents = [supervisor.Wanted(processes.AGENT.kind, node, ns_path(state.name, node), tuple(agent_args(state, node)))
+              for node in sorted(state.nodes)]
+    running = set(supervisor.current(directory))
+    wanted = _workloads(state) + [a for a in agents if a in running]
+    for agent in agents:
+        if agent not in wanted:
+            wanted.append(agent)
+            supervisor.ensure(directory, wanted)
+    supervisor.ensure(directory, _workloads(state) + agents)

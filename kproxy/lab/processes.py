@@ -1,9 +1,11 @@
 """The lab's own per-node daemons (the pod workload, the node agent): start, find, stop.
 
 Each runs inside its node's namespace, detached, with a pidfile in the lab
-directory. A pid is only ever signalled after /proc/<pid>/cmdline shows it is
-ours (the daemon's module and this lab's directory), so a recycled pid is
-never hit.
+directory that the daemon writes once it is initialised. In a lab they are
+children of the lab's supervisor (kproxy.lab.supervisor), which starts them
+with spawn(); start() is for a daemon on its own (the benchmarks). A pid is only
+ever signalled after /proc/<pid>/cmdline shows it is ours (the daemon's module
+and this lab's directory), so a recycled pid is never hit.
 """
 
 from __future__ import annotations
@@ -42,25 +44,48 @@ def spec_path(lab_dir: Path, node: str) -> Path:
     return lab_dir / f"workload-{node}.json"
 
 
-def running_pid(daemon: Daemon, lab_dir: Path, node: str) -> int | None:
-    """The daemon's pid if it is alive and really ours (a zombie has an empty cmdline)."""
+def verified_pid(pidfile: Path, module: str, lab_dir: Path) -> int | None:
+    """The pid in pidfile if that process is alive and really ours (a zombie has an empty cmdline)."""
     try:
-        pid = int(daemon.pidfile(lab_dir, node).read_text().strip())
+        pid = int(pidfile.read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
-    ours = daemon.module.encode() in cmdline and str(lab_dir).encode() in cmdline
+    ours = module.encode() in cmdline and str(lab_dir).encode() in cmdline
     return pid if ours else None
+
+
+def running_pid(daemon: Daemon, lab_dir: Path, node: str) -> int | None:
+    """The daemon's pid if it is alive, initialised and really ours."""
+    return verified_pid(daemon.pidfile(lab_dir, node), daemon.module, lab_dir)
+
+
+def argv(daemon: Daemon, lab_dir: Path, node: str, node_ns: str, args: list[str]) -> list[str]:
+    """The daemon's command line: nsenter execs it (no fork), so the pid started is the daemon's."""
+    return ["nsenter", f"--net={node_ns}", "--", sys.executable, "-m", daemon.module, *args,
+            "--pidfile", str(daemon.pidfile(lab_dir, node))]
+
+
+def spawn(daemon: Daemon, lab_dir: Path, node: str, node_ns: str, args: list[str]) -> subprocess.Popen[bytes]:
+    """Start the daemon in the node's namespace, logging to its log file; returns at once."""
+    daemon.pidfile(lab_dir, node).unlink(missing_ok=True)
+    with open(daemon.logfile(lab_dir, node), "ab") as log:
+        return subprocess.Popen(argv(daemon, lab_dir, node, node_ns, args), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True)
+
+
+def log_tail(log: Path) -> str:
+    """The last line a daemon logged (why it did not start)."""
+    try:
+        lines = log.read_text().strip().splitlines()
+    except FileNotFoundError:
+        lines = []
+    return lines[-1] if lines else "no output"
 
 
 def start(daemon: Daemon, lab_dir: Path, node: str, node_ns: str, args: list[str]) -> int:
     """Start the daemon in the node's namespace; returns once it wrote its pidfile."""
-    daemon.pidfile(lab_dir, node).unlink(missing_ok=True)
-    log = open(daemon.logfile(lab_dir, node), "ab")
-    argv = ["nsenter", f"--net={node_ns}", "--", sys.executable, "-m", daemon.module, *args,
-            "--pidfile", str(daemon.pidfile(lab_dir, node))]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    log.close()
+    proc = spawn(daemon, lab_dir, node, node_ns, args)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         pid = running_pid(daemon, lab_dir, node)
@@ -69,8 +94,7 @@ def start(daemon: Daemon, lab_dir: Path, node: str, node_ns: str, args: list[str
         if proc.poll() is not None:
             break
         time.sleep(0.01)
-    tail = daemon.logfile(lab_dir, node).read_text().strip().splitlines()[-1:] or ["no output"]
-    raise KproxyError(f"the {daemon.kind} of node {node} did not start: {tail[0]}")
+    raise KproxyError(f"the {daemon.kind} of node {node} did not start: {log_tail(daemon.logfile(lab_dir, node))}")
 
 
 def stop(daemon: Daemon, lab_dir: Path, node: str) -> None:
@@ -112,16 +136,15 @@ def write_spec(lab_dir: Path, node: str, pods: list[dict[str, Any]]) -> bool:
     return True
 
 
-def ensure_workload(lab_dir: Path, node: str, node_ns: str, pods: list[dict[str, Any]], reload: bool = False) -> int:
-    """Start the node's workload, or have a running one re-read its spec.
+def ensure_workload(lab_dir: Path, node: str, pods: list[dict[str, Any]], reload: bool = False) -> int | None:
+    """Give the node's workload its spec; a running one re-reads it. Returns its pid.
 
     reload: re-read even an unchanged spec (a pod namespace was recreated under
     the same name; the workload notices by inode and listens in the new one).
+    A workload that is not running reads the spec when the supervisor starts it.
     """
     changed = write_spec(lab_dir, node, pods)
     pid = running_pid(WORKLOAD, lab_dir, node)
-    if pid is not None:
-        if changed or reload:
-            os.kill(pid, signal.SIGHUP)
-        return pid
-    return start(WORKLOAD, lab_dir, node, node_ns, ["--spec", str(spec_path(lab_dir, node))])
+    if pid is not None and (changed or reload):
+        os.kill(pid, signal.SIGHUP)
+    return pid
