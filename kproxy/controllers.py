@@ -417,15 +417,20 @@ def pod_status(pod: Obj, ip: str, host_ip: str, ready: bool) -> Obj:
     }
 
 
-def record_restart(pod: Obj, exit_code: int) -> Obj:
-    """The pod after its workload was restarted (what a supervisor writes to the store): each
-    container's restartCount + 1, the ended run as lastState.terminated, a new run started now."""
-    now = timestamp()
+def record_restart(pod: Obj, restarted_at: str, last_exit: Obj | None = None) -> Obj:
+    """The pod after its workload restarted at restarted_at (what the lab's supervisor writes):
+    each container's restartCount + 1 and a new run; the run that ended, when known, as
+    lastState.terminated. last_exit: exitCode (None for a daemon adopted from an earlier
+    supervisor, whose exit status is not ours to know), startedAt, finishedAt."""
     pod = json.loads(json.dumps(pod))
     for container in pod.get("status", {}).get("containerStatuses", []):
-        started = (container.get("state") or {}).get("running", {}).get("startedAt", now)
         container["restartCount"] = int(container.get("restartCount", 0)) + 1
-        container["lastState"] = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0
-                                                 else "Error", "startedAt": started, "finishedAt": now}}
-        container["state"] = {"running": {"startedAt": now}}
+        container["started"] = True
+        container["state"] = {"running": {"startedAt": restarted_at}}
+        if last_exit is not None:
+            code = last_exit["exitCode"]
+            container["lastState"] = {"terminated": {
+                "exitCode": 137 if code is None else code,
+                "reason": "ContainerStatusUnknown" if code is None else ("Completed" if code == 0 else "Error"),
+                "startedAt": last_exit["startedAt"], "finishedAt": last_exit["finishedAt"]}}
     return pod

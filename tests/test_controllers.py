@@ -199,7 +199,8 @@ def test_pod_status_keeps_transition_times_and_restarts_and_a_restart_is_counted
                                            "lastState": {}}
     scheduled = next(c for c in made["status"]["conditions"] if c["type"] == "PodScheduled")
     scheduled["lastTransitionTime"] = "2026-01-01T00:00:00Z"
-    restarted = controllers.record_restart(made, exit_code=137)
+    restarted = controllers.record_restart(made, "2026-01-01T00:02:00Z", {
+        "exitCode": 137, "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:59Z"})
     assert controllers.restart_count(restarted) == 1 and controllers.restart_count(made) == 0
     assert restarted["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] == 137
     ready = controllers.pod_status(restarted, "10.244.1.5", "172.18.0.2", ready=True)

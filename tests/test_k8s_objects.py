@@ -82,7 +82,8 @@ def view(tmp_path: Path) -> View:
     for i, pod in enumerate(running):
         pod["status"] = controllers.pod_status(pod, f"10.244.{i + 1}.2", state.nodes[pod["spec"]["nodeName"]].ip,
                                                ready=i > 0)
-    running[-1] = controllers.record_restart(running[-1], exit_code=1)
+    running[-1] = controllers.record_restart(running[-1], "2026-01-01T00:02:00Z", {
+        "exitCode": 1, "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:59Z"})
     write(store, running)
     snapshot = store.read()
     changes = controllers.all_endpoint_slices(snapshot.of_kind("Service"), snapshot.of_kind("Pod"), {})

@@ -23,6 +23,7 @@ import pytest
 from cni.netns import entered
 from kproxy.agent import status_path
 from kproxy.bench.services import CLUSTER_CIDR, endpoint_slice, node_object, service
+from kproxy.controllers import record_restart
 from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import parse_answer, probe_tcp
 from kproxy.lab.state import lab_dir, ns_path
@@ -97,18 +98,24 @@ def test_crash_loop_backoff_is_kubelets() -> None:
 
 
 def test_a_restart_is_recorded_in_the_pods_container_status() -> None:
+    running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
     pod = {"metadata": {"name": "web-1"}, "spec": {"containers": [{"name": "workload"}]},
-           "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+           "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                      "containerStatuses": [{"name": "workload", "ready": True, "started": True, "image": "",
+                                             "imageID": "", "restartCount": 0, "state": running,
+                                             "lastState": {}}]}}
     exit_ = {"exitCode": 137, "signal": "SIGKILL", "startedAt": "2026-01-01T00:00:00Z",
              "finishedAt": "2026-01-01T00:01:00Z"}
-    once = supervisor.restarted(pod, "2026-01-01T00:01:00.1Z", exit_)
+    once = record_restart(pod, "2026-01-01T00:01:00.1Z", exit_)
     assert once["status"]["containerStatuses"] == [{
-        "name": "workload", "ready": True, "started": True, "image": "kproxy/workload", "imageID": "",
+        "name": "workload", "ready": True, "started": True, "image": "", "imageID": "",
         "restartCount": 1, "state": {"running": {"startedAt": "2026-01-01T00:01:00.1Z"}},
         "lastState": {"terminated": {"exitCode": 137, "reason": "Error", "startedAt": "2026-01-01T00:00:00Z",
                                      "finishedAt": "2026-01-01T00:01:00Z"}}}]
-    assert supervisor.restarted(once, "x", exit_)["status"]["containerStatuses"][0]["restartCount"] == 2
-    assert "containerStatuses" not in pod["status"]  # the store's object is left alone
+    assert record_restart(once, "x", exit_)["status"]["containerStatuses"][0]["restartCount"] == 2
+    unknown = record_restart(pod, "x", dict(exit_, exitCode=None))["status"]["containerStatuses"][0]
+    assert unknown["lastState"]["terminated"]["reason"] == "ContainerStatusUnknown"  # adopted: exit not ours
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0  # the store's object is left alone
 
 
 # --- labs ----------------------------------------------------------------------------

@@ -30,7 +30,6 @@ What supervises the supervisor is `lab up`, as systemd restarts a kubelet.
 from __future__ import annotations
 
 import argparse
-import copy
 import fcntl
 import json
 import os
@@ -44,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kproxy.controllers import now_iso
+from kproxy.controllers import now_iso, record_restart
 from kproxy.errors import KproxyError
 from kproxy.lab import processes
 from kproxy.store import Store
@@ -61,7 +60,6 @@ BACKOFF_RESET = 600.0  # a daemon that ran this long starts again at once
 STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL
 LAB_CHECK = 2.0  # how often it looks whether its lab still exists
 ENSURE_TIMEOUT = 20.0
-WORKLOAD_IMAGE = "kproxy/workload"
 KINDS = {d.kind: d for d in processes.DAEMONS}
 
 
@@ -338,31 +336,9 @@ def bump_restart_counts(store: Store, node: str, started_at: str, last_exit: dic
     for key, pod in store.read().objects.items():
         if key.startswith("Pod/") and pod["spec"].get("nodeName") == node and \
                 pod.get("status", {}).get("phase") == "Running":
-            changes[key] = restarted(pod, started_at, last_exit)
+            changes[key] = record_restart(pod, started_at, last_exit)
     if changes:
         store.write(changes)
-
-
-def restarted(pod: dict[str, Any], started_at: str, last_exit: dict[str, Any] | None) -> dict[str, Any]:
-    """The pod with its container's restart recorded, as the kubelet records one."""
-    pod = copy.deepcopy(pod)
-    status = pod.setdefault("status", {})
-    statuses = status.setdefault("containerStatuses", [])
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
-    if not statuses:
-        statuses.append({"name": pod["spec"]["containers"][0]["name"], "ready": ready, "started": True,
-                         "image": WORKLOAD_IMAGE, "imageID": "", "restartCount": 0})
-    entry = statuses[0]
-    entry["restartCount"] = entry.get("restartCount", 0) + 1
-    entry["started"] = True
-    entry["state"] = {"running": {"startedAt": started_at}}
-    if last_exit is not None:
-        code = last_exit["exitCode"]
-        entry["lastState"] = {"terminated": {
-            "exitCode": 137 if code is None else code,  # an adopted daemon's exit status is not ours to know
-            "reason": "ContainerStatusUnknown" if code is None else ("Completed" if code == 0 else "Error"),
-            "startedAt": last_exit["startedAt"], "finishedAt": last_exit["finishedAt"]}}
-    return pod
 
 
 def log(message: str) -> None:
