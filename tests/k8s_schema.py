@@ -18,6 +18,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 KUBERNETES = "v1.34.0"
+# What `kproxy get` lists, each checked against the schema of its kind.
+KINDS = ["nodes", "pods", "svc", "endpoints", "endpointslices", "deployments", "rs"]
 SCHEMAS = files("kubernetes_validate") / "kubernetes-json-schema" / f"{KUBERNETES}-local-strict"
 
 

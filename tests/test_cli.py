@@ -9,7 +9,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from kproxy import cli, demo, guest
 from kproxy.lab.lock import lab_lock, lock_path
 from kproxy.lab.state import NETNS_DIR, lab_dir
+from tests.conditions import wait_for
 from tests.labtools import KPROXY, kproxy, unique_lab_name, write_topology
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,13 +180,6 @@ def blocked_on_a_lock(pid: int) -> bool:
     return False
 
 
-def wait_until(condition: object, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
-
-
 def taking_the_lock(lab: str, env: dict[str, str]) -> subprocess.Popen[str]:
     """Another process that takes the lab's lock, says whether the lock file exists, and lets go."""
     script = ("from kproxy.lab.lock import lab_lock, lock_path\n"
@@ -211,7 +204,7 @@ def test_a_waiter_gets_the_lock_even_when_the_holder_removed_the_lab_and_its_loc
     try:
         with lab_lock(MISSING):
             child = taking_the_lock(MISSING, {"KPROXY_STATE_DIR": str(state_dir)})
-            wait_until(lambda: blocked_on_a_lock(child.pid), "the other process waits for the lock")
+            wait_for("the other process waits for the lock", lambda: blocked_on_a_lock(child.pid))
             lab_dir(MISSING).rmdir()  # as down does, under the lock: releasing removes the lock file
         out, _ = child.communicate(timeout=60)
         assert (child.returncode, out) == (0, "True\n")  # it held the lock of the file now at the path
@@ -230,7 +223,7 @@ def test_lab_up_and_down_wait_for_the_labs_lock(tmp_path: Path) -> None:
         with lab_lock(lab):
             up = subprocess.Popen([KPROXY, "lab", "up", "--name", lab, "-f", str(topology)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            wait_until(lambda: blocked_on_a_lock(up.pid), "lab up waits for the lock")
+            wait_for("lab up waits for the lock", lambda: blocked_on_a_lock(up.pid))
             assert not lab_dir(lab).exists() and not list(NETNS_DIR.glob(f"kp_{lab}_*"))
         out, err = up.communicate(timeout=120)
         assert up.returncode == 0, err
@@ -240,7 +233,7 @@ def test_lab_up_and_down_wait_for_the_labs_lock(tmp_path: Path) -> None:
         with lab_lock(lab):
             down = subprocess.Popen([KPROXY, "lab", "down", lab], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
-            wait_until(lambda: blocked_on_a_lock(down.pid), "lab down waits for the lock")
+            wait_for("lab down waits for the lock", lambda: blocked_on_a_lock(down.pid))
             assert lab_dir(lab).exists()
         out, err = down.communicate(timeout=120)
         assert (down.returncode, out, err) == (0, f"lab {lab} is down (4 namespaces removed)\n", "")

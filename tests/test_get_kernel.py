@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.k8s_schema import validate
+from tests.k8s_schema import KINDS, validate
 from tests.labtools import kproxy, running_lab
 
 pytestmark = pytest.mark.kernel
@@ -36,7 +36,6 @@ spec:
     spec:
       containers: [{name: api, image: registry.k8s.io/e2e-test-images/agnhost:2.47, ports: [{containerPort: 9000}]}]
 """
-KINDS = ["nodes", "pods", "svc", "endpoints", "endpointslices", "deployments", "rs"]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from kproxy.lab.build import node_object, plan, topology_pod_objects
 from kproxy.lab.topology import parse_topology, place_pods
 from kproxy.model import parse_manifests, to_k8s
 from kproxy.store import Store, View
-from tests.k8s_schema import validate
+from tests.k8s_schema import KINDS, validate
 
 MANIFESTS = """
 apiVersion: v1
@@ -49,7 +49,6 @@ spec:
     spec:
       containers: [{name: api, image: registry.k8s.io/pause:3.9, ports: [{containerPort: 9000}]}]
 """
-KINDS = ["nodes", "pods", "svc", "endpoints", "endpointslices", "deployments", "rs"]
 
 
 def write(store: Store, objects: list[dict[str, Any]]) -> None:

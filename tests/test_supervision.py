@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,24 +30,13 @@ from kproxy.proxy import iptables, kernel
 from kproxy.proxy.source import StateTracker, node_info
 from kproxy.proxy.types import ProxyState
 from kproxy.store import Store
+from tests.conditions import wait_for
 from tests.labtools import kproxy, running_lab, status
 from tests.test_lab import lab_traces
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = 10_000
 BACK_WITHIN = 1.0  # the issue's promise: a killed daemon runs again within 1 s
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    """check()'s first truthy value, polled until the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.002)
 
 
 def replaced(daemon: processes.Daemon, lab: str, node: str, old: int) -> int:
