@@ -26,7 +26,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
-from kproxy.proxy import make_proxier
+from kproxy.proxy import mode as proxy_mode
+from kproxy.proxy.mode import Proxier, parse_option_pairs
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
 from kproxy.store import Store, View
 
@@ -68,28 +69,28 @@ class Metrics:
 
 
 class Agent:
-    def __init__(self, lab_dir: Path, node: str, mode: str, cluster_cidr: str, ipvs_scheduler: str = "") -> None:
+    def __init__(self, lab_dir: Path, node: str, mode: str, cluster_cidr: str,
+                 mode_options: dict[str, str] | None = None) -> None:
         self.lab_dir = lab_dir
         self.node = node
-        self.mode = mode
+        self.mode = proxy_mode(mode)
+        self.mode_options = self.mode.options_of(mode_options or {})
         self.cluster_cidr = cluster_cidr
-        self.ipvs_scheduler = ipvs_scheduler
         self.watcher = Store(lab_dir / "store").watch()
         self.metrics = Metrics()
-        self.proxier = None
-        self.tracker = StateTracker()
+        self.proxier: Proxier | None = None
+        self.tracker = StateTracker(self.mode.service_info)
         self.running = True
         self.last_ok = 0.0
         self.last_error = ""
         self.full_syncs = 0  # a restarted agent's first sync is full: the report shows it
 
-    def _proxier(self, view: View) -> Any:
+    def _proxier(self, view: View) -> Proxier:
         if self.proxier is None:
             node = view.objects.get(f"Node/{self.node}")
             if node is None:
                 raise RuntimeError(f"node {self.node} is not in the store")
-            self.proxier = make_proxier(self.mode, node_info(node, self.cluster_cidr),
-                                        ipvs_scheduler=self.ipvs_scheduler)
+            self.proxier = self.mode.make_proxier(node_info(node, self.cluster_cidr), self.mode_options)
         return self.proxier
 
     def sync(self, changed: set[str]) -> None:
@@ -134,7 +135,7 @@ class Agent:
         path = status_path(self.lab_dir, self.node)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"version": version, "ok": ok, "mode": self.mode, "error": self.last_error,
+        tmp.write_text(json.dumps({"version": version, "ok": ok, "mode": self.mode.name, "error": self.last_error,
                                    "time": time.time(), "pid": os.getpid(), "fullSyncs": self.full_syncs,
                                    **extra}))
         os.replace(tmp, path)
@@ -196,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="iptables")
     parser.add_argument("--cluster-cidr", default="10.244.0.0/16")
     parser.add_argument("--pidfile", type=Path)
-    parser.add_argument("--ipvs-scheduler", default="", help="IPVS mode: the default scheduler (rr)")
+    parser.add_argument("--mode-opt", action="append", default=[], metavar="NAME=VALUE",
+                        help="an option of the mode (repeatable)")
     args = parser.parse_args(argv)
-    agent = Agent(args.lab_dir, args.node, args.mode, args.cluster_cidr, args.ipvs_scheduler)
+    agent = Agent(args.lab_dir, args.node, args.mode, args.cluster_cidr, parse_option_pairs(args.mode_opt))
 
     def stop(signum: int, frame: Any) -> None:
         agent.running = False

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 from kproxy import cliargs
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
-from kproxy.proxy import DEFAULT_MODE, MODES
-from kproxy.proxy.ipvs import SCHEDULERS as IPVS_SCHEDULERS
+from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
+from kproxy.proxy.mode import parse_option_pairs
 
 PROG = "kproxy"
 DEBUG_ENV = "KPROXY_DEBUG"  # set: unexpected errors show their traceback
@@ -37,7 +37,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     _need_root()
     started = time.monotonic()
     with lab_lock(topology.name):
-        state, report = build.up(topology, args.mode, ipvs_scheduler=args.ipvs_scheduler)
+        state, report = build.up(topology, args.mode, parse_option_pairs(args.mode_opt))
         cluster = Cluster(state.name)
         lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
@@ -286,43 +286,52 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from cni.netns import entered
     from kproxy.lab.build import require
     from kproxy.lab.state import choose_lab, lab_dir, ns_path
-    from kproxy.proxy import rules_text
     from kproxy.proxy.source import node_info, proxy_state
     from kproxy.store import Store
 
     lab = choose_lab(args.lab)
-    state = require(lab)
+    lab_state = require(lab)
     _need_root()
-    if args.node not in state.nodes:
-        raise KproxyError(f"lab {lab} has no node {args.node!r} (nodes: {', '.join(sorted(state.nodes))})")
+    if args.node not in lab_state.nodes:
+        raise KproxyError(f"lab {lab} has no node {args.node!r} (nodes: {', '.join(sorted(lab_state.nodes))})")
     view = Store(lab_dir(lab) / "store").read()
     service = args.service if args.service is None or "/" in args.service else f"{args.namespace}/{args.service}"
     if service and not any(f"{s['metadata'].get('namespace', 'default')}/{s['metadata']['name']}" == service.split(":")[0]
                            for s in view.of_kind("Service")):
         raise KproxyError(f"service {service} not found")
-    desired = proxy_state(view.of_kind("Service"), view.of_kind("EndpointSlice"))
-    node = node_info(view.objects[f"Node/{args.node}"], state.pod_cidr)
+    mode = proxy_mode(lab_state.mode)
+    desired = proxy_state(view.of_kind("Service"), view.of_kind("EndpointSlice"), mode.service_info)
+    node = node_info(view.objects[f"Node/{args.node}"], lab_state.pod_cidr)
     with entered(ns_path(lab, args.node)):
-        print(rules_text(state.mode, desired, node, service))
+        print(mode.rules_excerpt(desired, node, service))
     return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from kproxy import controllers
-    from kproxy.proxy import render_text
     from kproxy.proxy.source import proxy_state
     from kproxy.proxy.types import NodeInfo
     from kproxy.renderinput import render_objects
     from kproxy.textinput import read_manifest_files
 
+    mode = proxy_mode(args.mode)
+    options = mode.options_of(parse_option_pairs(args.mode_opt))
     services, pods, slices = render_objects(read_manifest_files(args.file))
     controllers.allocate_cluster_ips(services, [])
     controllers.allocate_node_ports(services, [])
     for svc in services:
         slices += controllers.endpoint_slices(svc, pods, {}).values()
-    state = proxy_state(services, slices)
-    print(render_text(args.mode, state, NodeInfo(args.node, args.node_ip, args.cluster_cidr)), end="")
+    desired = proxy_state(services, slices, mode.service_info)
+    print(mode.render_text(desired, NodeInfo(args.node, args.node_ip, args.cluster_cidr), options), end="")
     return 0
+
+
+def _mode_option_argument(parser: argparse.ArgumentParser, more: str = "") -> None:
+    known = "; ".join(f"{name}: " + (", ".join(f"{o.name}={'|'.join(o.choices)} (default {o.default})"
+                                               for o in proxy_mode(name).options) or "none")
+                      for name in MODES)
+    parser.add_argument("--mode-opt", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"an option of the proxy mode (repeatable); {more}Options: {known}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,10 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, help=f"proxy mode of the node agents (default: {DEFAULT_MODE}, "
                                                  "or the running lab's); another mode than the running lab's "
                                                  "restarts its agents after removing the old mode's rules")
-    p.add_argument("--ipvs-scheduler", choices=IPVS_SCHEDULERS, metavar="SCHED",
-                   help="IPVS mode: the lab's scheduler (rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, "
-                        "mh; default rr); a Service's kproxy.io/ipvs-scheduler annotation overrides it; "
-                        "another one than the running IPVS lab's restarts its agents")
+    _mode_option_argument(p, "kept for the running lab's mode; changing them restarts its agents. ")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", type=cliargs.LAB, help=lab_help)
@@ -407,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the rules a mode would program for Service/EndpointSlice/Pod YAML "
                                       "(no root, no lab)")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
+    _mode_option_argument(p)
     p.add_argument("-f", "--file", action="append", required=True, help="YAML file (repeatable; - for stdin)")
     p.add_argument("--node", type=cliargs.OBJECT_NAME, default="node1", help="node name (default node1)")
     p.add_argument("--node-ip", type=cliargs.IPV4_ADDRESS, default="172.18.0.2",

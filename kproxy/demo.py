@@ -4,8 +4,9 @@ Run by `scripts/demo`, as root. Each scene brings up the default lab (3 nodes,
 5 pods), shows a pod on node1 reaching a pod on node3 over the overlay,
 applies a ClusterIP + NodePort Service, sends traffic through it from a pod
 and from outside, prints the node's rules for it, and takes the lab down.
-Where this kernel has no IPVS, the IPVS scene runs inside a QEMU guest booting
-Debian's stock kernel (kproxy.guest), exactly as the test suite does.
+Where this kernel lacks a module a mode needs (IPVS, on some hosts), that
+scene runs inside a QEMU guest booting Debian's stock kernel (kproxy.guest),
+exactly as the test suite does.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from kproxy import guest
+from kproxy import guest, kmod
 from kproxy.cli import main as kproxy_main
 from kproxy.lab.probe import parse_answer, probe_tcp
 from kproxy.lab.state import load_state, ns_path
+from kproxy.proxy import MODES, mode as proxy_mode
 
-SCENES = {"iptables": "vxlan", "userspace": "host-gw", "ipvs": "vxlan"}
+OVERLAYS = ("vxlan", "host-gw")  # the scenes take turns
 SERVICE = Path(__file__).resolve().parents[1] / "examples" / "services" / "web.yaml"
 NODE_PORT = 30080
 
@@ -38,7 +40,7 @@ def run(*argv: str) -> None:
 
 
 def scene(mode: str) -> None:
-    overlay = SCENES[mode]
+    overlay = OVERLAYS[MODES.index(mode) % len(OVERLAYS)]
     lab = f"demo-{mode}"
     step(f"{mode} mode: a three-node lab over {overlay}")
     run("lab", "up", "--name", lab, "--overlay", overlay, "--mode", mode)
@@ -75,14 +77,21 @@ def scene(mode: str) -> None:
         run("lab", "down", lab)
 
 
-def ipvs_in_guest() -> int:
+def needs_guest(mode: str) -> bool:
+    """Whether this kernel lacks a module the mode needs (so the scene runs in a guest)."""
+    chosen = proxy_mode(mode)
+    return not guest.in_guest() and not kmod.loadable(chosen.kernel_modules(chosen.options_of({})))
+
+
+def scene_in_guest(mode: str) -> int:
     reason = guest.unavailable_reason()
     if reason:
-        print(f"IPVS: this kernel has no IPVS and no guest can be booted: {reason}", file=sys.stderr)
+        print(f"{mode} mode: this kernel lacks a module it needs and no guest can be booted: {reason}",
+              file=sys.stderr)
         return 1
-    print("\n=== ipvs mode: this kernel has no IPVS, so this scene runs in a QEMU guest booting Debian's "
-          "stock kernel (slow: emulated CPU) ...", flush=True)
-    result = guest.run([sys.executable, "-m", "kproxy.demo", "--mode", "ipvs"], timeout=900,
+    print(f"\n=== {mode} mode: this kernel lacks a module it needs, so this scene runs in a QEMU guest "
+          "booting Debian's stock kernel (slow: emulated CPU) ...", flush=True)
+    result = guest.run([sys.executable, "-m", "kproxy.demo", "--mode", mode], timeout=900,
                        log=lambda m: print(m, flush=True))
     sys.stdout.write(result.console)
     print(f"(guest finished with status {result.status} after {result.seconds:.0f} s)")
@@ -92,12 +101,12 @@ def ipvs_in_guest() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kproxy-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=tuple(SCENES), action="append", help="only this mode (repeatable)")
+    parser.add_argument("--mode", choices=MODES, action="append", help="only this mode (repeatable)")
     args = parser.parse_args(argv)
     status = 0
-    for mode in args.mode or SCENES:
-        if mode == "ipvs" and not guest.host_has_ipvs() and not guest.in_guest():
-            status = status or ipvs_in_guest()
+    for mode in args.mode or MODES:
+        if needs_guest(mode):
+            status = status or scene_in_guest(mode)
         else:
             scene(mode)
     if not guest.in_guest():  # the host says it once, after the guest's console

@@ -72,17 +72,6 @@ class Kernel:
     initramfs: Path
 
 
-def host_has_ipvs() -> bool:
-    """Whether this kernel has IPVS and dummy links. Only looks: never loads a module."""
-    if Path("/proc/net/ip_vs").exists():
-        return True
-    if not shutil.which("modprobe"):
-        return False
-    found = [subprocess.run(["modprobe", "-n", "-q", module], capture_output=True).returncode == 0
-             for module in ("ip_vs", "dummy")]
-    return all(found)
-
-
 def in_guest() -> bool:
     return os.environ.get(IN_GUEST_ENV) == "1"
 

@@ -56,6 +56,13 @@ def present(module: Module) -> bool:
         Path("/sys/module", module.name).exists() or _builtin(module.name)
 
 
+def loadable(modules: tuple[Module, ...] | list[Module]) -> bool:
+    """Whether this kernel has every module, loaded or to load (modprobe -n). Only looks."""
+    modprobe = shutil.which("modprobe")
+    return all(present(module) or (modprobe is not None and subprocess.run(
+        [modprobe, "-n", "-q", module.name], capture_output=True).returncode == 0) for module in modules)
+
+
 def ensure(modules: tuple[Module, ...] | list[Module]) -> list[str]:
     """Load every missing module; the names loaded now. KproxyError (one line) if one cannot be."""
     loaded = []

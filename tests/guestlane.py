@@ -39,7 +39,8 @@ from typing import Any
 import pytest
 from _pytest.reports import TestReport
 
-from kproxy import guest
+from kproxy import guest, kmod
+from kproxy.proxy import mode as proxy_mode
 
 IPVS_MARK = "ipvs"
 FRESH_MARK = "guest"
@@ -184,5 +185,7 @@ def configure(config: pytest.Config) -> None:
             config.pluginmanager.register(GuestSide(config, report, os.environ.get(SELECT_ENV)), "kproxy-guest-side")
         return
     mode = os.environ.get("KPROXY_GUEST", "")
-    ipvs_in_guest = mode == "always" or (mode != "native" and not guest.host_has_ipvs())
+    ipvs = proxy_mode("ipvs")
+    host_has_ipvs = kmod.loadable(ipvs.kernel_modules(ipvs.options_of({})))
+    ipvs_in_guest = mode == "always" or (mode != "native" and not host_has_ipvs)
     config.pluginmanager.register(HostSide(config, ipvs_in_guest), "kproxy-guest-host-side")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy import cli, demo, guest
+from kproxy import cli, demo, guest, kmod
 from kproxy.lab.lock import lab_lock, lock_path
 from kproxy.lab.state import NETNS_DIR, lab_dir
 from tests.conditions import wait_for
@@ -256,7 +256,7 @@ def test_the_demo_says_done_once_when_a_scene_runs_in_the_guest(monkeypatch: pyt
         status, seconds = 0, 1.0
     Finished.console = console  # type: ignore[attr-defined]
     monkeypatch.setattr(guest, "in_guest", lambda: False)
-    monkeypatch.setattr(guest, "host_has_ipvs", lambda: False)
+    monkeypatch.setattr(kmod, "loadable", lambda modules: not modules)  # no IPVS here: iptables needs none
     monkeypatch.setattr(guest, "unavailable_reason", lambda: "")
     monkeypatch.setattr(guest, "run", lambda *args, **kwargs: Finished)
     assert demo.main(["--mode", "iptables", "--mode", "ipvs"]) == 0

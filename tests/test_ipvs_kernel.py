@@ -129,7 +129,7 @@ OTHER = Endpoint("10.244.2.7", 8080, "node2")
 def test_sync_programs_kube_ipvs0_virtual_servers_ipsets_iptables_and_sysctls(node_with_pod) -> None:
     node, _, proxier = node_with_pod
     web = _svc("web", "10.96.0.10", 80, node_port=30080)
-    sticky = _svc("sticky", "10.96.0.11", 81, affinity_seconds=7, scheduler="sh")
+    sticky = _svc("sticky", "10.96.0.11", 81, affinity_seconds=7, mode_info="sh")
     dns = _svc("dns", "10.96.0.12", 53, protocol="UDP")
     _sync(node, proxier, _state((web, [POD, OTHER]), (sticky, [POD]), (dns, [OTHER])))
     shown = _ipvsadm(node)
@@ -154,7 +154,7 @@ def test_sync_programs_kube_ipvs0_virtual_servers_ipsets_iptables_and_sysctls(no
     with entered(node):
         assert proxier.sync(_state((web, [POD, OTHER]), (sticky, [POD]), (dns, [OTHER]))).changed_chains == 0
     # The per-service scheduler and persistence follow the Service; removed services go.
-    _sync(node, proxier, _state((web, [POD]), (_svc("sticky", "10.96.0.11", 81, scheduler="lc"), [POD])))
+    _sync(node, proxier, _state((web, [POD]), (_svc("sticky", "10.96.0.11", 81, mode_info="lc"), [POD])))
     shown = _ipvsadm(node)
     assert "TCP 10.96.0.11:81 lc" in shown and "persistent" not in shown and "10.96.0.12" not in shown, shown
     assert "10.96.0.12" not in in_ns(node, "ip", "-o", "addr", "show", "dev", "kube-ipvs0").stdout
@@ -206,18 +206,18 @@ def test_lab_wide_scheduler(netns) -> None:
     with entered(node):
         proxier = IpvsProxier(NODE, scheduler="wrr")
         try:
-            proxier.sync(_state((_svc("web", "10.96.0.10", 80), [POD]), (_svc("x", "10.96.0.11", 80, scheduler="mh"), [])))
+            proxier.sync(_state((_svc("web", "10.96.0.10", 80), [POD]), (_svc("x", "10.96.0.11", 80, mode_info="mh"), [])))
             shown = " ".join(proxier.rules_excerpt().split(" "))
         finally:
             proxier.close()
     assert "TCP  10.96.0.10:80 wrr  # default/web" in shown and "TCP  10.96.0.11:80 mh" in shown, shown
     assert "-> 10.244.1.2:8080" in shown
-    # A new agent with another lab-wide scheduler (`lab up --ipvs-scheduler sh` restarts them)
+    # A new agent with another lab-wide scheduler (`lab up --mode-opt scheduler=sh` restarts them)
     # sets it on the virtual servers that are already there; the annotated one keeps its own.
     with entered(node):
-        proxier = IpvsProxier(NODE, scheduler="sh")
+        proxier = IpvsProxier(NODE, mode_info="sh")
         try:
-            proxier.sync(_state((_svc("web", "10.96.0.10", 80), [POD]), (_svc("x", "10.96.0.11", 80, scheduler="mh"), [])))
+            proxier.sync(_state((_svc("web", "10.96.0.10", 80), [POD]), (_svc("x", "10.96.0.11", 80, mode_info="mh"), [])))
         finally:
             proxier.close()
     shown = _ipvsadm(node)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy.proxy import render_text
+from kproxy.proxy import mode
 from kproxy.proxy.ipvs import IPSETS, render
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
@@ -13,7 +13,7 @@ NODE = NodeInfo("node1", "192.168.99.11", "10.244.0.0/16")
 
 def state() -> ProxyState:
     web = ServicePort("default", "web", "http", "TCP", "10.96.0.10", 80, node_port=30080)
-    sticky = ServicePort("default", "sticky", "", "TCP", "10.96.0.11", 81, affinity_seconds=2, scheduler="sh")
+    sticky = ServicePort("default", "sticky", "", "TCP", "10.96.0.11", 81, affinity_seconds=2, mode_info="sh")
     dns = ServicePort("kube-system", "dns", "dns", "UDP", "10.96.0.12", 53, node_port=30053)
     empty = ServicePort("default", "nobody", "", "TCP", "10.96.0.13", 80)
     eps = [Endpoint("10.244.1.5", 8080, "node1"), Endpoint("10.244.2.5", 8080, "node2"),
@@ -75,7 +75,8 @@ def test_lab_wide_scheduler_and_an_unknown_one() -> None:
 
 
 def test_render_text_of_the_mode() -> None:
-    text = render_text("ipvs", state(), NODE)
+    ipvs = mode("ipvs")
+    text = ipvs.render_text(state(), NODE, ipvs.options_of({}))
     assert text.startswith("# kube-ipvs0")
     assert "ip address add 10.96.0.10/32 dev kube-ipvs0" in text
     assert "# IPVS (ipvsadm -Sn)\n-A -t 10.96.0.10:80 -s rr" in text and "*nat" in text

@@ -16,7 +16,7 @@ import pytest
 
 from cni.netns import entered
 
-from kproxy.proxy import MODES, render_text
+from kproxy.proxy import MODES, mode
 from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 from kproxy.proxy.userspace import (
@@ -101,7 +101,8 @@ def test_render_text_uses_numbered_placeholders_for_proxy_ports() -> None:
     a, b = svc("a", ip="10.96.0.10"), svc("b", ip="10.96.0.11")
     st = state((a, EPS), (b, EPS))
     assert placeholder_ports(st) == {a.key: "<proxy-port-1>", b.key: "<proxy-port-2>"}
-    text = render_text("userspace", st, NODE)
+    userspace = mode("userspace")
+    text = userspace.render_text(st, NODE, userspace.options_of({}))
     assert "# kproxy userspace" in text.splitlines()[0]
     assert "-j REDIRECT --to-ports <proxy-port-2>" in text
 

@@ -34,7 +34,8 @@ from typing import Any, Iterator
 from contextlib import contextmanager
 
 from cni.netns import entered, iproute_in
-from kproxy.proxy import make_proxier
+from kproxy.proxy import mode as proxy_mode
+from kproxy.proxy.mode import Proxier
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
 NODE = NodeInfo("node1", "192.168.99.11", "10.244.0.0/16")
@@ -92,12 +93,17 @@ def node_ns(name: str) -> str:
     return path
 
 
+def _proxier(mode: str) -> Proxier:
+    chosen = proxy_mode(mode)
+    return chosen.make_proxier(NODE, chosen.options_of({}))
+
+
 def bench_sync(mode: str, n: int, repeats: int = 5) -> dict[str, float]:
     name = f"{PREFIX}-{mode}-{n}"
     path = node_ns(name)
     try:
         with entered(path):
-            proxier = make_proxier(mode, NODE)
+            proxier = _proxier(mode)
             state = state_of(n)
             started = time.perf_counter()
             proxier.sync(state)
@@ -114,8 +120,7 @@ def bench_sync(mode: str, n: int, repeats: int = 5) -> dict[str, float]:
             started = time.perf_counter()
             proxier.sync(state)
             nothing = time.perf_counter() - started
-            if hasattr(proxier, "close"):
-                proxier.close()
+            proxier.close()
         return {"full_sync_s": full, "one_change_s": statistics.median(ones), "no_change_s": nothing}
     finally:
         ns_del(name)
@@ -175,7 +180,7 @@ def bench_latency(mode: str, n: int, count: int) -> dict[str, float]:
     ip = state.services[target].cluster_ip
     with latency_lab(mode, n) as (node_path, client_path, server_path):
         with entered(node_path):
-            proxier = make_proxier(mode, NODE)
+            proxier = _proxier(mode)
             proxier.sync(state)
         stop = threading.Event()
         srv = serve(server_path, stop)
@@ -194,8 +199,7 @@ def bench_latency(mode: str, n: int, count: int) -> dict[str, float]:
         finally:
             stop.set()
             srv.close()
-            if hasattr(proxier, "close"):
-                proxier.close()
+            proxier.close()
 
 
 def where() -> str:

@@ -138,7 +138,7 @@ def bench_size(n: int, mode: str, prefix: str, repeat: int) -> dict[str, float]:
             objects[f"Service/bench/svc-{i}"] = service(i)
             objects[f"EndpointSlice/bench/svc-{i}"] = endpoint_slice(i)
         version = store.write(objects)
-        text = full_sync_text(objects) if mode == "iptables" else ""
+        text = full_sync_text(objects)  # the baseline of every mode: iptables-restore of kube-proxy's rules
         samples: dict[str, list[float]] = {"tracker": [], "full": [], "restore": []}
         for r in range(repeat):
             with agent_on_fresh_node(lab_dir, f"{prefix}-n{n}", mode) as pid:

@@ -4,7 +4,7 @@
 
 For each copy strategy of the proxy (splice through a pipe, or recv/send
 through one buffer) a fresh lab (2 nodes, vxlan, `--mode userspace`, the
-strategy passed to the agents as KPROXY_USERSPACE_COPY) with a client pod and
+strategy given as `--mode-opt copy=...`) with a client pod and
 a server pod on node1 and another server pod on node2, one ClusterIP Service
 per server pod. From the client pod:
 
@@ -145,8 +145,7 @@ def run_lab(copy: str, seconds: float, requests: int, rounds: int) -> list[dict[
         manifests = Path(tmp) / "svc.yaml"
         manifests.write_text(services())
         try:
-            kproxy("lab", "up", "-f", str(topo), "--name", name, "--mode", "userspace",
-                   env={"KPROXY_USERSPACE_COPY": copy})
+            kproxy("lab", "up", "-f", str(topo), "--name", name, "--mode", "userspace", "--mode-opt", f"copy={copy}")
             for pod in ("srv-same", "srv-cross"):
                 servers.append(subprocess.Popen(["nsenter", f"--net={ns_path(name, pod)}", "--", "iperf3", "-s",
                                                  "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
 from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
     ensure_namespaces, ensure_uplink, random_mac
-from kproxy.proxy import DEFAULT_MODE, MODES, kernel_modules, make_proxier
+from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
 from kproxy.store import Store, carry_identity
 
@@ -32,11 +32,13 @@ TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
 
 
 def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
-         ipvs_scheduler: str | None = None) -> LabState:
-    """The state this topology asks for, keeping every assignment previous made."""
+         mode_options: dict[str, str] | None = None) -> LabState:
+    """The state this topology asks for, keeping every assignment previous made. mode_options
+    are merged over the running lab's when the mode stays, and replace them when it changes."""
     mode = mode or (previous.mode if previous else DEFAULT_MODE)
-    if mode not in MODES:
-        raise KproxyError(f"unknown proxy mode {mode!r} (known: {', '.join(MODES)})")
+    kept_options = previous.mode_options if previous is not None and previous.mode == mode else {}
+    options = {**kept_options, **(mode_options or {})}
+    proxy_mode(mode).options_of(options)  # refused here, before anything is made
     if previous is not None:
         for what, old, new in (("overlay", previous.overlay, topology.overlay),
                                ("podCIDR", previous.pod_cidr, str(topology.pod_cidr)),
@@ -52,7 +54,7 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
         node_cidr=str(topology.node_cidr),
         external_ip=str(hosts[-1]),
         mode=mode,
-        ipvs_scheduler=ipvs_scheduler or (previous.ipvs_scheduler if previous else ""),
+        mode_options=options,
         generation=previous.generation if previous else 0,
         pods=dict(previous.pods) if previous else {},
     )
@@ -126,21 +128,21 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
         store.write(changes)
 
 
-def up(topology: Topology, mode: str | None = None, ipvs_scheduler: str | None = None,
+def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str] | None = None,
        say: Callable[[str], object] = print) -> tuple[LabState, kubelet.Report]:
     """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded)."""
     previous = load_state(topology.name)
     if previous is None and lab_namespaces(topology.name):
         teardown(topology.name)  # leftovers of a crash before any state was written
-    state = plan(topology, previous, mode, ipvs_scheduler)
+    state = plan(topology, previous, mode, mode_options)
+    chosen = proxy_mode(state.mode)
     # Before anything is made: a kernel that lacks a module gets a refusal, not a half-built lab.
-    loaded = kmod.ensure([*kmod.LAB_MODULES, *kernel_modules(state.mode, ipvs_scheduler=state.ipvs_scheduler)])
+    loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(chosen.options_of(state.mode_options))])
     if loaded:
         say(kmod.notice(loaded))
     directory = lab_dir(state.name)
     directory.mkdir(parents=True, exist_ok=True)
-    if previous is not None and (previous.mode != state.mode or (
-            state.mode == "ipvs" and previous.ipvs_scheduler != state.ipvs_scheduler)):
+    if previous is not None and (previous.mode, previous.mode_options) != (state.mode, state.mode_options):
         # Before the new state is saved: a crash midway leaves the old one, and the next up does this again.
         _stop_agents(previous, clean=previous.mode != state.mode)
     save_state(state)  # the intent first: a crash from here on is reconciled by the next up
@@ -183,7 +185,7 @@ def up(topology: Topology, mode: str | None = None, ipvs_scheduler: str | None =
 
 
 def _stop_agents(previous: LabState, clean: bool) -> None:
-    """Stop every node's agent (the ones up starts next run the new mode or scheduler); with
+    """Stop every node's agent (the ones up starts next run the new mode or options); with
     clean, also remove what the previous mode programmed in each node (kube-proxy --cleanup)."""
     directory = lab_dir(previous.name)
     present = set(lab_namespaces(previous.name))
@@ -192,8 +194,10 @@ def _stop_agents(previous: LabState, clean: bool) -> None:
     for node, spec in previous.nodes.items():
         status_path(directory, node).unlink(missing_ok=True)  # waiting for the new agent, not the old one
         if clean and ns_name(previous.name, node) in present:
+            old = proxy_mode(previous.mode)
             with entered(ns_path(previous.name, node)):
-                make_proxier(previous.mode, NodeInfo(node, spec.ip, previous.pod_cidr)).cleanup()
+                old.make_proxier(NodeInfo(node, spec.ip, previous.pod_cidr),
+                                 old.options_of(previous.mode_options)).cleanup()
 
 
 def teardown(name: str) -> list[str]:
@@ -263,7 +267,7 @@ def status(lab: str) -> dict[str, Any]:
         pods.append({"name": spec.name, "namespace": spec.namespace, "node": spec.node, "ip": spec.ip,
                      "labels": spec.labels, "ports": spec.ports, "netns": ns_name(lab, member),
                      "present": ns_name(lab, member) in have, "wired": kubelet.pod_is_wired(state, member)})
-    return {"name": lab, "overlay": state.overlay, "mode": state.mode, "podCIDR": state.pod_cidr,
+    return {"name": lab, "overlay": state.overlay, "mode": state.mode, "modeOptions": state.mode_options, "podCIDR": state.pod_cidr,
             "supervisorPid": supervisor.supervisor_pid(directory),
             "nodeCIDR": state.node_cidr, "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
             "nodes": nodes, "pods": pods}

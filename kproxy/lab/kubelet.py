@@ -145,7 +145,7 @@ def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: se
 def agent_args(state: LabState, node: str) -> list[str]:
     return (["--lab-dir", str(lab_dir(state.name)), "--node", node, "--mode", state.mode,
              "--cluster-cidr", state.pod_cidr]
-            + (["--ipvs-scheduler", state.ipvs_scheduler] if state.ipvs_scheduler else []))
+            + [arg for name, value in sorted(state.mode_options.items()) for arg in ("--mode-opt", f"{name}={value}")])
 
 
 def _workloads(state: LabState) -> list[supervisor.Wanted]:

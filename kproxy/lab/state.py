@@ -74,7 +74,7 @@ class LabState:
     pods: dict[str, PodState] = field(default_factory=dict)
     topology: dict[str, Any] = field(default_factory=dict)  # topology.to_raw() of what was applied
     generation: int = 0
-    ipvs_scheduler: str = ""  # IPVS mode: the lab's scheduler ("": rr)
+    mode_options: dict[str, str] = field(default_factory=dict)  # the mode's, as given (Mode.options_of fills the rest)
 
     @property
     def dir(self) -> Path:

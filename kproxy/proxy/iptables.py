@@ -47,7 +47,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
+from kproxy.proxy.mode import Mode, Option, Options
 from kproxy.proxy.kernel import IPTABLES, SAVE, RestoreError, restore, restore_stream, run, set_sysctl
+from kproxy.proxy.netfilter import (KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING, Jump, OwnedChains, comment,
+                                    forward_rules, mark_masq_rules, postrouting_rules, usable_endpoints)
 from kproxy.proxy.saved import excerpt, has_jump, jump_target, remove_chains
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
@@ -56,9 +59,6 @@ from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, Sync
 KUBE_SERVICES = "KUBE-SERVICES"
 KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
 KUBE_NODEPORTS = "KUBE-NODEPORTS"
-KUBE_POSTROUTING = "KUBE-POSTROUTING"
-KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
-KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 KUBELET_FIREWALL = "KUBE-FIREWALL"  # kubelet's; kube-proxy writes a copy when localhost NodePorts are on
 
@@ -72,7 +72,6 @@ SERVICE_CHAIN_PREFIXES = (SVC_PREFIX, SVL_PREFIX, SEP_PREFIX, FW_PREFIX, EXT_PRE
 FILTER_TOP_CHAINS = (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL)
 NAT_TOP_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 
-MASQ_MARK = "0x4000"  # 1 << --iptables-masquerade-bit (default 14)
 LARGE_CLUSTER_ENDPOINTS = 1000  # above this many endpoints kube-proxy drops per-endpoint comments
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod (1 h) between forced full syncs
 STREAM_LINES = 1024  # a full sync's text goes to iptables-restore in blocks of about this many lines
@@ -103,18 +102,9 @@ def service_firewall_chain_name(service_port_name: str, protocol: str) -> str:
     return FW_PREFIX + _hash16(service_port_name + protocol.lower())
 
 
-def service_local_chain_name(service_port_name: str, protocol: str) -> str:
-    """KUBE-SVL-<hash>: Local traffic policy (never rendered here: Cluster policy only)."""
-    return SVL_PREFIX + _hash16(service_port_name + protocol.lower())
-
-
 def endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) -> str:
     """KUBE-SEP-<hash> of one endpoint ("ip:port") of one service port."""
     return SEP_PREFIX + _hash16(service_port_name + protocol.lower() + endpoint)
-
-
-def is_service_chain(chain: str) -> bool:
-    return chain.startswith(SERVICE_CHAIN_PREFIXES)
 
 
 def probability(n: int) -> str:
@@ -122,31 +112,7 @@ def probability(n: int) -> str:
     return f"{1.0 / n:0.10f}"
 
 
-def _comment(text: str) -> str:
-    # kube-proxy quotes comments that contain spaces and leaves single words bare.
-    return f'"{text}"' if " " in text else text
-
-
 # --- the rendered rules -----------------------------------------------------
-
-@dataclass(frozen=True)
-class Jump:
-    """A rule kube-proxy prepends to a built-in chain (iptablesJumpChains)."""
-
-    table: str
-    chain: str  # built-in: PREROUTING, INPUT, ...
-    target: str  # ours
-    comment: str = ""
-    extra: str = ""  # matches before the comment, e.g. "-m conntrack --ctstate NEW"
-
-    @property
-    def spec(self) -> str:
-        parts = [self.extra] if self.extra else []
-        if self.comment:
-            parts.append(f"-m comment --comment {_comment(self.comment)}")
-        parts.append(f"-j {self.target}")
-        return " ".join(parts)
-
 
 _NEW = "-m conntrack --ctstate NEW"
 # In kube-proxy's order; each is prepended, so the last of a chain ends up first.
@@ -205,12 +171,6 @@ def _ordered(chains: Iterable[str]) -> list[str]:
     rest = sorted(chains)
     first = [c for c in (KUBE_NODEPORTS, KUBE_SERVICES) if c in rest]
     return first + [c for c in rest if c not in first]
-
-
-def usable_endpoints(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
-    """Ready endpoints, deduplicated and sorted by "ip:port" string as kube-proxy's EndpointsMap."""
-    by_address = {ep.address: ep for ep in endpoints if ep.ready}
-    return [by_address[a] for a in sorted(by_address)]
 
 
 @dataclass(frozen=True)
@@ -398,12 +358,8 @@ def _top_chains(cache: RenderCache) -> tuple[dict[str, tuple[str, ...]], dict[st
             f'-A {KUBELET_FIREWALL} -m comment --comment "block incoming localnet connections" '
             "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",)
     filter_[KUBE_FORWARD] = (
-        () if conntrack_tcp_liberal else (f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP",)) + (
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" '
-        f"-m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT",
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-    )
+        () if conntrack_tcp_liberal else (f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP",)
+    ) + forward_rules()
     # The tail call to KUBE-NODEPORTS must stay the last rule of KUBE-SERVICES.
     local = "-m addrtype --dst-type LOCAL" + ("" if localhost_nodeports else " ! -d 127.0.0.0/8")
     nat = {
@@ -411,13 +367,8 @@ def _top_chains(cache: RenderCache) -> tuple[dict[str, tuple[str, ...]], dict[st
             f'-A {KUBE_SERVICES} -m comment --comment "kubernetes service nodeports; NOTE: this must be the last '
             f'rule in this chain" {local} -j {KUBE_NODEPORTS}',),
         KUBE_NODEPORTS: tuple(line for r in rules for line in r.nat_nodeports),
-        KUBE_POSTROUTING: (
-            f"-A {KUBE_POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
-            f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {MASQ_MARK}",
-            f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" '
-            "-j MASQUERADE --random-fully",
-        ),
-        KUBE_MARK_MASQ: (f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {MASQ_MARK}",),
+        KUBE_POSTROUTING: postrouting_rules(),
+        KUBE_MARK_MASQ: mark_masq_rules(),
     }
     return filter_, nat
 
@@ -431,7 +382,7 @@ def _render_service(svc: ServicePort, endpoints: list[Endpoint], node: NodeInfo,
 
     if not endpoints:
         # No nat chains at all; the filter table rejects the service's traffic.
-        reject = _comment(f"{name} has no endpoints")
+        reject = comment(f"{name} has no endpoints")
         external = ()
         if svc.node_port:
             external = (f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {reject} -m addrtype --dst-type LOCAL "
@@ -440,16 +391,16 @@ def _render_service(svc: ServicePort, endpoints: list[Endpoint], node: NodeInfo,
                              filter_external=external)
 
     chains: dict[str, list[str]] = {}
-    cluster_ip = _comment(f"{name} cluster IP")
+    cluster_ip = comment(f"{name} cluster IP")
     nodeports: tuple[str, ...] = ()
     if svc.node_port:
         ext_chain = service_external_chain_name(name, proto)
-        nodeports = (f"-A {KUBE_NODEPORTS} -m comment --comment {_comment(name)} "
+        nodeports = (f"-A {KUBE_NODEPORTS} -m comment --comment {comment(name)} "
                      f"-m {proto} -p {proto} --dport {svc.node_port} -j {ext_chain}",)
         # External traffic (Cluster policy): masquerade, in case the endpoint is on another node.
         chains[ext_chain] = [
             f"-A {ext_chain} -m comment --comment "
-            f"{_comment(f'masquerade traffic for {name} external destinations')} -j {KUBE_MARK_MASQ}",
+            f"{comment(f'masquerade traffic for {name} external destinations')} -j {KUBE_MARK_MASQ}",
             f"-A {ext_chain} -j {svc_chain}",
         ]
 
@@ -483,7 +434,7 @@ def _render_service(svc: ServicePort, endpoints: list[Endpoint], node: NodeInfo,
 
 def _svc_comment(large: bool, text: str) -> str:
     # kube-proxy's appendServiceCommentLocked: no per-endpoint comments in large clusters.
-    return "" if large else f" -m comment --comment {_comment(text)}"
+    return "" if large else f" -m comment --comment {comment(text)}"
 
 
 def restore_input(new: Ruleset, old: Ruleset | None = None) -> tuple[str, int]:
@@ -597,7 +548,7 @@ def _head(table: str, declare: Iterable[str], zero: bool = False) -> list[str]:
 def _tail(chains: dict[str, tuple[str, ...]], write: Iterable[str], gone: list[str], jumps: Iterable[Jump] = (),
           unlink: Iterable[str] = ()) -> list[str]:
     out = [rule for chain in write for rule in chains[chain]]
-    out += [f"-I {jump.chain} 1 {jump.spec}" for jump in jumps]
+    out += [jump.rule for jump in jumps]
     out += ["-D" + rule[2:] for rule in unlink]
     out += [f":{chain} - [0:0]" for chain in gone]  # flushed, so -X finds them empty
     out += [f"-X {chain}" for chain in gone]
@@ -607,14 +558,8 @@ def _tail(chains: dict[str, tuple[str, ...]], write: Iterable[str], gone: list[s
 
 # --- reading the kernel ------------------------------------------------------
 
-OWN_CHAINS = {
-    "filter": set(FILTER_TOP_CHAINS) | {KUBELET_FIREWALL},
-    "nat": set(NAT_TOP_CHAINS),
-}
-
-
-def is_own_chain(table: str, chain: str) -> bool:
-    return chain in OWN_CHAINS.get(table, set()) or (table == "nat" and is_service_chain(chain))
+is_own_chain = OwnedChains({"filter": (*FILTER_TOP_CHAINS, KUBELET_FIREWALL), "nat": NAT_TOP_CHAINS},
+                           nat_prefixes=SERVICE_CHAIN_PREFIXES)
 
 
 class _KernelChains:
@@ -767,27 +712,51 @@ class IptablesProxier:
         self._need_full = True
         self.conntrack.reset()
 
+    def close(self) -> None:
+        """Nothing stays open between syncs (every command is a child that has exited)."""
+
     # looking ---------------------------------------------------------------
 
     def rules_excerpt(self, service: str | None = None) -> str:
-        """iptables-save -c (with [packets:bytes]) of the filter and nat tables, cut down to
-        our rules, or to those of one service ("ns/name" or "ns/name:port"): its chains, and the
-        lines of the shared chains that jump to them or name the service in a comment."""
-        mine: set[str] = set()
-        if service is not None and self.ruleset is not None:
-            mine = {c for c, owner in self.ruleset.owners.items() if _names(owner, service)}
-        named = re.compile(re.escape(service) + r'(?=[:\s"]|$)') if service is not None else None
+        return live_rules(self.ruleset.owners if self.ruleset is not None else {}, service)
 
-        def keep_chain(table: str, chain: str) -> bool:
-            return (named is None and is_own_chain(table, chain)) or chain in mine
 
-        def keep_rule(table: str, chain: str, target: str, rule: str) -> bool:
-            if named is None:
-                return is_own_chain(table, chain) or is_own_chain(table, target)
-            return chain in mine or target in mine or (is_own_chain(table, chain) and bool(named.search(rule)))
+def live_rules(owners: dict[str, str], service: str | None) -> str:
+    """iptables-save -c (with [packets:bytes]) of the filter and nat tables, cut down to our
+    rules, or to those of one service ("ns/name" or "ns/name:port"): its chains (owners: service
+    chain -> servicePortName), and the lines of the shared chains that jump to them or name the
+    service in a comment. Runs in the calling thread's namespace."""
+    mine = {c for c, owner in owners.items() if _names(owner, service)} if service is not None else set()
+    named = re.compile(re.escape(service) + r'(?=[:\s"]|$)') if service is not None else None
 
-        return excerpt(run([SAVE, "-c"]).stdout, keep_chain, keep_rule)
+    def keep_chain(table: str, chain: str) -> bool:
+        return (named is None and is_own_chain(table, chain)) or chain in mine
+
+    def keep_rule(table: str, chain: str, target: str, rule: str) -> bool:
+        if named is None:
+            return is_own_chain(table, chain) or is_own_chain(table, target)
+        return chain in mine or target in mine or (is_own_chain(table, chain) and bool(named.search(rule)))
+
+    return excerpt(run([SAVE, "-c"]).stdout, keep_chain, keep_rule)
 
 
 def _names(service_port_name: str, service: str) -> bool:
     return service_port_name == service or service_port_name.split(":")[0] == service
+
+
+# --- the mode -----------------------------------------------------------------
+
+def _localhost_nodeports(options: Options) -> bool:
+    return options["localhost-nodeports"] == "true"
+
+
+MODE = Mode(
+    name="iptables",
+    summary="kube-proxy's iptables mode: KUBE-SVC/SEP chains, one iptables-nft-restore per sync",
+    options=(Option("localhost-nodeports", "NodePorts answer on 127.0.0.1 too "
+                    "(kube-proxy's --iptables-localhost-nodeports)", "true", ("true", "false")),),
+    make_proxier=lambda node, options: IptablesProxier(node, localhost_nodeports=_localhost_nodeports(options)),
+    render_text=lambda state, node, options: render(
+        state, node, localhost_nodeports=_localhost_nodeports(options)).restore_text(),
+    rules_excerpt=lambda state, node, service: live_rules(render(state, node).owners, service),
+)

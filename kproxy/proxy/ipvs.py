@@ -50,17 +50,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
-from kproxy.proxy.iptables import usable_endpoints
-from kproxy.proxy.kernel import restore, run, set_sysctl
 from kproxy import kmod
+from kproxy.proxy.kernel import restore, run, set_sysctl
+from kproxy.proxy.mode import Mode, Option, Service
+from kproxy.proxy.netfilter import (KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING, Jump, OwnedChains,
+                                    forward_rules, mark_masq_rules, postrouting_rules, restore_tables,
+                                    usable_endpoints)
 from kproxy.proxy.saved import has_jump, read_tables, remove_chains
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 DUMMY = "kube-ipvs0"
 DEFAULT_SCHEDULER = "rr"
+SCHEDULER_ANNOTATION = "kproxy.io/ipvs-scheduler"  # a Service's own scheduler
 # The schedulers of Linux IPVS (ip_vs_<name> modules); Debian's kernel has them all.
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh")
-MASQ_MARK = "0x4000"
 PERSISTENT = 0x0001  # IP_VS_SVC_F_PERSISTENT
 FWD_MASQ = 0  # IP_VS_CONN_F_MASQ
 PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
@@ -68,9 +71,8 @@ PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 
 
-def kernel_modules(scheduler: str = "") -> tuple[kmod.Module, ...]:
+def kernel_modules(scheduler: str = DEFAULT_SCHEDULER) -> tuple[kmod.Module, ...]:
     """What IPVS mode needs loaded; kube-proxy loads these itself, as the kernel does not on demand."""
-    scheduler = scheduler or DEFAULT_SCHEDULER
     return (kmod.Module("ip_vs", "IPVS mode", "/proc/net/ip_vs"),
             kmod.Module(f"ip_vs_{scheduler}", f"the IPVS scheduler {scheduler}"),
             kmod.Module("dummy", f"the {DUMMY} link"))
@@ -91,23 +93,18 @@ IPSETS = {
 }
 
 KUBE_SERVICES = "KUBE-SERVICES"
-KUBE_POSTROUTING = "KUBE-POSTROUTING"
 KUBE_NODE_PORT = "KUBE-NODE-PORT"
-KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
-KUBE_FORWARD = "KUBE-FORWARD"
 NAT_CHAINS = (KUBE_SERVICES, KUBE_POSTROUTING, KUBE_NODE_PORT, KUBE_MARK_MASQ)
 FILTER_CHAINS = (KUBE_FORWARD,)
-# (table, built-in chain, comment, our chain): the jumps kube-proxy inserts first in the built-in chains
+# The jumps kube-proxy inserts first in the built-in chains.
 JUMPS = (
-    ("nat", "OUTPUT", "kubernetes service portals", KUBE_SERVICES),
-    ("nat", "PREROUTING", "kubernetes service portals", KUBE_SERVICES),
-    ("nat", "POSTROUTING", "kubernetes postrouting rules", KUBE_POSTROUTING),
-    ("filter", "FORWARD", "kubernetes forwarding rules", KUBE_FORWARD),
+    Jump("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
+    Jump("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
+    Jump("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
+    Jump("filter", "FORWARD", KUBE_FORWARD, "kubernetes forwarding rules"),
 )
 
-
-def is_own_chain(table: str, chain: str) -> bool:
-    return chain in (NAT_CHAINS if table == "nat" else FILTER_CHAINS if table == "filter" else ())
+is_own_chain = OwnedChains({"nat": NAT_CHAINS, "filter": FILTER_CHAINS})
 
 
 SYSCTLS = {
@@ -194,11 +191,17 @@ def _tmp_set(name: str) -> str:
     return f"{name}-TMP"[:31]
 
 
+def service_scheduler(service: Service) -> str:
+    """The Service's own scheduler annotation ("" without one): IPVS mode's ServicePort.mode_info."""
+    return str((service["metadata"].get("annotations") or {}).get(SCHEDULER_ANNOTATION, ""))
+
+
 def scheduler_of(svc: ServicePort, default: str) -> str:
-    if svc.scheduler in SCHEDULERS:
-        return svc.scheduler
-    if svc.scheduler:
-        print(f"kproxy ipvs: {svc.service_port_name}: unknown IPVS scheduler {svc.scheduler!r} "
+    wanted = svc.mode_info if isinstance(svc.mode_info, str) else ""
+    if wanted in SCHEDULERS:
+        return wanted
+    if wanted:
+        print(f"kproxy ipvs: {svc.service_port_name}: unknown IPVS scheduler {wanted!r} "
               f"(known: {', '.join(SCHEDULERS)}); using {default}", file=sys.stderr)
     return default
 
@@ -274,11 +277,8 @@ def iptables_rules(node: NodeInfo) -> str:
     nat = [
         f'-A {KUBE_POSTROUTING} -m comment --comment "{IPSETS[KUBE_LOOP_BACK][2]}" '
         f"-m set --match-set {KUBE_LOOP_BACK} dst,dst,src -j MASQUERADE",
-        f"-A {KUBE_POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
-        f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {MASQ_MARK}",
-        f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" '
-        "-j MASQUERADE --random-fully",
-        f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {MASQ_MARK}",
+        *postrouting_rules(),
+        *mark_masq_rules(),
         f'-A {KUBE_SERVICES} {cidr}-m comment --comment "{IPSETS[KUBE_CLUSTER_IP][2]}" '
         f"-m set --match-set {KUBE_CLUSTER_IP} dst,dst -j {KUBE_MARK_MASQ}",
         f"-A {KUBE_SERVICES} -m addrtype --dst-type LOCAL -j {KUBE_NODE_PORT}",
@@ -288,18 +288,7 @@ def iptables_rules(node: NodeInfo) -> str:
         f'-A {KUBE_NODE_PORT} -p udp -m comment --comment "{IPSETS[KUBE_NODE_PORT_UDP][2]}" '
         f"-m set --match-set {KUBE_NODE_PORT_UDP} dst -j {KUBE_MARK_MASQ}",
     ]
-    filter_ = [
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" '
-        f"-m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT",
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-    ]
-    return ("*nat\n" + "".join(f":{c} - [0:0]\n" for c in NAT_CHAINS) + "\n".join(nat) + "\nCOMMIT\n"
-            "*filter\n" + "".join(f":{c} - [0:0]\n" for c in FILTER_CHAINS) + "\n".join(filter_) + "\nCOMMIT\n")
-
-
-def _jump_rule(chain: str, comment: str, target: str) -> str:
-    return f'{chain} -m comment --comment "{comment}" -j {target}'
+    return restore_tables({"nat": (NAT_CHAINS, nat), "filter": (FILTER_CHAINS, forward_rules())})
 
 
 # --- applying -----------------------------------------------------------------
@@ -330,9 +319,9 @@ class IpvsProxier:
 
     mode = "ipvs"
 
-    def __init__(self, node: NodeInfo, *, scheduler: str = "", full_sync_period: float = 3600.0) -> None:
+    def __init__(self, node: NodeInfo, *, scheduler: str = DEFAULT_SCHEDULER, full_sync_period: float = 3600.0) -> None:
         self.node = node
-        self.scheduler = scheduler or os.environ.get("KPROXY_IPVS_SCHEDULER", "") or DEFAULT_SCHEDULER
+        self.scheduler = scheduler
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown IPVS scheduler {self.scheduler!r} (known: {', '.join(SCHEDULERS)})")
         self.full_sync_period = full_sync_period
@@ -600,11 +589,9 @@ class IpvsProxier:
 
     def _missing_jumps(self) -> str:
         saved = read_tables()
-        out: dict[str, list[str]] = {"nat": [], "filter": []}
-        for table, chain, comment, target in JUMPS:
-            if not has_jump(saved.get(table, {}).get(chain, []), target, comment):
-                out[table].append(f"-I {_jump_rule(chain, comment, target)}")
-        return "".join(f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" for table, lines in out.items() if lines)
+        missing = [j for j in JUMPS if not has_jump(saved.get(j.table, {}).get(j.chain, []), j.target, j.comment)]
+        tables = {table: ((), ()) for table in ("nat", "filter") if any(j.table == table for j in missing)}
+        return restore_tables(tables, missing) if tables else ""
 
     # cleanup ---------------------------------------------------------------
 
@@ -636,11 +623,13 @@ class IpvsProxier:
 
     # looking ---------------------------------------------------------------
 
-    def rules_excerpt(self, service: str | None = None) -> str:
+    def rules_excerpt(self, service: str | None = None,
+                      owners: dict[tuple[str, str, int], str] | None = None) -> str:
         """``ipvsadm -Ln``-like: the live virtual servers (of one service, or all) with their real
-        servers' weights and connection counts, then our ipsets' sizes."""
+        servers' weights and connection counts, then our ipsets' sizes. owners: which service
+        port each virtual server belongs to (default: what this proxier synced)."""
         self._sockets()
-        owners = self.owners
+        owners = self.owners if owners is None else owners
         lines = ["IP Virtual Server (kube-proxy IPVS mode)",
                  "Prot LocalAddress:Port Scheduler Flags",
                  "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
@@ -695,3 +684,24 @@ def _dest_spec(dest: tuple[str, int], weight: int) -> Any:
     from pyroute2 import IPVSDest
 
     return IPVSDest(addr=dest[0], port=dest[1], weight=weight, fwd_method=FWD_MASQ)
+
+
+def _live_rules(state: ProxyState, node: NodeInfo, service: str | None) -> str:
+    proxier = IpvsProxier(node)
+    try:
+        return proxier.rules_excerpt(service, owners=render(state, node).owners)
+    finally:
+        proxier.close()
+
+
+MODE = Mode(
+    name="ipvs",
+    summary="kube-proxy's IPVS mode: virtual servers, kube-ipvs0 and ipsets",
+    options=(Option("scheduler", f"the lab's IPVS scheduler; a Service's {SCHEDULER_ANNOTATION} "
+                    "annotation overrides it", DEFAULT_SCHEDULER, SCHEDULERS),),
+    make_proxier=lambda node, options: IpvsProxier(node, scheduler=options["scheduler"]),
+    render_text=lambda state, node, options: render(state, node, scheduler=options["scheduler"]).text(),
+    rules_excerpt=_live_rules,
+    kernel_modules=lambda options: kernel_modules(options["scheduler"]),
+    service_info=service_scheduler,
+)

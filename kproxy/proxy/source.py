@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-SCHEDULER_ANNOTATION = "kproxy.io/ipvs-scheduler"
+ServiceInfo = Callable[[dict[str, Any]], Hashable]
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
-def service_ports(service: dict[str, Any]) -> list[ServicePort]:
+def service_ports(service: dict[str, Any], service_info: ServiceInfo | None = None) -> list[ServicePort]:
+    """The Service's ports; service_info: what the proxy mode reads from a Service of its own
+    (Mode.service_info), kept in each port's mode_info."""
     meta, spec = service["metadata"], service["spec"]
     affinity = 0
     if spec.get("sessionAffinity") == "ClientIP":
         affinity = int(spec.get("sessionAffinityConfig", {}).get("clientIP", {}).get("timeoutSeconds", 10800))
-    scheduler = (meta.get("annotations") or {}).get(SCHEDULER_ANNOTATION, "")
+    mode_info = service_info(service) if service_info is not None else None
     return [
         ServicePort(
             namespace=meta.get("namespace", "default"),
@@ -27,7 +29,7 @@ def service_ports(service: dict[str, Any]) -> list[ServicePort]:
             port=int(port["port"]),
             node_port=int(port.get("nodePort") or 0) if spec.get("type") == "NodePort" else 0,
             affinity_seconds=affinity,
-            scheduler=scheduler,
+            mode_info=mode_info,
         )
         for port in spec.get("ports", [])
     ]
@@ -39,11 +41,11 @@ def _owner(slice_: dict[str, Any]) -> tuple[str, str] | None:
     return (meta.get("namespace", "default"), owner) if owner else None
 
 
-def _service_state(service: dict[str, Any],
-                   slices: Iterable[dict[str, Any]]) -> list[tuple[ServicePort, list[Endpoint]]]:
+def _service_state(service: dict[str, Any], slices: Iterable[dict[str, Any]],
+                   service_info: ServiceInfo | None) -> list[tuple[ServicePort, list[Endpoint]]]:
     """One Service's ports, each with its endpoints from the Service's EndpointSlices."""
     out = []
-    for svc in service_ports(service):
+    for svc in service_ports(service, service_info):
         endpoints: dict[str, Endpoint] = {}
         for slice_ in slices:
             for port in slice_.get("ports") or ():
@@ -68,7 +70,8 @@ def _endpoint_order(endpoint: Endpoint) -> tuple[str, int]:
     return endpoint.ip, endpoint.port
 
 
-def proxy_state(services: Iterable[dict[str, Any]], slices: Iterable[dict[str, Any]]) -> ProxyState:
+def proxy_state(services: Iterable[dict[str, Any]], slices: Iterable[dict[str, Any]],
+                service_info: ServiceInfo | None = None) -> ProxyState:
     by_service: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for slice_ in slices:
         owner = _owner(slice_)
@@ -78,7 +81,8 @@ def proxy_state(services: Iterable[dict[str, Any]], slices: Iterable[dict[str, A
     endpoints: dict[str, list[Endpoint]] = {}
     for service in services:
         meta = service["metadata"]
-        for svc, eps in _service_state(service, by_service.get((meta.get("namespace", "default"), meta["name"]), [])):
+        for svc, eps in _service_state(service, by_service.get((meta.get("namespace", "default"), meta["name"]), []),
+                                      service_info):
             ports.append(svc)
             endpoints[svc.key] = eps
     return ProxyState(sorted(ports, key=lambda s: s.key), endpoints)
@@ -93,7 +97,8 @@ class StateTracker:
     mode can tell what changed by identity (the iptables mode re-renders only those).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, service_info: ServiceInfo | None = None) -> None:
+        self._service_info = service_info  # the proxy mode's (Mode.service_info)
         self._services: dict[tuple[str, str], dict[str, Any]] = {}
         self._slices: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # owner -> slice key -> slice
         self._slice_owner: dict[str, tuple[str, str]] = {}
@@ -119,7 +124,7 @@ class StateTracker:
                 continue
             owned = self._slices.get(owner)
             slices = [owned[key] for key in sorted(owned)] if owned else []
-            ports = _service_state(service, slices)
+            ports = _service_state(service, slices, self._service_info)
             if before_ports:
                 previous = {svc.key: (svc, eps) for svc, eps in before_ports}
                 for i, (svc, eps) in enumerate(ports):

@@ -8,7 +8,7 @@ per (service, port), endpoints already resolved to pod IP and target port.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Hashable, Sequence
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,9 @@ class ServicePort:
     port: int
     node_port: int = 0  # 0: not a NodePort service
     affinity_seconds: int = 0  # ClientIP session affinity timeout; 0: no affinity
-    scheduler: str = ""  # IPVS scheduler annotation; "" for the lab default
+    # What the mode read from the Service beyond these fields (its Mode.service_info), e.g.
+    # IPVS mode's scheduler annotation; None for modes that read nothing more.
+    mode_info: Hashable = None
     # Derived once (a sync at 10k services asks ~100k times), not compared:
     # kube-proxy's ServicePortName, "ns/name:port", or "ns/name" when the port is unnamed ...
     service_port_name: str = field(init=False, compare=False, repr=False)
@@ -74,17 +76,3 @@ class SyncResult:
     full: bool  # a full resync (as opposed to a partial one)
     changed_chains: int = 0  # or services, for modes without chains
     seconds: float = 0.0
-
-
-class Proxier(Protocol):
-    """One mode. Runs inside its node's network namespace (the agent's)."""
-
-    mode: str
-
-    def sync(self, state: ProxyState) -> SyncResult:
-        """Make the kernel match state (atomically where the kernel allows)."""
-        ...
-
-    def cleanup(self) -> None:
-        """Remove every trace of this mode from the node."""
-        ...

@@ -66,6 +66,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from kproxy.proxy.kernel import SAVE, RestoreError, restore, run
+from kproxy.proxy.mode import Mode, Option
+from kproxy.proxy.netfilter import Jump, OwnedChains, comment, restore_tables, usable_endpoints
 from kproxy.proxy.saved import excerpt, has_jump, read_tables, remove_chains
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
@@ -80,11 +82,7 @@ REJECT_CHAIN = "KUBE-USERSPACE-REJECT"  # ours, not upstream's: see the module d
 
 NAT_CHAINS = (PORTALS_CONTAINER, PORTALS_HOST, NODEPORT_CONTAINER, NODEPORT_HOST)
 FILTER_CHAINS = (NODEPORT_NON_LOCAL, REJECT_CHAIN)
-OWN_CHAINS = {"nat": NAT_CHAINS, "filter": FILTER_CHAINS}
-
-
-def is_own_chain(table: str, chain: str) -> bool:
-    return chain in OWN_CHAINS.get(table, ())
+is_own_chain = OwnedChains({"nat": NAT_CHAINS, "filter": FILTER_CHAINS})
 
 
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)  # upstream's EndpointDialTimeouts: one dial per entry
@@ -99,48 +97,29 @@ DEFAULT_COPY = "splice"
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
 
-_CLUSTER_COMMENT = '"handle ClusterIPs; NOTE: this must be before the NodePort rules"'
-_NODEPORT_COMMENT = '"handle service NodePorts; NOTE: this must be the last rule in the chain"'
-_NON_LOCAL_COMMENT = '"Ensure that non-local NodePort traffic can flow"'
-_REJECT_COMMENT = '"kproxy userspace: service ports without endpoints"'
-
-
-@dataclass(frozen=True)
-class Jump:
-    table: str
-    chain: str
-    target: str
-    spec: str  # matches before -j, as iptables-save prints them
-    first: bool  # inserted at the top (-I 1) or appended (-A)
-
-    @property
-    def rule(self) -> str:
-        return f"{'-I' if self.first else '-A'} {self.chain}{' 1' if self.first else ''} {self.spec} -j {self.target}"
-
+_CLUSTER_COMMENT = "handle ClusterIPs; NOTE: this must be before the NodePort rules"
+_NODEPORT_COMMENT = "handle service NodePorts; NOTE: this must be the last rule in the chain"
+_NON_LOCAL_COMMENT = "Ensure that non-local NodePort traffic can flow"
+_REJECT_COMMENT = "kproxy userspace: service ports without endpoints"
+_LOCAL = "-m addrtype --dst-type LOCAL"
+_NEW = "-m conntrack --ctstate NEW"
 
 JUMPS = (
-    Jump("nat", "PREROUTING", PORTALS_CONTAINER, f"-m comment --comment {_CLUSTER_COMMENT}", True),
-    Jump("nat", "OUTPUT", PORTALS_HOST, f"-m comment --comment {_CLUSTER_COMMENT}", True),
-    Jump("nat", "PREROUTING", NODEPORT_CONTAINER,
-         f"-m addrtype --dst-type LOCAL -m comment --comment {_NODEPORT_COMMENT}", False),
-    Jump("nat", "OUTPUT", NODEPORT_HOST, f"-m addrtype --dst-type LOCAL -m comment --comment {_NODEPORT_COMMENT}",
-         False),
-    Jump("filter", "INPUT", NODEPORT_NON_LOCAL, f"-m comment --comment {_NON_LOCAL_COMMENT}", True),
+    Jump("nat", "PREROUTING", PORTALS_CONTAINER, _CLUSTER_COMMENT),
+    Jump("nat", "OUTPUT", PORTALS_HOST, _CLUSTER_COMMENT),
+    Jump("nat", "PREROUTING", NODEPORT_CONTAINER, _NODEPORT_COMMENT, _LOCAL, first=False),
+    Jump("nat", "OUTPUT", NODEPORT_HOST, _NODEPORT_COMMENT, _LOCAL, first=False),
+    Jump("filter", "INPUT", NODEPORT_NON_LOCAL, _NON_LOCAL_COMMENT),
     # Only new connections need to see the rejects (as kube-proxy's jumps to its filter KUBE-SERVICES).
-    Jump("filter", "INPUT", REJECT_CHAIN, f"-m conntrack --ctstate NEW -m comment --comment {_REJECT_COMMENT}", True),
-    Jump("filter", "FORWARD", REJECT_CHAIN, f"-m conntrack --ctstate NEW -m comment --comment {_REJECT_COMMENT}",
-         True),
-    Jump("filter", "OUTPUT", REJECT_CHAIN, f"-m conntrack --ctstate NEW -m comment --comment {_REJECT_COMMENT}", True),
+    Jump("filter", "INPUT", REJECT_CHAIN, _REJECT_COMMENT, _NEW),
+    Jump("filter", "FORWARD", REJECT_CHAIN, _REJECT_COMMENT, _NEW),
+    Jump("filter", "OUTPUT", REJECT_CHAIN, _REJECT_COMMENT, _NEW),
 )
 
 
-def _quote(text: str) -> str:
-    return f'"{text}"' if re.search(r"[^\w./:-]", text) else text
-
-
-def usable_endpoints(endpoints: Iterable[Endpoint]) -> list[str]:
-    """Ready endpoints' "ip:port", deduplicated and sorted (the order round robin walks)."""
-    return sorted({ep.address for ep in endpoints if ep.ready})
+def ready_addresses(endpoints: Iterable[Endpoint]) -> list[str]:
+    """The usable endpoints' "ip:port", in the order round robin walks."""
+    return [ep.address for ep in usable_endpoints(endpoints)]
 
 
 def kept_endpoints(endpoints: Iterable[Endpoint]) -> set[str]:
@@ -157,15 +136,8 @@ class Portals:
     tables: dict[str, dict[str, list[str]]]
 
     def restore_text(self, jumps: Iterable[Jump] = ()) -> str:
-        out: list[str] = []
-        for table in ("filter", "nat"):
-            out.append(f"*{table}")
-            out += [f":{c} - [0:0]" for c in self.tables[table]]
-            for chain, rules in self.tables[table].items():
-                out += rules
-            out += [j.rule for j in jumps if j.table == table]
-            out.append("COMMIT")
-        return "\n".join(out) + "\n"
+        return restore_tables({table: (list(chains), [rule for rules in chains.values() for rule in rules])
+                               for table, chains in self.tables.items()}, jumps)
 
 
 def render(state: ProxyState, node: NodeInfo, ports: dict[str, int | str]) -> Portals:
@@ -175,9 +147,9 @@ def render(state: ProxyState, node: NodeInfo, ports: dict[str, int | str]) -> Po
     services = sorted(state.services, key=lambda s: (s.service_port_name, s.protocol, s.cluster_ip, s.port))
     for svc in services:
         proto = svc.protocol.lower()
-        name = _quote(svc.service_port_name)
+        name = comment(svc.service_port_name)
         if not usable_endpoints(state.endpoints_of(svc)):
-            none = _quote(f"{svc.service_port_name} has no endpoints")
+            none = comment(f"{svc.service_port_name} has no endpoints")
             filter_[REJECT_CHAIN].append(f"-A {REJECT_CHAIN} -d {svc.cluster_ip}/32 -p {proto} -m comment "
                                          f"--comment {none} -m {proto} --dport {svc.port} -j REJECT "
                                          "--reject-with icmp-port-unreachable")
@@ -737,7 +709,7 @@ class ServiceProxy:
     def update(self, svc: ServicePort, endpoints: list[Endpoint]) -> None:
         self.svc = svc
         self.balancer.set_affinity(svc.affinity_seconds)
-        self.balancer.update(usable_endpoints(endpoints))
+        self.balancer.update(ready_addresses(endpoints))
         self.keep = kept_endpoints(endpoints)
         for conn in [c for c in self.conns if c.ways is not None and c.endpoint not in self.keep]:
             conn.close()
@@ -868,9 +840,9 @@ class UserspaceProxier:
 
     mode = "userspace"
 
-    def __init__(self, node: NodeInfo, *, copy: str | None = None, udp_timeout: float = UDP_IDLE_TIMEOUT) -> None:
+    def __init__(self, node: NodeInfo, *, copy: str = DEFAULT_COPY, udp_timeout: float = UDP_IDLE_TIMEOUT) -> None:
         self.node = node
-        self.copy = copy or os.environ.get("KPROXY_USERSPACE_COPY") or DEFAULT_COPY
+        self.copy = copy
         if self.copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {', '.join(COPY_MODES)}, not {self.copy!r}")
         if self.copy == "splice" and not hasattr(os, "splice"):
@@ -953,6 +925,12 @@ class UserspaceProxier:
         self.applied = ""
         self._need_full = True
 
+    def close(self) -> None:
+        """Stop serving: every listener and connection closes with the loop (the rules stay)."""
+        if self.loop is not None and self.loop.thread.is_alive():
+            self.loop.stop()
+        self.loop = None
+
     # looking ---------------------------------------------------------------------------
 
     def table(self) -> list[dict[str, Any]]:
@@ -998,3 +976,14 @@ def live_rules(service: str | None, table: list[dict[str, Any]] | None = None) -
         table = query_status()
     listeners = format_table(table, service) if table is not None else "(no userspace proxy answers in this node)\n"
     return rules + "\n# listeners\n" + listeners
+
+
+MODE = Mode(
+    name="userspace",
+    summary="kube-proxy's first mode: iptables portals REDIRECT to a proxy process that copies bytes",
+    options=(Option("copy", "how the proxy moves bytes: splice(2) through a pipe, or recv/send "
+                    "(docs/userspace.md)", DEFAULT_COPY, COPY_MODES),),
+    make_proxier=lambda node, options: UserspaceProxier(node, copy=options["copy"]),
+    render_text=lambda state, node, options: render_text(state, node),
+    rules_excerpt=lambda state, node, service: live_rules(service),
+)
