@@ -152,7 +152,7 @@ def test_sync_programs_kube_ipvs0_virtual_servers_ipsets_iptables_and_sysctls(no
         assert in_ns(node, "cat", f"/proc/sys/net/ipv4/vs/{name}").stdout.strip() == "1"
     # Only what differs changes: an identical state changes nothing, one new service one thing.
     with entered(node):
-        assert proxier.sync(_state((web, [POD, OTHER]), (sticky, [POD]), (dns, [OTHER]))).changed_chains == 0
+        assert proxier.sync(_state((web, [POD, OTHER]), (sticky, [POD]), (dns, [OTHER]))).changed_services == 0
     # The per-service scheduler and persistence follow the Service; removed services go.
     _sync(node, proxier, _state((web, [POD]), (_svc("sticky", "10.96.0.11", 81, mode_info="lc"), [POD])))
     shown = _ipvsadm(node)
@@ -235,7 +235,7 @@ def test_partial_syncs_touch_only_what_changed_and_share_addresses(netns) -> Non
             assert proxier.sync(_state((http, [POD]), (https, [POD]), (other, [OTHER]))).full
             # Only the service whose endpoints changed is touched (one real server added).
             result = proxier.sync(_state((http, [POD, OTHER]), (https, [POD]), (other, [OTHER])))
-            assert not result.full and result.changed_chains == 1
+            assert not result.full and result.changed_services == 1
             # The https port goes: its virtual servers and ipset entries, not the shared ClusterIP.
             proxier.sync(_state((http, [POD, OTHER]), (other, [OTHER])))
         finally:

@@ -688,7 +688,7 @@ class IptablesProxier:
         if full:
             self._last_full = started
         self.conntrack.sync(state, self._cache.by_key, usable_endpoints)  # by_key: filled by the render
-        return SyncResult(full=full, changed_chains=touched, seconds=time.monotonic() - started)
+        return SyncResult(full=full, changed_services=touched, seconds=time.monotonic() - started)
 
     def _prepare_node(self) -> None:
         if self.localhost_nodeports:

@@ -378,7 +378,7 @@ class IpvsProxier:
         if full:
             self._last_full = started
         self.conntrack.sync(state, self._by_key, usable_endpoints)
-        return SyncResult(full=full, changed_chains=changed, seconds=time.monotonic() - started)
+        return SyncResult(full=full, changed_services=changed, seconds=time.monotonic() - started)
 
     def _apply(self, state: ProxyState, full: bool) -> int:
         """Render only the service ports whose Service or endpoints changed since the last sync,

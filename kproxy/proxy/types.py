@@ -74,5 +74,5 @@ class ProxyState:
 @dataclass
 class SyncResult:
     full: bool  # a full resync (as opposed to a partial one)
-    changed_chains: int = 0  # or services, for modes without chains
+    changed_services: int = 0  # service ports whose programming in the kernel this sync changed
     seconds: float = 0.0

@@ -882,7 +882,7 @@ class UserspaceProxier:
                 raise
             self.applied = desired.restore_text()
             self._need_full = False
-        return SyncResult(full=full, changed_chains=changed, seconds=time.monotonic() - started)
+        return SyncResult(full=full, changed_services=changed, seconds=time.monotonic() - started)
 
     def _sync_listeners(self, state: ProxyState) -> int:
         changed = 0
