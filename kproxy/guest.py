@@ -1,5 +1,9 @@
 """The guest lane: run a command inside a QEMU guest that boots Debian's stock kernel.
 
+It ships in the product, not under tests/, because users meet it too: `scripts/demo`
+(kproxy.demo) and the IPVS benchmark run their IPVS part in it where the host kernel
+has no IPVS. The test suite's use of it is tests/guestlane.py.
+
 Some kernels (this project's CI machine among them) have no IPVS and no
 ``dummy`` links. Debian's stock kernel has both as modules, so where the host
 kernel lacks them the IPVS tests (and the IPVS benchmark) run in a throwaway
@@ -65,7 +69,7 @@ class GuestError(RuntimeError):
 
 
 @dataclass
-class Kernel:
+class GuestKernel:
     version: str  # "6.1.0-56-amd64"
     vmlinux: Path
     root: Path  # the unpacked package: root/lib/modules/<version>
@@ -103,12 +107,12 @@ def _is_static(path: str) -> bool:
 
 # --- the cache ---------------------------------------------------------------
 
-def _cached_kernel(cache: Path = CACHE) -> Kernel | None:
+def _cached_kernel(cache: Path = CACHE) -> GuestKernel | None:
     try:
         meta = json.loads((cache / "kernel.json").read_text())
     except (OSError, ValueError):
         return None
-    kernel = Kernel(meta["version"], cache / meta["vmlinux"], cache / "root", cache / meta["initramfs"])
+    kernel = GuestKernel(meta["version"], cache / meta["vmlinux"], cache / "root", cache / meta["initramfs"])
     if kernel.vmlinux.exists() and kernel.initramfs.exists() and \
             (kernel.root / "lib" / "modules" / kernel.version / "modules.dep").exists():
         return kernel
@@ -123,7 +127,7 @@ def _wanted_version() -> str:
     return found.group(1)
 
 
-def ensure_kernel(cache: Path = CACHE, log=print) -> Kernel:
+def ensure_kernel(cache: Path = CACHE, log=print) -> GuestKernel:
     """The cached kernel, downloading and unpacking Debian's when the cache has none."""
     kernel = _cached_kernel(cache)
     if kernel:
@@ -270,7 +274,7 @@ def _console(run_dir: Path) -> str:
         return ""
 
 
-def _boot(kernel: Kernel, argv: list[str], cwd: Path, env: dict[str, str] | None, timeout: float, run_dir: Path,
+def _boot(kernel: GuestKernel, argv: list[str], cwd: Path, env: dict[str, str] | None, timeout: float, run_dir: Path,
           log) -> GuestRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("status", "console.log"):

@@ -48,9 +48,11 @@ def test_add_without_a_required_variable_is_code_4(missing: str) -> None:
 
 
 def test_del_may_lack_netns_and_gc_status_need_only_path() -> None:
-    parse_request({**ADD_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, json.dumps(CONF).encode())
-    parse_request({"CNI_COMMAND": "GC", "CNI_PATH": "/x"}, json.dumps(CONF).encode())
-    parse_request({"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"}, json.dumps(CONF).encode())
+    deleted = parse_request({**ADD_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, json.dumps(CONF).encode())
+    assert (deleted.command, deleted.container_id, deleted.netns, deleted.ifname) == ("DEL", "c1", "", "eth0")
+    for command in ("GC", "STATUS"):
+        request = parse_request({"CNI_COMMAND": command, "CNI_PATH": "/x:/y"}, json.dumps(CONF).encode())
+        assert (request.command, request.container_id, request.path) == (command, "", ["/x", "/y"])
 
 
 def test_malformed_json_is_code_6() -> None:
