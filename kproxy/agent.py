@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
-from kproxy.proxy import mode as proxy_mode
+from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 from kproxy.proxy.mode import Proxier, parse_option_pairs
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
 from kproxy.store import Store, View
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lab-dir", required=True, type=Path)
     parser.add_argument("--node", required=True)
-    parser.add_argument("--mode", default="iptables")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     parser.add_argument("--cluster-cidr", default="10.244.0.0/16")
     parser.add_argument("--pidfile", type=Path)
     parser.add_argument("--mode-opt", action="append", default=[], metavar="NAME=VALUE",

@@ -327,3 +327,39 @@ def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(tmp_path)
                 assert mode_traces(lab.ns(node)) == {mode}, node  # the old mode's rules are gone
             assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")
             assert lab.ask("external", lab.info["nodes"][1]["ip"], 30080)["pod"].startswith("web-")
+
+
+def test_mode_options_reach_the_agents_are_kept_and_a_change_restarts_them(tmp_path) -> None:
+    manifests = tmp_path / "web.yaml"
+    manifests.write_text(MANIFESTS.split("---")[0])
+    nodes = ("node1", "node2", "node3")
+
+    def agents(name: str) -> dict[str, tuple[int, list[str]]]:
+        """Each node's agent: its pid and its command line."""
+        out = {}
+        for node in nodes:
+            pid = json.loads(status_path(lab_dir(name), node).read_text())["pid"]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[node] = (pid, f.read().decode().split("\0"))
+        return out
+
+    with running_lab("--mode", "userspace", "--mode-opt", "copy=copy") as name:
+        kproxy("apply", "--lab", name, "-f", str(manifests))
+        lab = Lab(name)
+        first = agents(name)
+        assert status(name)["modeOptions"] == {"copy": "copy"}
+        assert all("copy=copy" in argv and "--mode-opt" in argv for _, argv in first.values())
+        assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")
+
+        kproxy("lab", "up", "--name", name)  # no options given: the lab's are kept, the agents stay
+        assert status(name)["modeOptions"] == {"copy": "copy"} and agents(name) == first
+
+        bad = kproxy("lab", "up", "--name", name, "--mode-opt", "copy=fast", check=False)
+        assert (bad.returncode, bad.stderr) == (
+            1, "kproxy: error: mode userspace: option copy: 'fast' is not one of splice, copy\n")
+        assert agents(name) == first  # refused before anything changed
+
+        kproxy("lab", "up", "--name", name, "--mode-opt", "copy=splice")
+        second = agents(name)
+        assert all(second[node][0] != first[node][0] and "copy=splice" in second[node][1] for node in nodes)
+        assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")

@@ -37,6 +37,7 @@ from cni.netns import entered
 from kproxy.agent import status_path
 from kproxy.bench import require_root
 from kproxy.lab.processes import AGENT, start, stop
+from kproxy.proxy import DEFAULT_MODE, MODES
 from kproxy.proxy.iptables import write_full_restore
 from kproxy.proxy.kernel import restore
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench-services", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,5000,10000")
-    parser.add_argument("--mode", default="iptables")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     parser.add_argument("--repeat", type=int, default=5, help="full syncs and restores per size (median)")
     args = parser.parse_args(argv)
     if args.repeat < 1:

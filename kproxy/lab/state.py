@@ -16,6 +16,7 @@ from typing import Any
 
 from kproxy.errors import KproxyError
 from kproxy.lab.topology import LAB_NAME_RE, lab_name
+from kproxy.proxy import DEFAULT_MODE
 
 NETNS_DIR = Path("/var/run/netns")
 
@@ -69,7 +70,7 @@ class LabState:
     pod_cidr: str
     node_cidr: str
     external_ip: str
-    mode: str = "iptables"
+    mode: str = DEFAULT_MODE
     nodes: dict[str, NodeState] = field(default_factory=dict)
     pods: dict[str, PodState] = field(default_factory=dict)
     topology: dict[str, Any] = field(default_factory=dict)  # topology.to_raw() of what was applied
