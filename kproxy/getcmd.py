@@ -37,7 +37,7 @@ def select(view: View, kind: str, namespace: str | None, selector: Any | None, n
     items = []
     for obj in view.of_kind(kind):
         meta = obj["metadata"]
-        if kind != "Node" and namespace is not None and meta.get("namespace", "default") != namespace:
+        if kind != "Node" and namespace is not None and meta["namespace"] != namespace:
             continue
         if name is not None and meta["name"] != name:
             continue
@@ -140,7 +140,7 @@ def rows(kind: str, items: list[Obj], wide: bool, all_namespaces: bool) -> list[
     ns = ["NAMESPACE"] if all_namespaces and kind != "Node" else []
 
     def nsv(o: Obj) -> list[str]:
-        return [o["metadata"].get("namespace", "default")] if ns else []
+        return [o["metadata"]["namespace"]] if ns else []
     if kind == "Node":
         table = [["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR", "AGE"] + (["LABELS"] if wide else [])]
         for o in items:
