@@ -20,6 +20,7 @@ from kproxy.errors import KproxyError
 from kproxy.lab import kubelet
 from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
+from kproxy.scheduler import choose_node
 from kproxy.store import IDENTITY, Store, View, carry_identity, timestamp
 
 SYNC_TIMEOUT = 15.0
@@ -148,18 +149,16 @@ class Cluster:
         return load
 
     def _schedule(self, pod: Obj, load: dict[str, int]) -> None:
-        """nodeName, else nodeSelector, else the least loaded node: the scheduler, simply."""
+        """nodeName, else the node kproxy.scheduler chooses."""
         node = pod["spec"].get("nodeName")
         if node:
             if node not in self.state.nodes:
                 raise KproxyError(f"Pod {name_of(pod)}: spec.nodeName: node {node!r} is not in lab {self.state.name}")
         else:
             selector = pod["spec"].get("nodeSelector") or {}
-            fits = [n for n, s in self.state.nodes.items()
-                    if all(({"kubernetes.io/hostname": n, **s.labels}).get(k) == v for k, v in selector.items())]
-            if not fits:
+            node = choose_node({n: s.labels for n, s in self.state.nodes.items()}, load, selector)
+            if node is None:
                 raise KproxyError(f"Pod {name_of(pod)}: no node matches spec.nodeSelector {selector}")
-            node = min(fits, key=lambda n: (load[n], n))
             pod["spec"]["nodeName"] = node
         load[node] += 1
 

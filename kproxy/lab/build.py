@@ -28,6 +28,7 @@ from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces,
 from kproxy.model import Container, ContainerPort, Pod, PodSpec
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
+from kproxy.scheduler import node_labels
 from kproxy.store import Store, carry_identity
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
@@ -78,8 +79,7 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
 def node_object(state: LabState, name: str) -> dict[str, Any]:
     node = state.nodes[name]
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name,
-                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **node.labels}},
+            "metadata": {"name": name, "labels": node_labels(name, node.labels)},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
                                      {"type": "Hostname", "address": name}],

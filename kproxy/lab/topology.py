@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kproxy.errors import KproxyError
+from kproxy.scheduler import choose_node
 from kproxy.selectors import validate_labels
 from kproxy.textinput import read_text
 
@@ -201,7 +202,7 @@ def default_topology_path() -> Path:
 
 
 def place_pods(topology: Topology, existing: dict[str, str] | None = None) -> dict[str, str]:
-    """pod name -> node name: nodeName, else nodeSelector, else the least loaded node.
+    """pod name -> node name: nodeName, else the node kproxy.scheduler chooses.
 
     existing keeps pods where they already run, so re-applying never moves a pod.
     """
@@ -217,11 +218,11 @@ def place_pods(topology: Topology, existing: dict[str, str] | None = None) -> di
             load[where] += 1
         else:
             pending.append(pod)
+    nodes = {n.name: n.labels for n in topology.nodes}
     for pod in pending:
-        fits = [n.name for n in topology.nodes if all(n.labels.get(k) == v for k, v in pod.node_selector.items())]
-        if not fits:
+        where = choose_node(nodes, load, pod.node_selector)
+        if where is None:
             raise KproxyError(f"pod {pod.name}: no node matches nodeSelector {pod.node_selector}")
-        where = min(fits, key=lambda name: (load[name], node_names.index(name)))
         placement[pod.name] = where
         load[where] += 1
     for name, count in load.items():
