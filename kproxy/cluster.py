@@ -15,13 +15,13 @@ from typing import Callable
 
 from kproxy import controllers
 from kproxy.agent import status_path
-from kproxy.controllers import Obj, name_of, obj_key
+from kproxy.controllers import name_of, obj_key
 from kproxy.errors import KproxyError
 from kproxy.lab import kubelet
 from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
 from kproxy.scheduler import choose_node
-from kproxy.store import IDENTITY, Store, View, carry_identity, timestamp
+from kproxy.store import IDENTITY, Obj, Store, View, carry_identity, timestamp
 
 SYNC_TIMEOUT = 15.0
 GRACE_SECONDS = 0.3  # between a pod leaving every node's rules and its workload stopping

@@ -14,15 +14,14 @@ import ipaddress
 import json
 import random
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from kproxy import model
 from kproxy.errors import KproxyError
 from kproxy.k8sform import pod_object
 from kproxy.proxy.source import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
-from kproxy.store import carry_identity, key_of, timestamp
+from kproxy.store import Obj, carry_identity, key_of, timestamp
 
-Obj = dict[str, Any]
 SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
 FIRST_DYNAMIC_IP = SERVICE_CIDR.network_address + 10  # .1 is the kubernetes Service's, .10 often DNS
 POD_TEMPLATE_HASH = "pod-template-hash"

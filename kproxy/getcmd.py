@@ -10,9 +10,8 @@ import yaml
 
 from kproxy import controllers
 from kproxy.errors import KproxyError
-from kproxy.store import View
+from kproxy.store import Obj, View
 
-Obj = dict[str, Any]
 KINDS = {
     "nodes": "Node", "node": "Node", "no": "Node",
     "pods": "Pod", "pod": "Pod", "po": "Pod",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from kproxy.model import Deployment, Manifest, Pod, PodSpec, Service
+from kproxy.model import Manifest, Pod, PodSpec, Service
 
 def _metadata(name: str, namespace: str | None, labels: Mapping[str, str],
               annotations: Mapping[str, str]) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from kproxy import controllers
 from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
+from kproxy.lab.workloadspec import DEFAULT_PORT
 from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, run_cni, wire_pod
 from kproxy.store import Store, View
 
-DEFAULT_PORT = 8080
 READY_TIMEOUT = 10.0
 READY_POLL = 0.02  # seconds between readiness probes of a pod that does not answer yet
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kproxy.errors import KproxyError
+from kproxy.lab.workloadspec import DEFAULT_PORT
 from kproxy.scheduler import choose_node
 from kproxy.selectors import validate_labels
 from kproxy.textinput import read_text
@@ -24,7 +25,6 @@ OVERLAYS = ("vxlan", "host-gw")
 DEFAULT_POD_CIDR = "10.244.0.0/16"
 DEFAULT_NODE_CIDR = "172.18.0.0/24"  # the underlay: node IPs, like kind's docker network
 SERVICE_CIDR = "10.96.0.0/12"
-DEFAULT_PORT = 8080
 # Namespace names are kp_<lab>_<name>; link names on the underlay are to-<node>.
 LAB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 OBJECT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
