@@ -118,7 +118,7 @@ class Cluster:
         svc["spec"]["clusterIP"] = old["spec"]["clusterIP"]
         svc["spec"]["clusterIPs"] = [old["spec"]["clusterIP"]]
         before = {(p.get("name") or "", p["protocol"]): p.get("nodePort") for p in old["spec"]["ports"]}
-        for port in svc["spec"].get("ports", []):
+        for port in svc["spec"]["ports"]:
             if svc["spec"].get("type") == "NodePort" and not port.get("nodePort"):
                 port["nodePort"] = before.get((port.get("name") or "", port["protocol"])) or None
                 if port["nodePort"] is None:

@@ -75,11 +75,11 @@ def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj]) -> None:
 def allocate_node_ports(services: list[Obj], existing: Iterable[Obj]) -> None:
     owners: dict[tuple[int, str], str] = {}
     for svc in existing:
-        for port in svc["spec"].get("ports", []):
+        for port in svc["spec"]["ports"]:
             if port.get("nodePort"):
                 owners[(int(port["nodePort"]), port["protocol"])] = name_of(svc)
     for svc in services:
-        for i, port in enumerate(svc["spec"].get("ports", [])):
+        for i, port in enumerate(svc["spec"]["ports"]):
             if port.get("nodePort"):
                 node_port = (int(port["nodePort"]), port["protocol"])
                 if owners.get(node_port, name_of(svc)) != name_of(svc):
@@ -169,10 +169,10 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
             "targetRef": target,
         })
     if not groups and selector:
-        groups[tuple(int(p["targetPort"]) if isinstance(p.get("targetPort"), int) else int(p["port"])
-                     for p in spec.get("ports", []))] = []
+        groups[tuple(int(p["targetPort"]) if isinstance(p["targetPort"], int) else int(p["port"])
+                     for p in spec["ports"])] = []
     mine = {tuple(p["port"] for p in s["ports"]): s for s in previous.values()
-            if s["metadata"].get("namespace") == namespace
+            if s["metadata"]["namespace"] == namespace
             and s["metadata"].get("labels", {}).get(SERVICE_NAME_LABEL) == meta["name"]}
     prefix = f"{meta['name']}-"[:MAX_GENERATE_NAME_PREFIX]
     taken = {s["metadata"]["name"] for s in mine.values()}
@@ -190,7 +190,7 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
             "addressType": "IPv4",
             "endpoints": sorted(endpoints, key=lambda e: e["addresses"][0]),
             "ports": [{"name": p.get("name") or "", "port": n, "protocol": p["protocol"]}
-                      for p, n in zip(spec.get("ports", []), numbers)],
+                      for p, n in zip(spec["ports"], numbers)],
         }
         if meta.get("uid"):
             slice_["metadata"]["ownerReferences"] = [controller_ref(service)]

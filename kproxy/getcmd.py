@@ -91,7 +91,7 @@ def _more(shown: list[str], count: int, empty: str) -> str:
 
 def _service_ports(svc: Obj) -> str:
     out = []
-    for p in svc["spec"].get("ports", []):
+    for p in svc["spec"]["ports"]:
         node_port = f":{p['nodePort']}" if p.get("nodePort") and svc["spec"].get("type") == "NodePort" else ""
         out.append(f"{p['port']}{node_port}/{p.get('protocol', 'TCP')}")
     return ",".join(out)
