@@ -144,7 +144,7 @@ class Allocation:
     ifname: str
 
 
-class Store:
+class AllocationStore:
     """The allocations of one network, in <dataDir>/<network>."""
 
     def __init__(self, data_dir: Path, network: str) -> None:
@@ -236,7 +236,7 @@ class HostLocal:
 
     def add(self, req: Request) -> dict[str, Any]:
         cfg = parse_ipam_config(req.config)
-        store = Store(cfg.data_dir, req.network)
+        store = AllocationStore(cfg.data_dir, req.network)
         ips = []
         with store.locked():
             held = [a for a in store.allocations() if (a.container_id, a.ifname) == (req.container_id, req.ifname)]
@@ -266,7 +266,7 @@ class HostLocal:
         return result
 
     @staticmethod
-    def _reserve_one(store: Store, index: int, ranges: list[Range], req: Request) -> tuple[Range, IPAddress]:
+    def _reserve_one(store: AllocationStore, index: int, ranges: list[Range], req: Request) -> tuple[Range, IPAddress]:
         for range_, ip in _round_robin(ranges, store.last_reserved(index)):
             if store.reserve(ip, req.container_id, req.ifname):
                 store.set_last_reserved(index, ip)
@@ -278,7 +278,7 @@ class HostLocal:
 
     def delete(self, req: Request) -> None:
         cfg = parse_ipam_config(req.config)
-        store = Store(cfg.data_dir, req.network)
+        store = AllocationStore(cfg.data_dir, req.network)
         with store.locked():
             for a in store.allocations():
                 if (a.container_id, a.ifname) == (req.container_id, req.ifname):
@@ -286,7 +286,7 @@ class HostLocal:
 
     def check(self, req: Request) -> None:
         cfg = parse_ipam_config(req.config)
-        store = Store(cfg.data_dir, req.network)
+        store = AllocationStore(cfg.data_dir, req.network)
         mine = {a.ip for a in store.allocations() if (a.container_id, a.ifname) == (req.container_id, req.ifname)}
         if not mine:
             raise CNIError(CHECK_FAILED, f"no address is allocated to container {req.container_id} interface {req.ifname}")
@@ -302,7 +302,7 @@ class HostLocal:
             raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments (a list, possibly empty)")
         valid = {(str(a.get("containerID")), str(a.get("ifname"))) for a in valid_raw if isinstance(a, dict)}
         cfg = parse_ipam_config(req.config)
-        store = Store(cfg.data_dir, req.network)
+        store = AllocationStore(cfg.data_dir, req.network)
         with store.locked():
             for a in store.allocations():
                 if (a.container_id, a.ifname) not in valid:
@@ -310,7 +310,7 @@ class HostLocal:
 
     def status(self, req: Request) -> None:
         cfg = parse_ipam_config(req.config)
-        store = Store(cfg.data_dir, req.network)
+        store = AllocationStore(cfg.data_dir, req.network)
         taken = {a.ip for a in store.allocations()}
         for ranges in cfg.range_sets:
             if all(ip in taken for r in ranges for ip in r.candidates()):

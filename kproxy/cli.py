@@ -171,7 +171,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def _objects(files: list[str]) -> list[dict[str, Any]]:
     from kproxy.textinput import read_manifest_files
-    from kproxy.model import parse_manifests, to_k8s
+    from kproxy.k8sform import to_k8s
+    from kproxy.model import parse_manifests
 
     objects = []
     for text, source in read_manifest_files(files):
@@ -223,7 +224,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from kproxy.lab.state import choose_lab
 
     if args.file:
-        targets = [(o["kind"], o["metadata"].get("namespace", "default"), o["metadata"]["name"])
+        targets = [(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])
                    for o in _objects(args.file)]
     elif args.kind and args.names:
         targets = [(resolve_kind(args.kind), args.namespace, name) for name in args.names]

@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 from kproxy.errors import KproxyError
 from kproxy.lab.topology import lab_name, valid_node_name
 # The rules manifests' metadata follows, so -n and names on the command line mean the same.
-from kproxy.model import _DNS1123_LABEL, _DNS1123_SUBDOMAIN
+from kproxy.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from kproxy.selectors import label_key_error, label_value_error
 
 USAGE_ERROR = 2
@@ -41,9 +41,9 @@ def _argument(name: str, check: Callable[[str], object]) -> Callable[[str], obje
 
 
 _DNS_RULES = {
-    "label": (_DNS1123_LABEL, 63, "a DNS-1123 label: lowercase letters, digits and '-', "
+    "label": (DNS1123_LABEL, 63, "a DNS-1123 label: lowercase letters, digits and '-', "
                                   "starting and ending with a letter or digit, at most 63 characters"),
-    "subdomain": (_DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', "
+    "subdomain": (DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', "
                                            "starting and ending with a letter or digit, at most 253 characters"),
 }
 

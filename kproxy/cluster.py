@@ -15,12 +15,13 @@ from typing import Callable
 
 from kproxy import controllers
 from kproxy.agent import status_path
-from kproxy.controllers import Obj, name_of, obj_key
+from kproxy.controllers import name_of, obj_key
 from kproxy.errors import KproxyError
 from kproxy.lab import kubelet
 from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
-from kproxy.store import IDENTITY, Store, View, carry_identity, timestamp
+from kproxy.scheduler import choose_node
+from kproxy.store import IDENTITY, Obj, Store, View, carry_identity, timestamp
 
 SYNC_TIMEOUT = 15.0
 GRACE_SECONDS = 0.3  # between a pod leaving every node's rules and its workload stopping
@@ -116,29 +117,29 @@ class Cluster:
                               f"(is {old['spec']['clusterIP']})")
         svc["spec"]["clusterIP"] = old["spec"]["clusterIP"]
         svc["spec"]["clusterIPs"] = [old["spec"]["clusterIP"]]
-        before = {(p.get("name") or "", p.get("protocol", "TCP")): p.get("nodePort") for p in old["spec"]["ports"]}
-        for port in svc["spec"].get("ports", []):
+        before = {(p.get("name") or "", p["protocol"]): p.get("nodePort") for p in old["spec"]["ports"]}
+        for port in svc["spec"]["ports"]:
             if svc["spec"].get("type") == "NodePort" and not port.get("nodePort"):
-                port["nodePort"] = before.get((port.get("name") or "", port.get("protocol", "TCP"))) or None
+                port["nodePort"] = before.get((port.get("name") or "", port["protocol"])) or None
                 if port["nodePort"] is None:
                     del port["nodePort"]
 
     def _check_target_ports(self, services: list[Obj], pods: list[Obj], deployments: list[Obj], view: View) -> None:
-        candidates = pods + view.of_kind("Pod") + [
-            {"metadata": {"namespace": d["metadata"].get("namespace", "default"),
-                          "labels": d["spec"]["template"].get("metadata", {}).get("labels") or {}},
-             "spec": d["spec"]["template"].get("spec", {})} for d in deployments + view.of_kind("Deployment")]
+        """A named targetPort must be declared by some pod the Service selects (or will: a Deployment's template)."""
+        candidates = [(p["metadata"]["namespace"], p["metadata"].get("labels") or {}, p["spec"])
+                      for p in pods + view.of_kind("Pod")]
+        candidates += [(d["metadata"]["namespace"], d["spec"]["template"]["metadata"].get("labels") or {},
+                        d["spec"]["template"]["spec"]) for d in deployments + view.of_kind("Deployment")]
         for svc in services:
             selector = svc["spec"].get("selector") or {}
-            selected = [p for p in candidates if p["metadata"].get("namespace", "default") ==
-                        svc["metadata"].get("namespace", "default")
-                        and controllers.selects(selector, p["metadata"].get("labels") or {})]
-            for i, port in enumerate(svc["spec"].get("ports", [])):
-                target = port.get("targetPort")
+            selected = [spec for namespace, labels, spec in candidates
+                        if namespace == svc["metadata"]["namespace"] and controllers.selects(selector, labels)]
+            for i, port in enumerate(svc["spec"]["ports"]):
+                target = port["targetPort"]
                 if isinstance(target, str) and not target.isdigit() and selected and \
-                        all(controllers.resolve_target_port(port, p) is None for p in selected):
+                        all(controllers.resolve_target_port(port, spec) is None for spec in selected):
                     raise KproxyError(f"Service {name_of(svc)}: spec.ports[{i}].targetPort: no pod selected by the "
-                                      f"Service declares a {port.get('protocol', 'TCP')} port named {target!r}")
+                                      f"Service declares a {port['protocol']} port named {target!r}")
 
     def _node_load(self, view: View) -> dict[str, int]:
         load = {node: 0 for node in self.state.nodes}
@@ -148,31 +149,26 @@ class Cluster:
         return load
 
     def _schedule(self, pod: Obj, load: dict[str, int]) -> None:
-        """nodeName, else nodeSelector, else the least loaded node: the scheduler, simply."""
+        """nodeName, else the node kproxy.scheduler chooses."""
         node = pod["spec"].get("nodeName")
         if node:
             if node not in self.state.nodes:
                 raise KproxyError(f"Pod {name_of(pod)}: spec.nodeName: node {node!r} is not in lab {self.state.name}")
         else:
             selector = pod["spec"].get("nodeSelector") or {}
-            fits = [n for n, s in self.state.nodes.items()
-                    if all(({"kubernetes.io/hostname": n, **s.labels}).get(k) == v for k, v in selector.items())]
-            if not fits:
+            node = choose_node({n: s.labels for n, s in self.state.nodes.items()}, load, selector)
+            if node is None:
                 raise KproxyError(f"Pod {name_of(pod)}: no node matches spec.nodeSelector {selector}")
-            node = min(fits, key=lambda n: (load[n], n))
             pod["spec"]["nodeName"] = node
         load[node] += 1
 
     @staticmethod
     def _stamp(obj: Obj, old: Obj | None) -> None:
-        """What the API server adds to a create or update: the namespace, the old object's
-        identity and status (uid, timestamps and resourceVersion are the store's part)."""
-        obj["metadata"].setdefault("namespace", "default") if obj["kind"] != "Node" else None
+        """What the API server adds to an update: the old object's identity and status
+        (uid, timestamps and resourceVersion are the store's part; defaults are kproxy.k8sform's)."""
         carry_identity(obj, old)
         if old is not None and "status" in old:
             obj["status"] = old["status"]
-        elif obj["kind"] == "Pod":
-            obj["status"] = {"phase": "Pending"}
 
     # Deployments and ReplicaSets -------------------------------------------
     def _reconcile_deployment(self, key: str, on_step: Callable[[str], None] | None = None) -> None:
@@ -266,7 +262,7 @@ class Cluster:
 
     def _owner(self, obj: Obj, kind: str) -> str | None:
         """The key of obj's controller of that kind, if it is still stored."""
-        namespace = obj["metadata"].get("namespace", "default")
+        namespace = obj["metadata"]["namespace"]
         view = self.view()
         for ref in obj["metadata"].get("ownerReferences", []):
             key = f"{kind}/{namespace}/{ref['name']}"

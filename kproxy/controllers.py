@@ -14,16 +14,16 @@ import ipaddress
 import json
 import random
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
+from kproxy import model
 from kproxy.errors import KproxyError
+from kproxy.k8sform import pod_object
 from kproxy.proxy.source import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
-from kproxy.store import carry_identity, key_of, timestamp
+from kproxy.store import Obj, carry_identity, key_of, timestamp
 
-Obj = dict[str, Any]
 SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
 FIRST_DYNAMIC_IP = SERVICE_CIDR.network_address + 10  # .1 is the kubernetes Service's, .10 often DNS
-NODE_PORT_RANGE = range(30000, 32768)
 POD_TEMPLATE_HASH = "pod-template-hash"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 ENDPOINTSLICE_CONTROLLER = "endpointslice-controller.k8s.io"
@@ -37,27 +37,24 @@ def now_iso() -> str:
 
 def name_of(obj: Obj) -> str:
     meta = obj["metadata"]
-    return f"{meta.get('namespace', 'default')}/{meta['name']}"
+    return f"{meta['namespace']}/{meta['name']}"
 
 
 def obj_key(obj: Obj) -> str:
     meta = obj["metadata"]
-    return key_of(obj["kind"], meta.get("namespace", "default") if obj["kind"] != "Node" else "", meta["name"])
+    return key_of(obj["kind"], meta["namespace"] if obj["kind"] != "Node" else "", meta["name"])
 
 
 # Allocation ----------------------------------------------------------------
 
 def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj]) -> None:
-    """Give every new Service a ClusterIP; refuse one that is taken or outside the range."""
+    """Give every new Service a ClusterIP; refuse one that is taken or outside the range
+    (that a given one is an IPv4 address, kproxy.model checked when it parsed the Service)."""
     owners = {s["spec"]["clusterIP"]: name_of(s) for s in existing if s["spec"].get("clusterIP")}
     for svc in services:
         ip = svc["spec"].get("clusterIP") or ""
         if ip:
-            try:
-                addr = ipaddress.ip_address(ip)
-            except ValueError:
-                raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip!r} is not an IP address") from None
-            if addr not in SERVICE_CIDR:
+            if ipaddress.ip_address(ip) not in SERVICE_CIDR:
                 raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is not in the service CIDR {SERVICE_CIDR}")
             if owners.get(ip, name_of(svc)) != name_of(svc):
                 raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is already allocated to {owners[ip]}")
@@ -78,13 +75,13 @@ def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj]) -> None:
 def allocate_node_ports(services: list[Obj], existing: Iterable[Obj]) -> None:
     owners: dict[tuple[int, str], str] = {}
     for svc in existing:
-        for port in svc["spec"].get("ports", []):
+        for port in svc["spec"]["ports"]:
             if port.get("nodePort"):
-                owners[(int(port["nodePort"]), port.get("protocol", "TCP"))] = name_of(svc)
+                owners[(int(port["nodePort"]), port["protocol"])] = name_of(svc)
     for svc in services:
-        for i, port in enumerate(svc["spec"].get("ports", [])):
+        for i, port in enumerate(svc["spec"]["ports"]):
             if port.get("nodePort"):
-                node_port = (int(port["nodePort"]), port.get("protocol", "TCP"))
+                node_port = (int(port["nodePort"]), port["protocol"])
                 if owners.get(node_port, name_of(svc)) != name_of(svc):
                     raise KproxyError(f"Service {name_of(svc)}: spec.ports[{i}].nodePort: {node_port[0]} is already "
                                       f"allocated to {owners[node_port]}")
@@ -95,11 +92,11 @@ def allocate_node_ports(services: list[Obj], existing: Iterable[Obj]) -> None:
         for port in svc["spec"]["ports"]:
             if port.get("nodePort"):
                 continue
-            proto = port.get("protocol", "TCP")
-            free = next((p for p in NODE_PORT_RANGE if (p, proto) not in owners), None)
+            proto = port["protocol"]
+            low, high = model.NODE_PORT_RANGE
+            free = next((p for p in range(low, high + 1) if (p, proto) not in owners), None)
             if free is None:
-                raise KproxyError(f"Service {name_of(svc)}: no NodePort left in {NODE_PORT_RANGE.start}-"
-                                  f"{NODE_PORT_RANGE.stop - 1}")
+                raise KproxyError(f"Service {name_of(svc)}: no NodePort left in {low}-{high}")
             port["nodePort"] = free
             owners[(free, proto)] = name_of(svc)
 
@@ -115,18 +112,20 @@ def pod_is_terminating(pod: Obj) -> bool:
     return bool(pod["metadata"].get("deletionTimestamp"))
 
 
-def container_ports(pod: Obj) -> list[Obj]:
-    return [p for c in pod.get("spec", {}).get("containers", []) for p in c.get("ports", [])]
+def container_ports(pod_spec: Obj) -> list[Obj]:
+    """Every container's ports of a Pod's (or a pod template's) spec."""
+    return [p for c in pod_spec["containers"] for p in c.get("ports", [])]
 
 
-def resolve_target_port(port: Obj, pod: Obj) -> int | None:
-    target = port.get("targetPort", port["port"])
+def resolve_target_port(port: Obj, pod_spec: Obj) -> int | None:
+    """A Service port's targetPort on a pod (Kubernetes' FindPort): None if the name is not declared."""
+    target = port["targetPort"]
     if isinstance(target, int):
         return target
-    if isinstance(target, str) and target.isdigit():
+    if target.isdigit():
         return int(target)
-    for cport in container_ports(pod):
-        if cport.get("name") == target and cport.get("protocol", "TCP") == port.get("protocol", "TCP"):
+    for cport in container_ports(pod_spec):
+        if cport.get("name") == target and cport["protocol"] == port["protocol"]:
             return int(cport["containerPort"])
     return None
 
@@ -145,17 +144,17 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
     like Kubernetes' (generateName "<service>-").
     """
     meta, spec = service["metadata"], service["spec"]
-    namespace = meta.get("namespace", "default")
+    namespace = meta["namespace"]
     selector = spec.get("selector") or {}
     groups: dict[tuple[int, ...], list[Obj]] = {}
     for pod in pods:
         pmeta = pod["metadata"]
-        if pmeta.get("namespace", "default") != namespace or not selects(selector, pmeta.get("labels") or {}):
+        if pmeta["namespace"] != namespace or not selects(selector, pmeta.get("labels") or {}):
             continue
         ip = pod.get("status", {}).get("podIP")
         if not ip:
             continue
-        resolved = [resolve_target_port(p, pod) for p in spec.get("ports", [])]
+        resolved = [resolve_target_port(p, pod["spec"]) for p in spec["ports"]]
         if any(r is None for r in resolved):
             continue  # like Kubernetes: a pod without the named port is not an endpoint
         terminating = pod_is_terminating(pod)
@@ -170,10 +169,10 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
             "targetRef": target,
         })
     if not groups and selector:
-        groups[tuple(int(p["targetPort"]) if isinstance(p.get("targetPort"), int) else int(p["port"])
-                     for p in spec.get("ports", []))] = []
+        groups[tuple(int(p["targetPort"]) if isinstance(p["targetPort"], int) else int(p["port"])
+                     for p in spec["ports"])] = []
     mine = {tuple(p["port"] for p in s["ports"]): s for s in previous.values()
-            if s["metadata"].get("namespace") == namespace
+            if s["metadata"]["namespace"] == namespace
             and s["metadata"].get("labels", {}).get(SERVICE_NAME_LABEL) == meta["name"]}
     prefix = f"{meta['name']}-"[:MAX_GENERATE_NAME_PREFIX]
     taken = {s["metadata"]["name"] for s in mine.values()}
@@ -190,8 +189,8 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
                          "annotations": {}},
             "addressType": "IPv4",
             "endpoints": sorted(endpoints, key=lambda e: e["addresses"][0]),
-            "ports": [{"name": p.get("name") or "", "port": n, "protocol": p.get("protocol", "TCP")}
-                      for p, n in zip(spec.get("ports", []), numbers)],
+            "ports": [{"name": p.get("name") or "", "port": n, "protocol": p["protocol"]}
+                      for p, n in zip(spec["ports"], numbers)],
         }
         if meta.get("uid"):
             slice_["metadata"]["ownerReferences"] = [controller_ref(service)]
@@ -226,7 +225,7 @@ def endpoints_object(service: Obj, slices: Iterable[Obj]) -> Obj:
         if ready or not_ready:
             subsets.append(subset)
     out: Obj = {"apiVersion": "v1", "kind": "Endpoints",
-                "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default"),
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"],
                              "labels": dict(meta.get("labels") or {})}}
     if subsets:
         out["subsets"] = subsets
@@ -241,13 +240,13 @@ def all_endpoint_slices(services: Iterable[Obj], pods: list[Obj],
     by_service: dict[tuple[str, str], dict[str, Obj]] = {}
     for key, obj in previous.items():
         if obj["kind"] == "EndpointSlice":
-            owner = (obj["metadata"].get("namespace", "default"), obj["metadata"]["labels"].get(SERVICE_NAME_LABEL, ""))
+            owner = (obj["metadata"]["namespace"], obj["metadata"]["labels"].get(SERVICE_NAME_LABEL, ""))
             by_service.setdefault(owner, {})[key] = obj
     wanted: dict[str, Obj] = {}
     for service in services:
         if not service["spec"].get("selector"):
             continue  # no managed endpoints, as in Kubernetes
-        slices = endpoint_slices(service, pods, by_service.get((service["metadata"].get("namespace", "default"),
+        slices = endpoint_slices(service, pods, by_service.get((service["metadata"]["namespace"],
                                                                 service["metadata"]["name"]), {}))
         wanted.update(slices)
         endpoints = endpoints_object(service, slices.values())
@@ -309,7 +308,7 @@ def replica_set_for(deployment: Obj, replicas: int) -> Obj:
     return {
         "apiVersion": "apps/v1",
         "kind": "ReplicaSet",
-        "metadata": {"name": f"{meta['name']}-{phash}", "namespace": meta.get("namespace", "default"),
+        "metadata": {"name": f"{meta['name']}-{phash}", "namespace": meta["namespace"],
                      "labels": dict(template_meta["labels"]), "ownerReferences": [controller_ref(deployment)]},
         "spec": {"replicas": replicas, "selector": selector, "template": template},
         "status": {"replicas": 0},
@@ -322,12 +321,11 @@ def new_pod_for(replica_set: Obj, existing_names: set[str]) -> Obj:
     template_meta = template.get("metadata") or {}
     prefix = f"{meta['name']}-"[:MAX_GENERATE_NAME_PREFIX]
     pod_meta: Obj = {"name": _generated_name(prefix, existing_names), "generateName": prefix,
-                     "namespace": meta.get("namespace", "default"), "labels": dict(template_meta.get("labels") or {}),
+                     "namespace": meta["namespace"], "labels": dict(template_meta.get("labels") or {}),
                      "ownerReferences": [controller_ref(replica_set)]}
     if template_meta.get("annotations"):
         pod_meta["annotations"] = dict(template_meta["annotations"])
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta,
-            "spec": json.loads(json.dumps(template.get("spec", {}))), "status": {"phase": "Pending"}}
+    return pod_object(pod_meta, json.loads(json.dumps(template["spec"])))
 
 
 def pods_to_remove(pods: list[Obj], count: int) -> list[Obj]:

@@ -10,9 +10,8 @@ import yaml
 
 from kproxy import controllers
 from kproxy.errors import KproxyError
-from kproxy.store import View
+from kproxy.store import Obj, View
 
-Obj = dict[str, Any]
 KINDS = {
     "nodes": "Node", "node": "Node", "no": "Node",
     "pods": "Pod", "pod": "Pod", "po": "Pod",
@@ -37,7 +36,7 @@ def select(view: View, kind: str, namespace: str | None, selector: Any | None, n
     items = []
     for obj in view.of_kind(kind):
         meta = obj["metadata"]
-        if kind != "Node" and namespace is not None and meta.get("namespace", "default") != namespace:
+        if kind != "Node" and namespace is not None and meta["namespace"] != namespace:
             continue
         if name is not None and meta["name"] != name:
             continue
@@ -92,7 +91,7 @@ def _more(shown: list[str], count: int, empty: str) -> str:
 
 def _service_ports(svc: Obj) -> str:
     out = []
-    for p in svc["spec"].get("ports", []):
+    for p in svc["spec"]["ports"]:
         node_port = f":{p['nodePort']}" if p.get("nodePort") and svc["spec"].get("type") == "NodePort" else ""
         out.append(f"{p['port']}{node_port}/{p.get('protocol', 'TCP')}")
     return ",".join(out)
@@ -140,7 +139,7 @@ def rows(kind: str, items: list[Obj], wide: bool, all_namespaces: bool) -> list[
     ns = ["NAMESPACE"] if all_namespaces and kind != "Node" else []
 
     def nsv(o: Obj) -> list[str]:
-        return [o["metadata"].get("namespace", "default")] if ns else []
+        return [o["metadata"]["namespace"]] if ns else []
     if kind == "Node":
         table = [["NAME", "STATUS", "INTERNAL-IP", "POD-CIDR", "AGE"] + (["LABELS"] if wide else [])]
         for o in items:

@@ -1,7 +1,7 @@
 """Kubernetes objects kproxy understands: parsing, validation, their Kubernetes form.
 
     objs = parse_manifests(Path("web.yaml").read_text(), "web.yaml")   # kproxy apply -f
-    to_k8s(objs[0])                                                     # what apply stores
+    kproxy.k8sform.to_k8s(objs[0])                                      # what apply stores
 
 Objects: v1 Service (ClusterIP, NodePort), v1 Pod, apps/v1 Deployment, and the
 v1 List (plus ServiceList, PodList, DeploymentList) wrappers kubectl accepts.
@@ -26,31 +26,28 @@ the like. Container port names are unique across the whole Pod (Kubernetes
 checks each container only) so a named targetPort resolves unambiguously.
 
 Object dataclasses are frozen but hold dicts, so they compare by value and are
-not hashable. Allocation (ClusterIP, nodePorts) returns new objects through
-dataclasses.replace; to_k8s prints what the object holds.
+not hashable. Their Kubernetes form, with every default the API server fills
+written out, is kproxy.k8sform.to_k8s; the field checks are kproxy.fields.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import yaml
 
+from kproxy import fields
 from kproxy.errors import KproxyError
-from kproxy.selectors import Selector, selector_from_map, selector_from_match, validate_labels
+from kproxy.selectors import Selector, selector_from_match, validate_labels
 
-NODE_PORT_RANGE: tuple[int, int] = (30000, 32767)  # read at parse time: patch it to change the range
+# The NodePort range, inclusive (the API server's --service-node-port-range); the parser
+# checks given nodePorts and the allocator (kproxy.controllers) hands them out in it.
+NODE_PORT_RANGE: tuple[int, int] = (30000, 32767)  # read at use: patch it to change the range
 DEFAULT_AFFINITY_SECONDS = 10800
 MAX_AFFINITY_SECONDS = 86400
-PROTOCOLS = ("TCP", "UDP")
 SERVICE_TYPES = ("ClusterIP", "NodePort")
-
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 # --- the objects ------------------------------------------------------------------
@@ -87,10 +84,6 @@ class Service:
     def key(self) -> str:
         return f"Service/{self.namespace}/{self.name}"
 
-    @property
-    def label_selector(self) -> Selector:
-        return selector_from_map(self.selector)
-
 
 @dataclass(frozen=True)
 class ContainerPort:
@@ -111,16 +104,6 @@ class PodSpec:
     containers: tuple[Container, ...]
     node_name: str = ""
     node_selector: dict[str, str] = field(default_factory=dict)
-
-    def find_port(self, target: int | str, protocol: str = "TCP") -> int | None:
-        """A Service port's targetPort on this pod (Kubernetes' FindPort): None if a name is unknown."""
-        if isinstance(target, int):
-            return target
-        for c in self.containers:
-            for p in c.ports:
-                if p.name == target and p.protocol == protocol:
-                    return p.container_port
-        return None
 
 
 @dataclass(frozen=True)
@@ -165,132 +148,7 @@ class Deployment:
         return f"Deployment/{self.namespace}/{self.name}"
 
 
-Obj = Service | Pod | Deployment
-
-
-# --- small validators (raise KproxyError("field: why")) ------------------------------
-
-
-def _show(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return f'"{v}"' if isinstance(v, str) else str(v)
-
-
-def _map(v: Any, where: str) -> dict[str, Any]:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise KproxyError(f"{where}: must be a map, got {_show(v)}")
-    return v
-
-
-def _list(v: Any, where: str) -> list[Any]:
-    if v is None:
-        return []
-    if not isinstance(v, list):
-        raise KproxyError(f"{where}: must be a list, got {_show(v)}")
-    return v
-
-
-def _str(v: Any, where: str) -> str:
-    if v is None:
-        return ""
-    if not isinstance(v, str):
-        raise KproxyError(f"{where}: must be a string, got {_show(v)}")
-    return v
-
-
-def _int(v: Any, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise KproxyError(f"{where}: must be an integer, got {_show(v)}")
-    return v
-
-
-def _is_zero(v: Any) -> bool:
-    return type(v) is int and v == 0
-
-
-def _known(d: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for k in d:
-        if k not in allowed:
-            raise KproxyError(f'{where}: unknown field "{k}"')
-
-
-def _port_number(v: Any, where: str) -> int:
-    if v is None:
-        raise KproxyError(f"{where}: required")
-    n = _int(v, where)
-    if not 1 <= n <= 65535:
-        raise KproxyError(f"{where}: {n} is not a valid port number (1-65535)")
-    return n
-
-
-def _protocol(v: Any, where: str) -> str:
-    p = _str(v, where) or "TCP"
-    if p == "SCTP":
-        raise KproxyError(f'{where}: unsupported protocol "SCTP" (kproxy supports TCP and UDP)')
-    if p not in PROTOCOLS:
-        raise KproxyError(f"{where}: unsupported protocol {_show(p)} (TCP or UDP)")
-    return p
-
-
-def _iana_svc_name_error(name: str) -> str | None:
-    """Why `name` is not an IANA service name (container port names, named targetPorts)."""
-    if len(name) > 15:
-        return "must be no more than 15 characters"
-    if not re.fullmatch(r"[-a-z0-9]+", name):
-        return "must contain only lowercase alphanumeric characters (a-z, 0-9) and '-'"
-    if "--" in name:
-        return "must not contain consecutive hyphens"
-    if name.startswith("-") or name.endswith("-"):
-        return "must not begin or end with a hyphen"
-    if not re.search(r"[a-z]", name):
-        return "must contain at least one letter (a-z)"
-    return None
-
-
-def _iana_port_name(v: Any, where: str) -> str:
-    name = _str(v, where)
-    problem = _iana_svc_name_error(name)
-    if problem:
-        raise KproxyError(f"{where}: {_show(name)} is not a valid port name: {problem}")
-    return name
-
-
-def _dns_name(name: str, pattern: re.Pattern[str], limit: int, what: str, where: str) -> str:
-    if len(name) > limit or not pattern.match(name):
-        raise KproxyError(f"{where}: {_show(name)} is not a valid {what}")
-    return name
-
-
-_LABEL = (
-    "DNS-1123 label (lowercase alphanumeric characters or '-', "
-    "starting and ending with an alphanumeric character, at most 63 characters)"
-)
-_SUBDOMAIN = (
-    "DNS-1123 subdomain (lowercase alphanumeric characters, '-' or '.', "
-    "starting and ending with an alphanumeric character, at most 253 characters)"
-)
-_SERVICE_NAME = (
-    "Service name: a DNS-1035 label (lowercase alphanumeric characters or '-', "
-    "starting with a letter and ending with an alphanumeric character, at most 63 characters)"
-)
-
-
-def _labels(v: Any, where: str) -> dict[str, str]:
-    return validate_labels(v, where)
-
-
-def _annotations(v: Any, where: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, val in _map(v, where).items():
-        if not isinstance(k, str) or not isinstance(val, str):
-            raise KproxyError(f"{where}: annotation {_show(k)} must map a string to a string, got {_show(val)}")
-        out[k] = val
-    return out
+Manifest = Service | Pod | Deployment  # what a manifest may hold
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -301,7 +159,7 @@ _KINDS: dict[str, str] = {"Service": "v1", "Pod": "v1", "Deployment": "apps/v1"}
 _LISTS: dict[str, str] = {"List": "v1", "ServiceList": "v1", "PodList": "v1", "DeploymentList": "apps/v1"}
 
 
-def parse_manifests(text: str, source: str) -> list[Obj]:
+def parse_manifests(text: str, source: str) -> list[Manifest]:
     """Every object in a multi-document YAML text, in order (List items flattened)."""
     try:
         docs = list(yaml.safe_load_all(text))
@@ -310,7 +168,7 @@ def parse_manifests(text: str, source: str) -> list[Obj]:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise KproxyError(f"{source}: invalid YAML: {problem}{at}") from None
-    out: list[Obj] = []
+    out: list[Manifest] = []
     for n, doc in enumerate(docs, start=1):
         if doc is None:
             continue
@@ -318,19 +176,19 @@ def parse_manifests(text: str, source: str) -> list[Obj]:
     return out
 
 
-def _parse_doc(doc: Any, where: str) -> list[Obj]:
+def _parse_doc(doc: Any, where: str) -> list[Manifest]:
     if not isinstance(doc, dict):
         raise KproxyError(f"{where}: not a Kubernetes object (a map with apiVersion and kind)")
     kind, api = doc.get("kind"), doc.get("apiVersion")
     if isinstance(kind, str) and kind in _LISTS and api == _LISTS[kind]:
-        out: list[Obj] = []
-        for i, item in enumerate(_list(doc.get("items"), f"{where}: items")):
+        out: list[Manifest] = []
+        for i, item in enumerate(fields.as_list(doc.get("items"), f"{where}: items")):
             out.extend(_parse_doc(item, f"{where}, items[{i}]"))
         return out
     return [parse_object(doc, where)]
 
 
-def parse_object(doc: Any, where: str = "object") -> Obj:
+def parse_object(doc: Any, where: str = "object") -> Manifest:
     """One Service, Pod or Deployment from its Kubernetes form (as YAML loads it, or to_k8s prints it).
 
     `where` names the document in errors found before the object's name is known.
@@ -348,10 +206,10 @@ def parse_object(doc: Any, where: str = "object") -> Obj:
         raise KproxyError(f"{at}: {' and '.join(missing)} not set")
     if not isinstance(kind, str) or (kind not in _KINDS and kind not in _LISTS):
         raise KproxyError(
-            f"{at}: unknown kind {_show(kind)} (kproxy knows v1 Service, v1 Pod, apps/v1 Deployment and v1 List)")
+            f"{at}: unknown kind {fields.show(kind)} (kproxy knows v1 Service, v1 Pod, apps/v1 Deployment and v1 List)")
     expected = _KINDS.get(kind) or _LISTS[kind]
     if api != expected:
-        raise KproxyError(f"{at}: unknown apiVersion {_show(api)} for kind {kind} (use {expected})")
+        raise KproxyError(f"{at}: unknown apiVersion {fields.show(api)} for kind {kind} (use {expected})")
     if kind in _LISTS:
         raise KproxyError(f"{at}: a {kind} here must be a single object")
     if not isinstance(meta, dict) or not isinstance(name, str) or not name:
@@ -361,16 +219,16 @@ def parse_object(doc: Any, where: str = "object") -> Obj:
     namespace = meta.get("namespace") or "default"
     obj_id = f"{kind} {namespace}/{name}" if isinstance(namespace, str) else f"{kind} {name}"
     try:
-        _known(doc, _TOP, "")
-        ns = _dns_name(_str(namespace, "metadata.namespace"), _DNS1123_LABEL, 63,
-                       f"namespace: a {_LABEL}", "metadata.namespace")
-        labels = _labels(meta.get("labels"), "metadata.labels")
-        annotations = _annotations(meta.get("annotations"), "metadata.annotations")
-        spec = _map(doc.get("spec"), "spec")
+        fields.known(doc, _TOP, "")
+        ns = fields.dns_name(fields.as_str(namespace, "metadata.namespace"), fields.DNS1123_LABEL, 63,
+                       f"namespace: a {fields.LABEL_RULE}", "metadata.namespace")
+        labels = fields.labels(meta.get("labels"), "metadata.labels")
+        annotations = fields.annotations(meta.get("annotations"), "metadata.annotations")
+        spec = fields.as_map(doc.get("spec"), "spec")
         if kind == "Service":
-            _dns_name(name, _DNS1035_LABEL, 63, _SERVICE_NAME, "metadata.name")
+            fields.dns_name(name, fields.DNS1035_LABEL, 63, fields.SERVICE_NAME_RULE, "metadata.name")
             return _service(name, ns, labels, annotations, spec)
-        _dns_name(name, _DNS1123_SUBDOMAIN, 253, f"{kind} name: a {_SUBDOMAIN}", "metadata.name")
+        fields.dns_name(name, fields.DNS1123_SUBDOMAIN, 253, f"{kind} name: a {fields.SUBDOMAIN_RULE}", "metadata.name")
         if kind == "Pod":
             return Pod(name=name, namespace=ns, labels=labels, annotations=annotations,
                        spec=_pod_spec(spec, "spec"))
@@ -392,30 +250,30 @@ _SERVICE_PORT = ("name", "protocol", "appProtocol", "port", "targetPort", "nodeP
 
 def _service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],
              spec: dict[str, Any]) -> Service:
-    _known(spec, _SERVICE_SPEC, "spec")
-    type_ = _str(spec.get("type"), "spec.type") or "ClusterIP"
+    fields.known(spec, _SERVICE_SPEC, "spec")
+    type_ = fields.as_str(spec.get("type"), "spec.type") or "ClusterIP"
     if type_ in ("LoadBalancer", "ExternalName"):
-        raise KproxyError(f"spec.type: unsupported Service type {_show(type_)} (ClusterIP or NodePort)")
+        raise KproxyError(f"spec.type: unsupported Service type {fields.show(type_)} (ClusterIP or NodePort)")
     if type_ not in SERVICE_TYPES:
-        raise KproxyError(f"spec.type: {_show(type_)} is not a valid Service type (ClusterIP or NodePort)")
+        raise KproxyError(f"spec.type: {fields.show(type_)} is not a valid Service type (ClusterIP or NodePort)")
     _unsupported(spec)
     cluster_ip = _cluster_ip(spec)
     selector = validate_labels(spec.get("selector"), "spec.selector")
     ports = _service_ports(spec.get("ports"), type_)
-    affinity = _str(spec.get("sessionAffinity"), "spec.sessionAffinity") or "None"
+    affinity = fields.as_str(spec.get("sessionAffinity"), "spec.sessionAffinity") or "None"
     if affinity not in ("None", "ClientIP"):
-        raise KproxyError(f"spec.sessionAffinity: {_show(affinity)} is not valid (None or ClientIP)")
+        raise KproxyError(f"spec.sessionAffinity: {fields.show(affinity)} is not valid (None or ClientIP)")
     timeout = 0
-    config = _map(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+    config = fields.as_map(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
     if affinity == "None" and config:
         raise KproxyError("spec.sessionAffinityConfig: must not be set when spec.sessionAffinity is None")
     if affinity == "ClientIP":
-        _known(config, ("clientIP",), "spec.sessionAffinityConfig")
-        client = _map(config.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
-        _known(client, ("timeoutSeconds",), "spec.sessionAffinityConfig.clientIP")
+        fields.known(config, ("clientIP",), "spec.sessionAffinityConfig")
+        client = fields.as_map(config.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
+        fields.known(client, ("timeoutSeconds",), "spec.sessionAffinityConfig.clientIP")
         where = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
         raw = client.get("timeoutSeconds")
-        timeout = DEFAULT_AFFINITY_SECONDS if raw is None else _int(raw, where)
+        timeout = DEFAULT_AFFINITY_SECONDS if raw is None else fields.as_int(raw, where)
         if not 1 <= timeout <= MAX_AFFINITY_SECONDS:
             raise KproxyError(f"{where}: {timeout} is outside the range 1-{MAX_AFFINITY_SECONDS}")
     return Service(name=name, namespace=ns, labels=labels, annotations=annotations, type=type_,
@@ -429,39 +287,39 @@ def _unsupported(spec: dict[str, Any]) -> None:
     for f in ("externalTrafficPolicy", "internalTrafficPolicy"):
         v = spec.get(f)
         if v not in (None, "", "Cluster"):
-            raise KproxyError(f"spec.{f}: {_show(v)} is unsupported (kproxy implements Cluster)")
+            raise KproxyError(f"spec.{f}: {fields.show(v)} is unsupported (kproxy implements Cluster)")
     if spec.get("publishNotReadyAddresses"):
         raise KproxyError("spec.publishNotReadyAddresses: unsupported")
-    families = _list(spec.get("ipFamilies"), "spec.ipFamilies")
+    families = fields.as_list(spec.get("ipFamilies"), "spec.ipFamilies")
     if families not in ([], ["IPv4"]):
         raise KproxyError(f"spec.ipFamilies: {families} is unsupported (kproxy is IPv4 single-stack)")
     if spec.get("ipFamilyPolicy") not in (None, "SingleStack", "PreferDualStack"):
-        raise KproxyError(f"spec.ipFamilyPolicy: {_show(spec['ipFamilyPolicy'])} is unsupported "
+        raise KproxyError(f"spec.ipFamilyPolicy: {fields.show(spec['ipFamilyPolicy'])} is unsupported "
                           "(kproxy is IPv4 single-stack)")
 
 
 def _cluster_ip(spec: dict[str, Any]) -> str:
-    ip = _str(spec.get("clusterIP"), "spec.clusterIP")
-    ips = [_str(v, "spec.clusterIPs") for v in _list(spec.get("clusterIPs"), "spec.clusterIPs")]
+    ip = fields.as_str(spec.get("clusterIP"), "spec.clusterIP")
+    ips = [fields.as_str(v, "spec.clusterIPs") for v in fields.as_list(spec.get("clusterIPs"), "spec.clusterIPs")]
     if ip == "None" or ips[:1] == ["None"]:
         raise KproxyError("spec.clusterIP: headless Services (clusterIP: None) are not supported")
     if len(ips) > 1:
         raise KproxyError("spec.clusterIPs: dual-stack Services are not supported")
     if ips and ip and ips[0] != ip:
-        raise KproxyError(f"spec.clusterIPs[0]: {_show(ips[0])} must match spec.clusterIP {_show(ip)}")
+        raise KproxyError(f"spec.clusterIPs[0]: {fields.show(ips[0])} must match spec.clusterIP {fields.show(ip)}")
     ip = ip or (ips[0] if ips else "")
     if ip:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
-            raise KproxyError(f"spec.clusterIP: {_show(ip)} is not a valid IP address") from None
+            raise KproxyError(f"spec.clusterIP: {fields.show(ip)} is not a valid IP address") from None
         if addr.version != 4:
-            raise KproxyError(f"spec.clusterIP: {_show(ip)}: IPv6 is not supported")
+            raise KproxyError(f"spec.clusterIP: {fields.show(ip)}: IPv6 is not supported")
     return ip
 
 
 def _service_ports(raw: Any, type_: str) -> tuple[ServicePortSpec, ...]:
-    items = _list(raw, "spec.ports")
+    items = fields.as_list(raw, "spec.ports")
     if not items:
         raise KproxyError("spec.ports: required (at least one port)")
     lo, hi = NODE_PORT_RANGE
@@ -471,32 +329,32 @@ def _service_ports(raw: Any, type_: str) -> tuple[ServicePortSpec, ...]:
     node_ports: dict[tuple[int, str], int] = {}
     for i, item in enumerate(items):
         at = f"spec.ports[{i}]"
-        p = _map(item, at)
-        _known(p, _SERVICE_PORT, at)
-        name = _str(p.get("name"), f"{at}.name")
+        p = fields.as_map(item, at)
+        fields.known(p, _SERVICE_PORT, at)
+        name = fields.as_str(p.get("name"), f"{at}.name")
         if name:
-            _dns_name(name, _DNS1123_LABEL, 63, f"port name: a {_LABEL}", f"{at}.name")
+            fields.dns_name(name, fields.DNS1123_LABEL, 63, f"port name: a {fields.LABEL_RULE}", f"{at}.name")
             if name in names:
-                raise KproxyError(f"{at}.name: duplicate port name {_show(name)} (also spec.ports[{names[name]}])")
+                raise KproxyError(f"{at}.name: duplicate port name {fields.show(name)} (also spec.ports[{names[name]}])")
             names[name] = i
         elif len(items) > 1:
             raise KproxyError(f"{at}.name: required when the Service has more than one port")
-        protocol = _protocol(p.get("protocol"), f"{at}.protocol")
-        port = _port_number(p.get("port"), f"{at}.port")
+        protocol = fields.protocol(p.get("protocol"), f"{at}.protocol")
+        port = fields.port_number(p.get("port"), f"{at}.port")
         if (port, protocol) in seen:
             raise KproxyError(f"{at}: duplicate port {port}/{protocol} (also spec.ports[{seen[port, protocol]}])")
         seen[port, protocol] = i
         target: int | str
         raw_target = p.get("targetPort")
-        if raw_target is None or raw_target == "" or _is_zero(raw_target):
+        if raw_target is None or raw_target == "" or fields.is_zero(raw_target):
             target = port
         elif isinstance(raw_target, str):
-            target = _iana_port_name(raw_target, f"{at}.targetPort")
+            target = fields.iana_port_name(raw_target, f"{at}.targetPort")
         else:
-            target = _port_number(raw_target, f"{at}.targetPort")
+            target = fields.port_number(raw_target, f"{at}.targetPort")
         node_port = 0
-        if p.get("nodePort") is not None and not _is_zero(p["nodePort"]):
-            node_port = _int(p["nodePort"], f"{at}.nodePort")
+        if p.get("nodePort") is not None and not fields.is_zero(p["nodePort"]):
+            node_port = fields.as_int(p["nodePort"], f"{at}.nodePort")
             if type_ == "ClusterIP":
                 raise KproxyError(f"{at}.nodePort: may not be used when spec.type is ClusterIP")
             if not lo <= node_port <= hi:
@@ -511,9 +369,9 @@ def _service_ports(raw: Any, type_: str) -> tuple[ServicePortSpec, ...]:
 
 
 def _pod_spec(spec: dict[str, Any], at: str) -> PodSpec:
-    node_name = _str(spec.get("nodeName"), f"{at}.nodeName")
+    node_name = fields.as_str(spec.get("nodeName"), f"{at}.nodeName")
     node_selector = validate_labels(spec.get("nodeSelector"), f"{at}.nodeSelector")
-    raw = _list(spec.get("containers"), f"{at}.containers")
+    raw = fields.as_list(spec.get("containers"), f"{at}.containers")
     if not raw:
         raise KproxyError(f"{at}.containers: required (at least one container)")
     containers: list[Container] = []
@@ -521,33 +379,33 @@ def _pod_spec(spec: dict[str, Any], at: str) -> PodSpec:
     port_names: dict[str, str] = {}
     for i, item in enumerate(raw):
         cat = f"{at}.containers[{i}]"
-        c = _map(item, cat)
-        cname = _str(c.get("name"), f"{cat}.name")
+        c = fields.as_map(item, cat)
+        cname = fields.as_str(c.get("name"), f"{cat}.name")
         if not cname:
             raise KproxyError(f"{cat}.name: required")
-        _dns_name(cname, _DNS1123_LABEL, 63, f"container name: a {_LABEL}", f"{cat}.name")
+        fields.dns_name(cname, fields.DNS1123_LABEL, 63, f"container name: a {fields.LABEL_RULE}", f"{cat}.name")
         if cname in cnames:
-            raise KproxyError(f"{cat}.name: duplicate container name {_show(cname)}")
+            raise KproxyError(f"{cat}.name: duplicate container name {fields.show(cname)}")
         cnames.add(cname)
         ports: list[ContainerPort] = []
-        for j, pitem in enumerate(_list(c.get("ports"), f"{cat}.ports")):
+        for j, pitem in enumerate(fields.as_list(c.get("ports"), f"{cat}.ports")):
             pat = f"{cat}.ports[{j}]"
-            p = _map(pitem, pat)
-            _known(p, ("name", "containerPort", "protocol", "hostPort", "hostIP"), pat)
-            pname = _iana_port_name(p["name"], f"{pat}.name") if p.get("name") else ""
+            p = fields.as_map(pitem, pat)
+            fields.known(p, ("name", "containerPort", "protocol", "hostPort", "hostIP"), pat)
+            pname = fields.iana_port_name(p["name"], f"{pat}.name") if p.get("name") else ""
             if pname:
                 if pname in port_names:
-                    raise KproxyError(f"{pat}.name: duplicate port name {_show(pname)} (also {port_names[pname]})")
+                    raise KproxyError(f"{pat}.name: duplicate port name {fields.show(pname)} (also {port_names[pname]})")
                 port_names[pname] = pat
-            ports.append(ContainerPort(container_port=_port_number(p.get("containerPort"), f"{pat}.containerPort"),
-                                       name=pname, protocol=_protocol(p.get("protocol"), f"{pat}.protocol")))
-        containers.append(Container(name=cname, image=_str(c.get("image"), f"{cat}.image"), ports=tuple(ports)))
+            ports.append(ContainerPort(container_port=fields.port_number(p.get("containerPort"), f"{pat}.containerPort"),
+                                       name=pname, protocol=fields.protocol(p.get("protocol"), f"{pat}.protocol")))
+        containers.append(Container(name=cname, image=fields.as_str(c.get("image"), f"{cat}.image"), ports=tuple(ports)))
     return PodSpec(containers=tuple(containers), node_name=node_name, node_selector=node_selector)
 
 
 def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],
                 spec: dict[str, Any]) -> Deployment:
-    replicas = 1 if spec.get("replicas") is None else _int(spec["replicas"], "spec.replicas")
+    replicas = 1 if spec.get("replicas") is None else fields.as_int(spec["replicas"], "spec.replicas")
     if replicas < 0:
         raise KproxyError(f"spec.replicas: {replicas} must be greater than or equal to 0")
     if spec.get("selector") is None:
@@ -560,99 +418,17 @@ def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[st
         raise KproxyError(f"spec.selector{sep}{msg}") from None
     if selector.empty():
         raise KproxyError("spec.selector: empty selector is invalid for a Deployment")
-    tmpl = _map(spec.get("template"), "spec.template")
-    tmeta = _map(tmpl.get("metadata"), "spec.template.metadata")
-    tlabels = _labels(tmeta.get("labels"), "spec.template.metadata.labels")
+    tmpl = fields.as_map(spec.get("template"), "spec.template")
+    tmeta = fields.as_map(tmpl.get("metadata"), "spec.template.metadata")
+    tlabels = fields.labels(tmeta.get("labels"), "spec.template.metadata.labels")
     if not selector.matches(tlabels):
         raise KproxyError(f"spec.template.metadata.labels: selector {str(selector)!r} does not match template labels")
-    template = PodTemplate(spec=_pod_spec(_map(tmpl.get("spec"), "spec.template.spec"), "spec.template.spec"),
+    template = PodTemplate(spec=_pod_spec(fields.as_map(tmpl.get("spec"), "spec.template.spec"), "spec.template.spec"),
                            labels=tlabels,
-                           annotations=_annotations(tmeta.get("annotations"), "spec.template.metadata.annotations"))
-    strategy = _map(spec.get("strategy"), "spec.strategy")
-    stype = _str(strategy.get("type"), "spec.strategy.type") or "RollingUpdate"
+                           annotations=fields.annotations(tmeta.get("annotations"), "spec.template.metadata.annotations"))
+    strategy = fields.as_map(spec.get("strategy"), "spec.strategy")
+    stype = fields.as_str(strategy.get("type"), "spec.strategy.type") or "RollingUpdate"
     if stype not in ("RollingUpdate", "Recreate"):
-        raise KproxyError(f"spec.strategy.type: {_show(stype)} is not valid (RollingUpdate or Recreate)")
+        raise KproxyError(f"spec.strategy.type: {fields.show(stype)} is not valid (RollingUpdate or Recreate)")
     return Deployment(name=name, namespace=ns, labels=labels, annotations=annotations, replicas=replicas,
                       selector=selector, template=template, strategy=stype)
-
-
-# --- Kubernetes-shaped output --------------------------------------------------------------
-
-
-def _metadata(name: str, namespace: str | None, labels: Mapping[str, str],
-              annotations: Mapping[str, str]) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if namespace is not None:
-        meta["namespace"] = namespace
-    if labels:
-        meta["labels"] = dict(labels)
-    if annotations:
-        meta["annotations"] = dict(annotations)
-    return meta
-
-
-def _pod_spec_k8s(spec: PodSpec) -> dict[str, Any]:
-    containers = []
-    for c in spec.containers:
-        d: dict[str, Any] = {"name": c.name}
-        if c.image:
-            d["image"] = c.image
-        if c.ports:
-            d["ports"] = [({"name": p.name} if p.name else {}) | {"containerPort": p.container_port,
-                                                                 "protocol": p.protocol} for p in c.ports]
-        containers.append(d)
-    out: dict[str, Any] = {"containers": containers}
-    if spec.node_name:
-        out["nodeName"] = spec.node_name
-    if spec.node_selector:
-        out["nodeSelector"] = dict(spec.node_selector)
-    return out
-
-
-def to_k8s(obj: Obj, **status: Any) -> dict[str, Any]:
-    """The object in its Kubernetes form, as `kproxy apply` stores it (the store adds uid,
-    creationTimestamp and resourceVersion); keyword arguments become .status fields
-    verbatim (podIP="10.244.1.5", readyReplicas=3, ...)."""
-    meta = _metadata(obj.name, obj.namespace, obj.labels, obj.annotations)
-    out: dict[str, Any] = {"apiVersion": obj.api_version, "kind": obj.kind, "metadata": meta}
-    if isinstance(obj, Service):
-        out["spec"] = _service_spec_k8s(obj)
-        out["status"] = {"loadBalancer": {}} | status
-    elif isinstance(obj, Pod):
-        out["spec"] = _pod_spec_k8s(obj.spec)
-        out["status"] = dict(status)
-    else:
-        tmeta: dict[str, Any] = {"labels": dict(obj.template.labels)}
-        if obj.template.annotations:
-            tmeta["annotations"] = dict(obj.template.annotations)
-        strategy: dict[str, Any] = {"type": obj.strategy}
-        if obj.strategy == "RollingUpdate":
-            strategy["rollingUpdate"] = {"maxSurge": "25%", "maxUnavailable": "25%"}
-        out["spec"] = {"replicas": obj.replicas, "selector": obj.selector.to_match(), "strategy": strategy,
-                       "template": {"metadata": tmeta, "spec": _pod_spec_k8s(obj.template.spec)}}
-        out["status"] = dict(status)
-    return out
-
-
-def _service_spec_k8s(svc: Service) -> dict[str, Any]:
-    ports = []
-    for p in svc.ports:
-        d: dict[str, Any] = {"name": p.name} if p.name else {}
-        d |= {"port": p.port, "protocol": p.protocol, "targetPort": p.target_port}
-        if p.node_port:
-            d["nodePort"] = p.node_port
-        ports.append(d)
-    spec: dict[str, Any] = {}
-    if svc.cluster_ip:
-        spec |= {"clusterIP": svc.cluster_ip, "clusterIPs": [svc.cluster_ip]}
-    if svc.type == "NodePort":
-        spec["externalTrafficPolicy"] = "Cluster"
-    spec |= {"internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
-             "ports": ports}
-    if svc.selector:
-        spec["selector"] = dict(svc.selector)
-    spec["sessionAffinity"] = svc.session_affinity
-    if svc.session_affinity == "ClientIP":
-        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": svc.affinity_timeout_seconds}}
-    spec["type"] = svc.type
-    return spec

@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 
 from kproxy.errors import KproxyError
-from kproxy.model import parse_object, to_k8s
-# The field checks of manifests, so both kinds of input say their errors alike.
-from kproxy.model import _list, _map, _port_number, _protocol, _show, _str
+from kproxy.fields import as_list, as_map, as_str, port_number, protocol, show
+from kproxy.k8sform import to_k8s
+from kproxy.model import parse_object
 from kproxy.selectors import validate_labels
 
 Doc = dict[str, Any]
@@ -57,57 +57,59 @@ def render_objects(texts: list[tuple[str, str]]) -> tuple[list[Doc], list[Doc], 
 
 def pod_status(raw: Any, where: str) -> Doc:
     """A Pod's podIP and conditions (Ready when none are given); {} without a podIP."""
-    status = _map(raw, where)
+    status = as_map(raw, where)
     if status.get("podIP") is None:
         return {}
-    conditions = _list(status.get("conditions"), f"{where}.conditions")
+    conditions = as_list(status.get("conditions"), f"{where}.conditions")
     for i, condition in enumerate(conditions):
         for field in ("type", "status"):
-            _str(_entry(condition, f"{where}.conditions[{i}]").get(field), f"{where}.conditions[{i}].{field}")
+            as_str(_entry(condition, f"{where}.conditions[{i}]").get(field), f"{where}.conditions[{i}].{field}")
     return {"podIP": _ipv4(status["podIP"], f"{where}.podIP"),
             "conditions": conditions or [{"type": "Ready", "status": "True"}]}
 
 
 def endpoint_slice(raw: Doc, where: str) -> Doc:
-    """An EndpointSlice as the API server keeps it, with the fields the proxy reads checked."""
+    """An EndpointSlice as the API server keeps it, with the fields the proxy reads checked
+    and defaulted as the endpoint-slice controller writes them (namespace, port name and protocol)."""
     if raw.get("apiVersion") != SLICE_API:
         raise KproxyError(f"{where}: EndpointSlice: apiVersion must be {SLICE_API}")
-    meta = _map(raw.get("metadata"), f"{where}: EndpointSlice: metadata")
-    name = _str(meta.get("name"), f"{where}: EndpointSlice: metadata.name") or None
+    meta = as_map(raw.get("metadata"), f"{where}: EndpointSlice: metadata")
+    name = as_str(meta.get("name"), f"{where}: EndpointSlice: metadata.name") or None
     if name is None:
         raise KproxyError(f"{where}: EndpointSlice: metadata.name: required")
     at = f"{where} (EndpointSlice/{name})"
-    _str(meta.get("namespace", "default"), f"{at}: metadata.namespace")
+    namespace = as_str(meta.get("namespace"), f"{at}: metadata.namespace") or "default"
     validate_labels(meta.get("labels"), f"{at}: metadata.labels")
     if raw.get("addressType", "IPv4") != "IPv4":
         raise KproxyError(f"{at}: addressType: only IPv4 is supported")
-    for i, port in enumerate(_list(raw.get("ports"), f"{at}: ports")):
+    ports = []
+    for i, port in enumerate(as_list(raw.get("ports"), f"{at}: ports")):
         port = _entry(port, f"{at}: ports[{i}]")
-        _str(port.get("name"), f"{at}: ports[{i}].name")
-        _port_number(port.get("port"), f"{at}: ports[{i}].port")
-        _protocol(port.get("protocol"), f"{at}: ports[{i}].protocol")
-    for i, endpoint in enumerate(_list(raw.get("endpoints"), f"{at}: endpoints")):
+        ports.append(port | {"name": as_str(port.get("name"), f"{at}: ports[{i}].name"),
+                             "port": port_number(port.get("port"), f"{at}: ports[{i}].port"),
+                             "protocol": protocol(port.get("protocol"), f"{at}: ports[{i}].protocol")})
+    endpoints = as_list(raw.get("endpoints"), f"{at}: endpoints")
+    for i, endpoint in enumerate(endpoints):
         endpoint = _entry(endpoint, f"{at}: endpoints[{i}]")
-        for address in _list(endpoint.get("addresses"), f"{at}: endpoints[{i}].addresses"):
+        for address in as_list(endpoint.get("addresses"), f"{at}: endpoints[{i}].addresses"):
             _ipv4(address, f"{at}: endpoints[{i}].addresses")
-        for condition, value in _map(endpoint.get("conditions"), f"{at}: endpoints[{i}].conditions").items():
+        for condition, value in as_map(endpoint.get("conditions"), f"{at}: endpoints[{i}].conditions").items():
             if not isinstance(value, bool):
                 raise KproxyError(f"{at}: endpoints[{i}].conditions.{condition}: must be true or false, "
-                                  f"got {_show(value)}")
-        _str(endpoint.get("nodeName"), f"{at}: endpoints[{i}].nodeName")
-    return raw
-
+                                  f"got {show(value)}")
+        as_str(endpoint.get("nodeName"), f"{at}: endpoints[{i}].nodeName")
+    return raw | {"metadata": meta | {"namespace": namespace}, "ports": ports, "endpoints": endpoints}
 
 
 def _entry(value: Any, where: str) -> Doc:
     """A list entry that must be a map (null too is an error there)."""
     if not isinstance(value, dict):
-        raise KproxyError(f"{where}: must be a map, got {_show(value)}")
+        raise KproxyError(f"{where}: must be a map, got {show(value)}")
     return value
 
 
 def _ipv4(value: Any, where: str) -> str:
     try:
-        return str(ipaddress.IPv4Address(_str(value, where)))
+        return str(ipaddress.IPv4Address(as_str(value, where)))
     except ValueError:
-        raise KproxyError(f"{where}: {_show(value)} is not an IPv4 address") from None
+        raise KproxyError(f"{where}: {show(value)} is not an IPv4 address") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
-Obj = dict[str, Any]
+Obj = dict[str, Any]  # a stored object in its Kubernetes form (kproxy.k8sform), as JSON loads it
 SNAPSHOT = "snapshot.json"
 JOURNAL = "journal.jsonl"
 VERSION = "version"  # the latest version, so a writer need not read the whole store

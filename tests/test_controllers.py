@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kproxy import controllers
+from kproxy import controllers, model
 from kproxy.errors import KproxyError
 from kproxy.proxy.source import StateTracker, proxy_state
 from kproxy.proxy.types import ProxyState
@@ -25,7 +25,7 @@ def svc(name: str, ip: str = "", node_port: int | None = None, target: Any = 808
 def pod(name: str, ip: str, ready: bool = True, labels: dict[str, str] | None = None,
         ports: list[dict[str, Any]] | None = None, node: str = "node1") -> dict[str, Any]:
     return {"kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": labels or {"app": "web"}},
-            "spec": {"nodeName": node, "containers": [{"name": "c", "ports": ports or []}]},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "ports": [{"protocol": "TCP"} | p for p in ports or []]}]},
             "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
 
@@ -39,7 +39,6 @@ def test_cluster_ips_are_handed_out_in_order_and_kept_unique() -> None:
 @pytest.mark.parametrize("ip, message", [
     ("10.96.0.10", "spec.clusterIP 10.96.0.10 is already allocated to default/old"),
     ("10.200.0.1", "spec.clusterIP 10.200.0.1 is not in the service CIDR 10.96.0.0/12"),
-    ("10.96.0.999", "spec.clusterIP '10.96.0.999' is not an IP address"),
 ])
 def test_bad_cluster_ips_are_refused(ip: str, message: str) -> None:
     with pytest.raises(KproxyError) as err:
@@ -53,6 +52,15 @@ def test_node_ports_are_allocated_and_a_taken_one_refused() -> None:
     assert fresh[0]["spec"]["ports"][0]["nodePort"] == 30001
     with pytest.raises(KproxyError, match=r"spec.ports\[0\].nodePort: 30000 is already allocated to default/old"):
         controllers.allocate_node_ports([svc("b", node_port=30000)], [svc("old", "10.96.0.10", node_port=30000)])
+
+
+def test_node_ports_come_from_the_one_node_port_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model, "NODE_PORT_RANGE", (31000, 31000))
+    first = [svc("a", node_port=0)]
+    controllers.allocate_node_ports(first, [])
+    assert first[0]["spec"]["ports"][0]["nodePort"] == 31000
+    with pytest.raises(KproxyError, match="^Service default/b: no NodePort left in 31000-31000$"):
+        controllers.allocate_node_ports([svc("b", node_port=0)], first)
 
 
 def test_endpoints_are_the_ready_selected_pods_with_resolved_ports() -> None:

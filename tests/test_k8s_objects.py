@@ -18,7 +18,8 @@ from kproxy import controllers, getcmd
 from kproxy.controllers import obj_key
 from kproxy.lab.build import node_object, plan, topology_pod_objects
 from kproxy.lab.topology import parse_topology, place_pods
-from kproxy.model import parse_manifests, to_k8s
+from kproxy.k8sform import to_k8s
+from kproxy.model import parse_manifests
 from kproxy.store import Store, View
 from tests.k8s_schema import KINDS, validate
 

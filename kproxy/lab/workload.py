@@ -12,12 +12,7 @@ pods cost one interpreter.
 
     python -m kproxy.lab.workload --spec pods.json [--pidfile workload.pid]
 
-Spec (JSON):
-
-    {"pods": [{"name": "web-1", "netns": "/var/run/netns/lab-web-1",
-               "tcp": [8080], "udp": [8080]}, ...]}
-
-"tcp" / "udp" default to [8080] when absent; [] means none.
+The spec (JSON, written by the kubelet) is kproxy.lab.workloadspec's.
 
 Signals: SIGHUP re-reads the spec (opens sockets for new pods and ports, closes
 those of removed pods, leaves the others alone; an unreadable spec keeps the
@@ -30,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import resource
 import selectors
@@ -42,8 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cni.netns import NamespaceMissing, entered, ns_identity
-
-DEFAULT_PORT = 8080
+from kproxy.lab.workloadspec import SpecError, WorkloadPod, load_spec
 BACKLOG = 1024
 READ_WAIT = 1.0  # answer whatever arrived after this long without a full request
 WRITE_WAIT = 5.0  # give up on a client that does not read its answer
@@ -74,66 +67,6 @@ def http_response(body: str, head_only: bool = False) -> bytes:
     return header if head_only else header + data
 
 
-# --------------------------------------------------------------------------- spec
-
-
-@dataclass(frozen=True)
-class PodSpec:
-    name: str
-    netns: str
-    tcp: tuple[int, ...]
-    udp: tuple[int, ...]
-
-
-class SpecError(ValueError):
-    pass
-
-
-def _ports(entry: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
-    value = entry.get(key, [DEFAULT_PORT])
-    if not isinstance(value, list):
-        raise SpecError(f"{where}: {key!r} must be a list of ports")
-    ports = []
-    for port in value:
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise SpecError(f"{where}: {key!r} has an invalid port {port!r}")
-        if port not in ports:
-            ports.append(port)
-    return tuple(ports)
-
-
-def parse_spec(data: Any) -> list[PodSpec]:
-    if not isinstance(data, dict) or not isinstance(data.get("pods"), list):
-        raise SpecError('the spec must be an object {"pods": [...]}')
-    pods: list[PodSpec] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(data["pods"]):
-        where = f"pods[{i}]"
-        if not isinstance(entry, dict):
-            raise SpecError(f"{where}: must be an object")
-        name, netns = entry.get("name"), entry.get("netns")
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
-            raise SpecError(f"{where}: 'name' must be a non-empty string without spaces")
-        if not isinstance(netns, str) or not netns:
-            raise SpecError(f"{where} ({name}): 'netns' must be a path")
-        if name in seen:
-            raise SpecError(f"{where}: duplicate pod name {name!r}")
-        seen.add(name)
-        pods.append(PodSpec(name, netns, _ports(entry, "tcp", where), _ports(entry, "udp", where)))
-    return pods
-
-
-def load_spec(path: str) -> list[PodSpec]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as exc:
-        raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"spec {path} is not valid JSON: {exc}") from None
-    return parse_spec(data)
-
-
 # --------------------------------------------------------------------------- sockets
 
 # (namespace st_dev, st_ino, "tcp"/"udp", port): the identity of a listening socket.
@@ -151,9 +84,6 @@ class Listener:
     port: int
     sock: socket.socket
     paused_until: float = 0.0
-
-    def describe(self) -> str:
-        return f"{self.pod} {self.proto}/{self.port}"
 
 
 @dataclass
@@ -227,9 +157,9 @@ class Workload:
 
     # ---- desired state
 
-    def apply(self, pods: list[PodSpec]) -> None:
+    def apply(self, pods: list[WorkloadPod]) -> None:
         """Make the open sockets match pods: close what went away, open what is new."""
-        desired: dict[Key, tuple[PodSpec, str, int]] = {}
+        desired: dict[Key, tuple[WorkloadPod, str, int]] = {}
         for pod in pods:
             try:
                 dev, ino = ns_identity(pod.netns)

@@ -17,14 +17,14 @@ def service_ports(service: dict[str, Any], service_info: ServiceInfo | None = No
     meta, spec = service["metadata"], service["spec"]
     affinity = 0
     if spec.get("sessionAffinity") == "ClientIP":
-        affinity = int(spec.get("sessionAffinityConfig", {}).get("clientIP", {}).get("timeoutSeconds", 10800))
+        affinity = int(spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"])
     mode_info = service_info(service) if service_info is not None else None
     return [
         ServicePort(
-            namespace=meta.get("namespace", "default"),
+            namespace=meta["namespace"],
             name=meta["name"],
             port_name=port.get("name") or "",
-            protocol=port.get("protocol", "TCP"),
+            protocol=port["protocol"],
             cluster_ip=spec["clusterIP"],
             port=int(port["port"]),
             node_port=int(port.get("nodePort") or 0) if spec.get("type") == "NodePort" else 0,
@@ -38,7 +38,7 @@ def service_ports(service: dict[str, Any], service_info: ServiceInfo | None = No
 def _owner(slice_: dict[str, Any]) -> tuple[str, str] | None:
     meta = slice_["metadata"]
     owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-    return (meta.get("namespace", "default"), owner) if owner else None
+    return (meta["namespace"], owner) if owner else None
 
 
 def _service_state(service: dict[str, Any], slices: Iterable[dict[str, Any]],
@@ -49,7 +49,7 @@ def _service_state(service: dict[str, Any], slices: Iterable[dict[str, Any]],
         endpoints: dict[str, Endpoint] = {}
         for slice_ in slices:
             for port in slice_.get("ports") or ():
-                if (port.get("name") or "") == svc.port_name and port.get("protocol", "TCP") == svc.protocol:
+                if port["name"] == svc.port_name and port["protocol"] == svc.protocol:
                     target = int(port["port"])
                     break
             else:
@@ -81,8 +81,7 @@ def proxy_state(services: Iterable[dict[str, Any]], slices: Iterable[dict[str, A
     endpoints: dict[str, list[Endpoint]] = {}
     for service in services:
         meta = service["metadata"]
-        for svc, eps in _service_state(service, by_service.get((meta.get("namespace", "default"), meta["name"]), []),
-                                      service_info):
+        for svc, eps in _service_state(service, by_service.get((meta["namespace"], meta["name"]), []), service_info):
             ports.append(svc)
             endpoints[svc.key] = eps
     return ProxyState(sorted(ports, key=lambda s: s.key), endpoints)
