@@ -286,7 +286,8 @@ def _boot(kernel: GuestKernel, argv: list[str], cwd: Path, env: dict[str, str] |
     script = ["set -e"] + [f"export {k}={shlex.quote(v)}" for k, v in exports.items()] + [
         f"cd {shlex.quote(str(cwd))}", "exec " + shlex.join(argv)]
     (run_dir / "command.sh").write_text("\n".join(script) + "\n")
-    modules = kernel.root / "lib" / "modules"
+    # Resolved: the initramfs binds it before the chroot, where a symlinked cache would point elsewhere.
+    modules = (kernel.root / "lib" / "modules").resolve()
     cmdline = (f"console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off rdinit=/init "
                f"kproxy.run={run_dir} kproxy.modules={modules}")
     qemu = [QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(CPUS), "-m", str(MEMORY_MIB),
