@@ -19,10 +19,12 @@ from cni.netns import entered
 from kproxy.proxy import MODES, mode
 from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
-from kproxy.proxy.userspace import (
-    DIAL_TIMEOUTS, JUMPS, Balancer, ProxyLoop, ServiceProxy, dial_schedule, format_table, is_own_chain,
-    placeholder_ports, render,
-)
+from kproxy.proxy.userspace.balancer import Balancer
+from kproxy.proxy.userspace.listener import ServiceProxy
+from kproxy.proxy.userspace.loop import ProxyLoop
+from kproxy.proxy.userspace.rules import JUMPS, is_own_chain, placeholder_ports, render
+from kproxy.proxy.userspace.status import format_table
+from kproxy.proxy.userspace.tcp import DIAL_TIMEOUTS
 
 NODE = NodeInfo("node1", "172.18.0.2", "10.244.0.0/16")
 
@@ -86,7 +88,7 @@ def test_a_service_without_ready_endpoints_is_rejected_not_redirected() -> None:
 
 def test_restore_text_declares_only_our_chains_and_adds_missing_jumps() -> None:
     web = svc()
-    text = render(state((web, EPS)), NODE, {web.key: 40000}).restore_text(JUMPS)
+    text = render(state((web, EPS)), NODE, {web.key: 40000}).text(JUMPS)
     declared = [line for line in text.splitlines() if line.startswith(":")]
     assert declared == [":KUBE-NODEPORT-NON-LOCAL - [0:0]", ":KUBE-USERSPACE-REJECT - [0:0]",
                         ":KUBE-PORTALS-CONTAINER - [0:0]", ":KUBE-PORTALS-HOST - [0:0]",
@@ -193,7 +195,7 @@ def test_spread_is_even_without_affinity() -> None:
 
 
 def test_dial_schedule_is_the_old_proxiers() -> None:
-    assert dial_schedule() == [0.25, 0.5, 1.0, 2.0] == list(DIAL_TIMEOUTS)
+    assert DIAL_TIMEOUTS == (0.25, 0.5, 1.0, 2.0)
 
 
 # --- the loop, on loopback (in a throwaway namespace when root, never the machine's own) ------
