@@ -1,4 +1,5 @@
-"""The userspace mode without root: rule rendering, endpoint choice, dial schedule.
+"""The userspace mode without root: rule rendering, endpoint choice, the proxy loop on loopback, and
+rule syncs against a fake iptables (tests/fakes/rules_backend.py).
 
 (Its behaviour on the real kernel is tests/test_services.py with MODES "userspace".)
 """
@@ -16,15 +17,19 @@ import pytest
 
 from cni.netns import entered
 
-from kproxy.proxy import MODES, mode
+from kproxy.errors import KproxyError
+from kproxy.proxy import mode
+from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 from kproxy.proxy.userspace.balancer import Balancer
 from kproxy.proxy.userspace.listener import ServiceProxy
 from kproxy.proxy.userspace.loop import ProxyLoop
+from kproxy.proxy.userspace.proxier import UserspaceProxier
 from kproxy.proxy.userspace.rules import JUMPS, is_own_chain, placeholder_ports, render
 from kproxy.proxy.userspace.status import format_table
 from kproxy.proxy.userspace.tcp import DIAL_TIMEOUTS
+from tests.fakes.rules_backend import FakeRulesBackend
 
 NODE = NodeInfo("node1", "172.18.0.2", "10.244.0.0/16")
 
@@ -41,72 +46,174 @@ def state(*pairs: tuple[ServicePort, list[Endpoint]]) -> ProxyState:
 EPS = [Endpoint("10.244.1.2", 8080, "node1"), Endpoint("10.244.2.2", 8080, "node2")]
 
 
+# --- the mode ------------------------------------------------------------------------
+
+def test_the_mode_takes_one_option_copy_splice_by_default() -> None:
+    userspace = mode("userspace")
+    assert userspace.options_of({}) == {"copy": "splice"}
+    assert userspace.options_of({"copy": "copy"}) == {"copy": "copy"}
+    with pytest.raises(KproxyError, match="mode userspace: option copy: 'zero' is not one of splice, copy"):
+        userspace.options_of({"copy": "zero"})
+    with pytest.raises(ValueError, match="copy must be one of splice, copy, not 'zero'"):
+        UserspaceProxier(NODE, copy="zero")
+
+
 # --- rendering -------------------------------------------------------------------
-
-def test_mode_is_registered() -> None:
-    assert "userspace" in MODES
-
 
 def test_cluster_ip_portals_redirect_for_containers_and_dnat_to_the_node_ip_for_the_host() -> None:
     web = svc()
     rules = render(state((web, EPS)), NODE, {web.key: 40000})
-    assert rules.tables["nat"]["KUBE-PORTALS-CONTAINER"] == [
-        '-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp '
-        '--dport 80 -j REDIRECT --to-ports 40000']
+    assert rules.tables == {
+        "filter": {"KUBE-NODEPORT-NON-LOCAL": [], "KUBE-USERSPACE-REJECT": []},
+        "nat": {
+            "KUBE-PORTALS-CONTAINER": [
+                "-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp "
+                "--dport 80 -j REDIRECT --to-ports 40000"],
+            "KUBE-PORTALS-HOST": [
+                "-A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp "
+                "--dport 80 -j DNAT --to-destination 172.18.0.2:40000"],
+            "KUBE-NODEPORT-CONTAINER": [],
+            "KUBE-NODEPORT-HOST": [],
+        },
+    }
+
+
+def test_a_node_without_an_ip_redirects_its_own_traffic_too() -> None:
+    web = svc()
+    rules = render(state((web, EPS)), NodeInfo("node1", "", "10.244.0.0/16"), {web.key: 40000})
     assert rules.tables["nat"]["KUBE-PORTALS-HOST"] == [
-        '-A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp '
-        '--dport 80 -j DNAT --to-destination 172.18.0.2:40000']
-    assert rules.tables["nat"]["KUBE-NODEPORT-CONTAINER"] == []
-    assert rules.tables["filter"]["KUBE-USERSPACE-REJECT"] == []
+        "-A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp "
+        "--dport 80 -j REDIRECT --to-ports 40000"]
 
 
 def test_node_ports_get_container_host_and_non_local_rules() -> None:
     web = svc(node_port=30080, protocol="UDP")
     rules = render(state((web, EPS)), NODE, {web.key: 40001})
-    assert rules.tables["nat"]["KUBE-NODEPORT-CONTAINER"] == [
-        "-A KUBE-NODEPORT-CONTAINER -p udp -m comment --comment default/web:http -m udp --dport 30080 "
-        "-j REDIRECT --to-ports 40001"]
-    assert rules.tables["nat"]["KUBE-NODEPORT-HOST"] == [
-        "-A KUBE-NODEPORT-HOST -p udp -m comment --comment default/web:http -m udp --dport 30080 "
-        "-j DNAT --to-destination 172.18.0.2:40001"]
-    assert rules.tables["filter"]["KUBE-NODEPORT-NON-LOCAL"] == [
-        "-A KUBE-NODEPORT-NON-LOCAL -p udp -m comment --comment default/web:http -m udp --dport 40001 "
-        "-m state --state NEW -j ACCEPT"]
+    assert rules.tables == {
+        "filter": {
+            "KUBE-NODEPORT-NON-LOCAL": [
+                "-A KUBE-NODEPORT-NON-LOCAL -p udp -m comment --comment default/web:http -m udp --dport 40001 "
+                "-m state --state NEW -j ACCEPT"],
+            "KUBE-USERSPACE-REJECT": [],
+        },
+        "nat": {
+            "KUBE-PORTALS-CONTAINER": [
+                "-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p udp -m comment --comment default/web:http -m udp "
+                "--dport 80 -j REDIRECT --to-ports 40001"],
+            "KUBE-PORTALS-HOST": [
+                "-A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p udp -m comment --comment default/web:http -m udp "
+                "--dport 80 -j DNAT --to-destination 172.18.0.2:40001"],
+            "KUBE-NODEPORT-CONTAINER": [
+                "-A KUBE-NODEPORT-CONTAINER -p udp -m comment --comment default/web:http -m udp --dport 30080 "
+                "-j REDIRECT --to-ports 40001"],
+            "KUBE-NODEPORT-HOST": [
+                "-A KUBE-NODEPORT-HOST -p udp -m comment --comment default/web:http -m udp --dport 30080 "
+                "-j DNAT --to-destination 172.18.0.2:40001"],
+        },
+    }
 
 
 def test_a_service_without_ready_endpoints_is_rejected_not_redirected() -> None:
     web = svc(node_port=30080)
     rules = render(state((web, [Endpoint("10.244.1.2", 8080, "node1", ready=False, terminating=True)])), NODE,
                    {web.key: 40000})
-    assert all(not r for r in rules.tables["nat"].values())
-    assert rules.tables["filter"]["KUBE-USERSPACE-REJECT"] == [
-        '-A KUBE-USERSPACE-REJECT -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http has no endpoints" '
-        '-m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable',
-        '-A KUBE-USERSPACE-REJECT -p tcp -m comment --comment "default/web:http has no endpoints" '
-        '-m addrtype --dst-type LOCAL -m tcp --dport 30080 -j REJECT --reject-with icmp-port-unreachable']
+    assert rules.tables == {
+        "filter": {
+            "KUBE-NODEPORT-NON-LOCAL": [],
+            "KUBE-USERSPACE-REJECT": [
+                '-A KUBE-USERSPACE-REJECT -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http has no '
+                'endpoints" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable',
+                '-A KUBE-USERSPACE-REJECT -p tcp -m comment --comment "default/web:http has no endpoints" '
+                "-m addrtype --dst-type LOCAL -m tcp --dport 30080 -j REJECT --reject-with icmp-port-unreachable"],
+        },
+        "nat": {chain: [] for chain in ("KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "KUBE-NODEPORT-CONTAINER",
+                                        "KUBE-NODEPORT-HOST")},
+    }
 
 
-def test_restore_text_declares_only_our_chains_and_adds_missing_jumps() -> None:
-    web = svc()
-    text = render(state((web, EPS)), NODE, {web.key: 40000}).text(JUMPS)
-    declared = [line for line in text.splitlines() if line.startswith(":")]
-    assert declared == [":KUBE-NODEPORT-NON-LOCAL - [0:0]", ":KUBE-USERSPACE-REJECT - [0:0]",
-                        ":KUBE-PORTALS-CONTAINER - [0:0]", ":KUBE-PORTALS-HOST - [0:0]",
-                        ":KUBE-NODEPORT-CONTAINER - [0:0]", ":KUBE-NODEPORT-HOST - [0:0]"]
-    assert ('-I PREROUTING 1 -m comment --comment "handle ClusterIPs; NOTE: this must be before the NodePort rules" '
-            '-j KUBE-PORTALS-CONTAINER') in text
-    assert ('-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment "handle service NodePorts; NOTE: this must '
-            'be the last rule in the chain" -j KUBE-NODEPORT-HOST') in text
+# The restore input of one ClusterIP service port on a proxy port (and, with jumps, every jump).
+WEB_TEXT = """\
+*filter
+:KUBE-NODEPORT-NON-LOCAL - [0:0]
+:KUBE-USERSPACE-REJECT - [0:0]
+{filter_jumps}COMMIT
+*nat
+:KUBE-PORTALS-CONTAINER - [0:0]
+:KUBE-PORTALS-HOST - [0:0]
+:KUBE-NODEPORT-CONTAINER - [0:0]
+:KUBE-NODEPORT-HOST - [0:0]
+-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp --dport 80 \
+-j REDIRECT --to-ports {port}
+-A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp --dport 80 \
+-j DNAT --to-destination 172.18.0.2:{port}
+{nat_jumps}COMMIT
+"""
+FILTER_JUMPS = """\
+-I INPUT 1 -m comment --comment "Ensure that non-local NodePort traffic can flow" -j KUBE-NODEPORT-NON-LOCAL
+-I INPUT 1 -m conntrack --ctstate NEW -m comment --comment "kproxy userspace: service ports without endpoints" \
+-j KUBE-USERSPACE-REJECT
+-I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment "kproxy userspace: service ports without endpoints" \
+-j KUBE-USERSPACE-REJECT
+-I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment "kproxy userspace: service ports without endpoints" \
+-j KUBE-USERSPACE-REJECT
+"""
+NAT_JUMPS = """\
+-I PREROUTING 1 -m comment --comment "handle ClusterIPs; NOTE: this must be before the NodePort rules" \
+-j KUBE-PORTALS-CONTAINER
+-I OUTPUT 1 -m comment --comment "handle ClusterIPs; NOTE: this must be before the NodePort rules" \
+-j KUBE-PORTALS-HOST
+-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "handle service NodePorts; NOTE: this must be \
+the last rule in the chain" -j KUBE-NODEPORT-CONTAINER
+-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment "handle service NodePorts; NOTE: this must be \
+the last rule in the chain" -j KUBE-NODEPORT-HOST
+"""
+
+
+def test_restore_text_declares_only_our_chains_and_adds_the_jumps_it_is_given() -> None:
+    rules = render(state((svc(), EPS)), NODE, {svc().key: 40000})
+    assert rules.text() == WEB_TEXT.format(port=40000, filter_jumps="", nat_jumps="")
+    assert rules.text(JUMPS) == WEB_TEXT.format(port=40000, filter_jumps=FILTER_JUMPS, nat_jumps=NAT_JUMPS)
 
 
 def test_render_text_uses_numbered_placeholders_for_proxy_ports() -> None:
-    a, b = svc("a", ip="10.96.0.10"), svc("b", ip="10.96.0.11")
-    st = state((a, EPS), (b, EPS))
-    assert placeholder_ports(st) == {a.key: "<proxy-port-1>", b.key: "<proxy-port-2>"}
+    a, b = svc("a", ip="10.96.0.10"), svc("b", ip="10.96.0.11", node_port=30081)
+    c = svc("c", ip="10.96.0.12", protocol="UDP", port=53, port_name="")
+    st = state((a, EPS), (b, EPS), (c, []))
+    assert placeholder_ports(st) == {a.key: "<proxy-port-1>", b.key: "<proxy-port-2>", c.key: "<proxy-port-3>"}
     userspace = mode("userspace")
-    text = userspace.render_text(st, NODE, userspace.options_of({}))
-    assert "# kproxy userspace" in text.splitlines()[0]
-    assert "-j REDIRECT --to-ports <proxy-port-2>" in text
+    assert userspace.render_text(st, NODE, userspace.options_of({})) == """\
+# kproxy userspace: proxy ports are chosen by the kernel when the listeners open;
+# below they are placeholders:
+#   <proxy-port-1> = default/a:http/TCP
+#   <proxy-port-2> = default/b:http/TCP
+#   <proxy-port-3> = default/c/UDP
+*filter
+:KUBE-NODEPORT-NON-LOCAL - [0:0]
+:KUBE-USERSPACE-REJECT - [0:0]
+-A KUBE-NODEPORT-NON-LOCAL -p tcp -m comment --comment default/b:http -m tcp --dport <proxy-port-2> \
+-m state --state NEW -j ACCEPT
+-A KUBE-USERSPACE-REJECT -d 10.96.0.12/32 -p udp -m comment --comment "default/c has no endpoints" -m udp \
+--dport 53 -j REJECT --reject-with icmp-port-unreachable
+COMMIT
+*nat
+:KUBE-PORTALS-CONTAINER - [0:0]
+:KUBE-PORTALS-HOST - [0:0]
+:KUBE-NODEPORT-CONTAINER - [0:0]
+:KUBE-NODEPORT-HOST - [0:0]
+-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment default/a:http -m tcp --dport 80 \
+-j REDIRECT --to-ports <proxy-port-1>
+-A KUBE-PORTALS-CONTAINER -d 10.96.0.11/32 -p tcp -m comment --comment default/b:http -m tcp --dport 80 \
+-j REDIRECT --to-ports <proxy-port-2>
+-A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m comment --comment default/a:http -m tcp --dport 80 \
+-j DNAT --to-destination 172.18.0.2:<proxy-port-1>
+-A KUBE-PORTALS-HOST -d 10.96.0.11/32 -p tcp -m comment --comment default/b:http -m tcp --dport 80 \
+-j DNAT --to-destination 172.18.0.2:<proxy-port-2>
+-A KUBE-NODEPORT-CONTAINER -p tcp -m comment --comment default/b:http -m tcp --dport 30081 \
+-j REDIRECT --to-ports <proxy-port-2>
+-A KUBE-NODEPORT-HOST -p tcp -m comment --comment default/b:http -m tcp --dport 30081 \
+-j DNAT --to-destination 172.18.0.2:<proxy-port-2>
+COMMIT
+"""
 
 
 def test_cleanup_removes_our_jumps_and_chains_and_nothing_else() -> None:
@@ -192,10 +299,6 @@ def test_spread_is_even_without_affinity() -> None:
     lb = Balancer()
     lb.update(["a:1", "b:1", "c:1"])
     assert set(Counter(lb.next(f"10.0.0.{i % 7}") for i in range(300)).values()) == {100}
-
-
-def test_dial_schedule_is_the_old_proxiers() -> None:
-    assert DIAL_TIMEOUTS == (0.25, 0.5, 1.0, 2.0)
 
 
 # --- the loop, on loopback (in a throwaway namespace when root, never the machine's own) ------
@@ -294,3 +397,168 @@ def test_removing_an_endpoint_closes_its_connections_and_terminating_keeps_them(
         loop.call(lambda: proxy.close())
         loop.stop()
         server.close()
+
+
+def test_a_dial_that_never_completes_is_tried_on_the_old_schedule_then_the_client_is_closed(inside: None) -> None:
+    # A listener whose accept queue is full drops new SYNs: every dial to it waits out its timeout.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = [socket.socket() for _ in range(2)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(full.getsockname())
+    loop = ProxyLoop()
+    try:
+        svc_ = svc()
+        proxy = loop.call(lambda: ServiceProxy(loop, svc_, "splice", 0.25))
+        loop.call(lambda: proxy.update(svc_, [Endpoint("127.0.0.1", full.getsockname()[1], "n")]))
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        started = time.monotonic()
+        failed_at: list[float] = []
+        while len(failed_at) < len(DIAL_TIMEOUTS) and time.monotonic() - started < 8:
+            failures = loop.call(lambda: proxy.dial_failures)
+            failed_at += [round(time.monotonic() - started, 2)] * (failures - len(failed_at))
+            time.sleep(0.005)
+        assert client.recv(10) == b""  # closed after the last try
+        client.close()
+        schedule = [sum(DIAL_TIMEOUTS[:i + 1]) for i in range(len(DIAL_TIMEOUTS))]
+        assert schedule == [0.25, 0.75, 1.75, 3.75]  # upstream's EndpointDialTimeouts, one after the other
+        assert len(failed_at) == 4 and all(due - 0.05 <= at <= due + 0.5 for at, due in zip(failed_at, schedule)), \
+            failed_at
+    finally:
+        loop.call(lambda: proxy.close())
+        loop.stop()
+        for sock in (full, *fillers):
+            sock.close()
+
+
+# --- syncing the rules, against a fake iptables (tests/fakes/rules_backend.py) ------------
+
+# What a node has before the proxier starts: the CNI's chain and, from an earlier run, one of our jumps.
+NODE_BEFORE = """*filter
+:INPUT ACCEPT [0:0]
+:KUBE-NODEPORT-NON-LOCAL - [0:0]
+-A INPUT -m comment --comment "Ensure that non-local NodePort traffic can flow" -j KUBE-NODEPORT-NON-LOCAL
+COMMIT
+*nat
+:POSTROUTING ACCEPT [0:0]
+:CNI-abc - [0:0]
+-A POSTROUTING -s 10.244.1.0/24 -j CNI-abc
+-A CNI-abc -j MASQUERADE
+COMMIT
+"""
+
+
+@pytest.fixture
+def synced(inside: None) -> Iterator[tuple[UserspaceProxier, FakeRulesBackend]]:
+    """A proxier on a fake backend holding NODE_BEFORE; closed after the test."""
+    fake = FakeRulesBackend(NODE_BEFORE)
+    proxier = UserspaceProxier(NODE, backend=fake)
+    try:
+        yield proxier, fake
+    finally:
+        proxier.close()
+
+
+def web_text(proxier: UserspaceProxier, filter_jumps: str = "", nat_jumps: str = "") -> str:
+    return WEB_TEXT.format(port=proxier.proxy_ports()[svc().key], filter_jumps=filter_jumps, nat_jumps=nat_jumps)
+
+
+def test_a_first_sync_is_full_and_adds_the_missing_jumps_only(synced: tuple[UserspaceProxier, FakeRulesBackend]) \
+        -> None:
+    proxier, fake = synced
+    result = proxier.sync(state((svc(), EPS)))
+    assert result.full and result.changed_services == 1
+    present = FILTER_JUMPS.splitlines(keepends=True)[0]  # the non-local jump NODE_BEFORE has
+    assert fake.restores == [web_text(proxier, FILTER_JUMPS.replace(present, ""), NAT_JUMPS)]
+    assert fake.tables["filter"]["INPUT"].count(
+        '-A INPUT -m comment --comment "Ensure that non-local NodePort traffic can flow" -j KUBE-NODEPORT-NON-LOCAL'
+    ) == 1
+    assert not proxier.sync(state((svc(), EPS))).full  # and the next one is partial
+
+
+def test_an_endpoint_change_alone_writes_no_rule(synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+    proxier, fake = synced
+    proxier.sync(state((svc(), EPS)))
+    other = [Endpoint("10.244.3.2", 8080, "node3")]
+    result = proxier.sync(state((svc(), other)))
+    assert not result.full and result.changed_services == 1  # the listener's endpoints changed ...
+    assert len(fake.restores) == 1  # ... its portal did not
+    assert proxier.table()[0]["endpoints"] == ["10.244.3.2:8080"]
+    unchanged = proxier.sync(state((svc(), other)))
+    assert (unchanged.full, unchanged.changed_services, len(fake.restores)) == (False, 0, 1)
+
+
+def test_changed_services_counts_each_service_port_opened_closed_or_updated_once(
+        synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+    proxier, fake = synced
+    a, b, c = svc("a", ip="10.96.0.10"), svc("b", ip="10.96.0.11"), svc("c", ip="10.96.0.12")
+    assert proxier.sync(state((a, EPS), (b, EPS), (c, []))).changed_services == 3
+    assert proxier.sync(state((a, EPS), (b, EPS), (c, []))).changed_services == 0
+    sticky = svc("b", ip="10.96.0.11", affinity=10800)
+    assert proxier.sync(state((a, EPS[:1]), (sticky, EPS))).changed_services == 3  # a updated, b updated, c closed
+    assert sorted(proxier.proxy_ports()) == [a.key, b.key]
+
+
+def test_a_refused_restore_makes_the_next_sync_full(synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+    proxier, fake = synced
+    proxier.sync(state((svc(), EPS)))
+    fake.refuse_next = True
+    with pytest.raises(RestoreError):
+        proxier.sync(state((svc(), [])))  # the portal would become a reject
+    # Meanwhile someone flushed nat PREROUTING: the full sync puts our jumps back.
+    fake.tables["nat"]["PREROUTING"] = []
+    result = proxier.sync(state((svc(), EPS)))  # the very text the kernel has, but written again
+    assert result.full
+    assert fake.restores[-1] == web_text(proxier, nat_jumps="".join(
+        line for line in NAT_JUMPS.splitlines(keepends=True) if "PREROUTING" in line))
+    assert not proxier.sync(state((svc(), EPS))).full
+
+
+def test_cleanup_closes_the_listeners_and_removes_our_chains_and_jumps(
+        synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+    proxier, fake = synced
+    proxier.sync(state((svc(node_port=30080), EPS), (svc("gone", ip="10.96.0.11"), [])))
+    port = proxier.proxy_ports()[svc().key]
+    proxier.cleanup()
+    assert fake.tables == FakeRulesBackend("""*nat
+:POSTROUTING ACCEPT [0:0]
+:CNI-abc - [0:0]
+-A POSTROUTING -s 10.244.1.0/24 -j CNI-abc
+-A CNI-abc -j MASQUERADE
+COMMIT
+""").tables
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert proxier.proxies == {} and proxier.loop is None
+    assert proxier.sync(state((svc(), EPS))).full  # a proxier cleaned up starts over
+
+
+def test_the_rules_excerpt_of_one_service_shows_its_rules_with_counters_and_its_listener(
+        synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+    proxier, fake = synced
+    proxier.sync(state((svc(), EPS), (svc("other", ip="10.96.0.11"), [])))
+    port = proxier.proxy_ports()[svc().key]
+    table_head = "SERVICE           PROTO  PORTAL         PROXY PORT  ENDPOINTS                              LIVE  ACCEPTED"
+    assert proxier.rules_excerpt("default/web") == f"""\
+*filter
+:KUBE-NODEPORT-NON-LOCAL - [0:0]
+:KUBE-USERSPACE-REJECT - [0:0]
+COMMIT
+*nat
+:KUBE-PORTALS-CONTAINER - [0:0]
+:KUBE-PORTALS-HOST - [0:0]
+:KUBE-NODEPORT-CONTAINER - [0:0]
+:KUBE-NODEPORT-HOST - [0:0]
+[0:0] -A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp --dport 80 \
+-j REDIRECT --to-ports {port}
+[0:0] -A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m comment --comment default/web:http -m tcp --dport 80 \
+-j DNAT --to-destination 172.18.0.2:{port}
+COMMIT
+
+# listeners
+{table_head}  DIAL FAILURES
+default/web:http  TCP    10.96.0.10:80  {port:<10}  10.244.1.2:8080(0) 10.244.2.2:8080(0)  0     0         0
+(ENDPOINTS: ip:port(live connections or UDP associations); LIVE includes dials in progress)
+"""
