@@ -46,20 +46,24 @@ class ServiceProxy:
         self.conns: set[TcpConnection] = set()
         self.assocs: dict[tuple[str, int], UdpAssociation] = {}
         self.accepted = 0
-        self.established = 0
         self.dial_failures = 0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if self.udp else socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.setblocking(False)
+        self.sock = self._listen()
+        self.port: int = self.sock.getsockname()[1]
+
+    def _listen(self) -> socket.socket:
+        """The service port's socket, on a port the kernel picks, served by the loop."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if self.udp else socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 0))
+        sock.setblocking(False)
         if self.udp:
-            self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            loop.set_interest(self.sock.fileno(), R, self._datagrams)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            self.loop.set_interest(sock.fileno(), R, self._datagrams)
         else:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.listen(LISTEN_BACKLOG)
-            loop.set_interest(self.sock.fileno(), R, self._accept)
-        self.port = self.sock.getsockname()[1]
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.listen(LISTEN_BACKLOG)
+            self.loop.set_interest(sock.fileno(), R, self._accept)
+        return sock
 
     def update(self, svc: ServicePort, endpoints: list[Endpoint]) -> bool:
         """Serve svc with endpoints from now on; whether that changed what this listener does."""

@@ -70,8 +70,6 @@ class RuleWriter:
 class UserspaceProxier:
     """The userspace mode on the node whose network namespace the calling thread is in (the agent's)."""
 
-    mode = "userspace"
-
     def __init__(self, node: NodeInfo, *, copy: str = DEFAULT_COPY, udp_timeout: float = UDP_IDLE_TIMEOUT,
                  backend: RulesBackend | None = None) -> None:
         self.node = node

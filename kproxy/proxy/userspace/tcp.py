@@ -136,7 +136,6 @@ class TcpConnection:
         self.ways = (_Direction(self.client, self.backend, pipes), _Direction(self.backend, self.client, pipes))
         self.loop.set_interest(self.backend.fileno(), 0, lambda mask: self._event(1, mask))
         self.loop.handlers[self.client.fileno()] = lambda mask: self._event(0, mask)
-        self.proxy.established += 1
         # The client has usually sent its request already: move it now instead of after another epoll round.
         self._pump(self.ways[0], False)
         self._update()
