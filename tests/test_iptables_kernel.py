@@ -14,10 +14,9 @@ import subprocess
 
 import pytest
 
-import kproxy.proxy.iptables as ipt
 from cni.masq import IPTABLES, IPTABLES_SAVE
 from cni.netns import entered
-from kproxy.proxy.iptables import IptablesProxier, RestoreError
+from kproxy.proxy.iptables import Commands, IptablesProxier, RestoreError
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
 pytestmark = pytest.mark.kernel
@@ -131,7 +130,7 @@ def test_partial_sync_rewrites_only_the_changed_service(netns) -> None:
         restore = proxier.last_restore
     assert counter(before, "-A KUBE-SEP-SXIVWICOYRO3J4NJ -p tcp") == 1
     assert chain_packets(before, "KUBE-SVC-4SW47YFZTEDKD3PK") == 1
-    assert not result.full
+    assert not result.full and result.changed_services == 1
     # ns1's chains were not rewritten: their counters survived ...
     assert counter(after, "-A KUBE-SEP-SXIVWICOYRO3J4NJ -p tcp") == 1
     assert chain_packets(after, "KUBE-SVC-XPGD46QRK7WJZT7O") == 1
@@ -162,25 +161,27 @@ def test_cleanup_removes_every_kube_chain_and_jump(netns) -> None:
     assert result.full
 
 
-def test_failed_restore_keeps_previous_rules_and_next_sync_is_full(netns, monkeypatch) -> None:
+class BadRule(Commands):
+    """The real backend, with a jump to a chain that does not exist slipped into the nat table of
+    every restore: iptables-restore refuses that table."""
+
+    def restore(self, text: str, *, counters: bool = False) -> None:
+        bad = "-A KUBE-SVC-XPGD46QRK7WJZT7O -j KUBE-SEP-NOSUCHCHAIN00000\n"
+        nat = text.index("*nat\n")
+        super().restore(text[:nat] + text[nat:].replace("COMMIT\n", bad + "COMMIT\n", 1), counters=counters)
+
+
+def test_failed_restore_keeps_previous_rules_and_next_sync_is_full(netns) -> None:
     node = netns("node")
-    render = ipt.render
-
-    def broken(*args, **kwargs):
-        ruleset = render(*args, **kwargs)
-        chain = "KUBE-SVC-XPGD46QRK7WJZT7O"
-        ruleset.tables["nat"][chain] += ("-A KUBE-SVC-XPGD46QRK7WJZT7O -j KUBE-SEP-NOSUCHCHAIN00000",)
-        return ruleset
-
     with entered(node):
         proxier = IptablesProxier(NODE)
         proxier.sync(state())
         before = save()
-        monkeypatch.setattr(ipt, "render", broken)
+        proxier.backend = BadRule()
         with pytest.raises(RestoreError):
             proxier.sync(state(svc4_endpoints=("10.180.0.7",)))
         failed = save()
-        monkeypatch.setattr(ipt, "render", render)
+        proxier.backend = Commands()
         result = proxier.sync(state(svc4_endpoints=("10.180.0.7",)))
         repaired = save()
     # The nat table refused the input and kept its rules. (iptables-legacy-restore commits table

@@ -15,21 +15,21 @@ import textwrap
 import pytest
 
 from kproxy.proxy.iptables import (
-    KernelLeftovers,
     LARGE_CLUSTER_ENDPOINTS,
+    Leftovers,
     RenderCache,
     Ruleset,
+    changed_service_ports,
     endpoint_chain_name,
     is_own_chain,
     probability,
     render,
     restore_input,
     service_external_chain_name,
-    service_firewall_chain_name,
     service_port_chain_name,
-    usable_endpoints,
     write_full_restore,
 )
+from kproxy.proxy.netfilter import usable_endpoints
 from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
@@ -44,7 +44,6 @@ NODE = NodeInfo(name="node1", ip="192.168.0.2", cluster_cidr="10.0.0.0/8")
     (service_port_chain_name, ("ns4/svc4:p80", "tcp"), "KUBE-SVC-4SW47YFZTEDKD3PK"),
     (service_port_chain_name, ("ns5/svc5:p80", "tcp"), "KUBE-SVC-NUKIZ6OKUXPJNT4C"),
     (service_external_chain_name, ("ns3/svc3:p80", "tcp"), "KUBE-EXT-X27LE4BHSL4DOUIK"),
-    (service_firewall_chain_name, ("ns5/svc5:p80", "tcp"), "KUBE-FW-NUKIZ6OKUXPJNT4C"),
     (endpoint_chain_name, ("ns1/svc1:p80", "tcp", "10.180.0.1:80"), "KUBE-SEP-SXIVWICOYRO3J4NJ"),
     (endpoint_chain_name, ("ns2/svc2:p80", "tcp", "10.180.0.2:80"), "KUBE-SEP-RS4RBKLTHTF2IUXJ"),
     (endpoint_chain_name, ("ns3/svc3:p80", "tcp", "10.180.0.3:80"), "KUBE-SEP-OYPFS5VJICHGATKP"),
@@ -159,7 +158,7 @@ EXPECTED = textwrap.dedent("""\
 
 
 def test_full_ruleset_line_by_line() -> None:
-    got = render(small_state(), NODE).restore_text()
+    got = render(small_state(), NODE).text()
     assert got.splitlines() == EXPECTED.splitlines()
 
 
@@ -190,11 +189,17 @@ def test_nodeport_without_endpoints_is_rejected_in_external_services() -> None:
 def test_three_endpoints_get_one_third_then_one_half_then_the_rest() -> None:
     svc = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80)
     eps = [Endpoint(f"10.180.0.{i}", 80, "node1") for i in (1, 2, 3)]
+    seps = [endpoint_chain_name("ns1/svc1:p80", "tcp", ep.address) for ep in eps]
     rules = render(ProxyState([svc], {svc.key: eps}), NODE).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
-    picks = [r for r in rules if "KUBE-SEP-" in r]
-    assert "--probability 0.3333333333 " in picks[0]
-    assert "--probability 0.5000000000 " in picks[1]
-    assert "statistic" not in picks[2]
+    assert rules == (
+        '-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 '
+        "--dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
+        '-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" '
+        f"-m statistic --mode random --probability 0.3333333333 -j {seps[0]}",
+        '-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.2:80" '
+        f"-m statistic --mode random --probability 0.5000000000 -j {seps[1]}",
+        f'-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.3:80" -j {seps[2]}',
+    )
     assert probability(3) == "0.3333333333" and probability(2) == "0.5000000000" and probability(7) == "0.1428571429"
 
 
@@ -209,27 +214,33 @@ def test_large_clusters_drop_endpoint_comments() -> None:
     eps = {s.key: [Endpoint(f"10.244.{i // 128}.{2 * (i % 128)}", 80, "n"),
                    Endpoint(f"10.244.{i // 128}.{2 * (i % 128) + 1}", 80, "n")] for i, s in enumerate(services)}
     nat = render(ProxyState(services, eps), NODE).tables["nat"]
-    sep = nat[endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80")]
-    assert sep == ("-A " + endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80") + " -s 10.244.0.0 -j KUBE-MARK-MASQ",
-                   "-A " + endpoint_chain_name("ns/s0", "tcp", "10.244.0.0:80")
-                   + " -m tcp -p tcp -j DNAT --to-destination 10.244.0.0:80")
-    svc = nat[service_port_chain_name("ns/s0", "tcp")]
-    assert '"ns/s0 cluster IP"' in svc[0] and "comment" not in svc[1]
+    sep0, sep1 = (endpoint_chain_name("ns/s0", "tcp", f"10.244.0.{i}:80") for i in (0, 1))
+    assert nat[sep0] == (f"-A {sep0} -s 10.244.0.0 -j KUBE-MARK-MASQ",
+                         f"-A {sep0} -m tcp -p tcp -j DNAT --to-destination 10.244.0.0:80")
+    svc = service_port_chain_name("ns/s0", "tcp")
+    assert nat[svc] == (  # the cluster IP comment stays: it is not per endpoint
+        f'-A {svc} -m comment --comment "ns/s0 cluster IP" -m tcp -p tcp -d 10.96.0.0 --dport 80 '
+        "! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
+        f"-A {svc} -m statistic --mode random --probability 0.5000000000 -j {sep0}",
+        f"-A {svc} -j {sep1}")
 
 
 def test_no_cluster_cidr_means_no_cluster_ip_masquerade() -> None:
     svc = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80)
     rules = render(ProxyState([svc], {svc.key: [Endpoint("10.180.0.1", 80, "n")]}),
                    NodeInfo("n", "192.168.0.2", "")).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
-    assert not any("KUBE-MARK-MASQ" in r for r in rules)
+    assert rules == ('-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" '
+                     "-j KUBE-SEP-SXIVWICOYRO3J4NJ",)
 
 
 def test_localhost_nodeports_off_excludes_loopback_and_kubelet_firewall() -> None:
-    r = render(small_state(), NODE, localhost_nodeports=False, conntrack_tcp_liberal=True)
-    assert r.tables["nat"]["KUBE-SERVICES"][-1].endswith(
-        "-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS")
-    assert "KUBE-FIREWALL" not in r.tables["filter"]
-    assert not any("INVALID" in rule for rule in r.tables["filter"]["KUBE-FORWARD"])
+    got = render(small_state(), NODE, localhost_nodeports=False, conntrack_tcp_liberal=True).text()
+    # EXPECTED without kubelet's KUBE-FIREWALL and the INVALID drop, and with 127.0.0.0/8 kept out of NodePorts.
+    expected = [line for line in EXPECTED.splitlines() if "KUBE-FIREWALL" not in line and "INVALID" not in line]
+    nodeports = expected.index('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must '
+                               'be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+    expected[nodeports] = expected[nodeports].replace("LOCAL -j", "LOCAL ! -d 127.0.0.0/8 -j")
+    assert got.splitlines() == expected
 
 
 def _changed(state: ProxyState) -> Ruleset:
@@ -241,38 +252,63 @@ def _changed(state: ProxyState) -> Ruleset:
 def test_partial_restore_only_touches_changed_chains() -> None:
     old = render(small_state(), NODE)
     new = _changed(small_state())
-    text, touched = restore_input(new, old)
-    declared = [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
-    sep_new = endpoint_chain_name("ns4/svc4:p80", "tcp", "10.180.0.7:80")
-    # Only ns4's SVC chain, its new SEP and its gone SEP, all nat: no filter section at all.
-    assert declared == [sep_new, "KUBE-SVC-4SW47YFZTEDKD3PK", "KUBE-SEP-C6EBXVWJJZMIWKLZ"]
-    assert "*filter" not in text
-    assert touched == len(declared)
-    assert text.splitlines()[-2:] == ["-X KUBE-SEP-C6EBXVWJJZMIWKLZ", "COMMIT"]
-    # Untouched services' chains are not even mentioned, except by the KUBE-SERVICES/KUBE-NODEPORTS jumps.
-    for chain in ("KUBE-SVC-XPGD46QRK7WJZT7O", "KUBE-SEP-SXIVWICOYRO3J4NJ", "KUBE-SEP-UKSFD7AGPMPPLUHC",
-                  "KUBE-EXT-NUKIZ6OKUXPJNT4C", "KUBE-SVC-NUKIZ6OKUXPJNT4C"):
-        assert not any(line.startswith((f":{chain} ", f"-A {chain} ")) for line in text.splitlines())
-    assert "-A KUBE-SVC-4SW47YFZTEDKD3PK" in text and "--to-destination 10.180.0.7:80" in text
+    # Only ns4's SVC chain, its new SEP and its gone SEP, all nat: no filter section at all. Untouched
+    # services' chains are not even mentioned.
+    assert restore_input(new, old) == textwrap.dedent("""\
+        *nat
+        :KUBE-SEP-KV4FMR6WJFBQE3OH - [0:0]
+        :KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
+        -A KUBE-SEP-KV4FMR6WJFBQE3OH -m comment --comment ns4/svc4:p80 -s 10.180.0.7 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-KV4FMR6WJFBQE3OH -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.7:80
+        -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
+        -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.7:80" -j KUBE-SEP-KV4FMR6WJFBQE3OH
+        :KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
+        -X KUBE-SEP-C6EBXVWJJZMIWKLZ
+        COMMIT
+        """)
+    assert endpoint_chain_name("ns4/svc4:p80", "tcp", "10.180.0.7:80") == "KUBE-SEP-KV4FMR6WJFBQE3OH"
+    assert changed_service_ports(new, old, full=False) == {"ns4/svc4:p80/TCP"}
 
 
 def test_nothing_changed_writes_nothing() -> None:
-    assert restore_input(render(small_state(), NODE), render(small_state(), NODE)) == ("", 0)
+    old, new = render(small_state(), NODE), render(small_state(), NODE)
+    assert restore_input(new, old) == ""
+    assert changed_service_ports(new, old, full=False) == set()
+    # A full sync rewrites every service port, and counts the ones it deletes too.
+    fewer = dataclasses.replace(small_state(), services=small_state().services[1:])
+    assert changed_service_ports(new, old, full=True) == {svc.key for svc in small_state().services}
+    assert changed_service_ports(render(fewer, NODE), old, full=True) == {svc.key for svc in small_state().services}
+    assert changed_service_ports(render(fewer, NODE), None, full=True) == {svc.key for svc in fewer.services}
 
 
 def test_a_service_gaining_endpoints_rewrites_the_top_level_chains_it_changes() -> None:
     state = small_state()
     svc = state.services[0]
     without = dataclasses.replace(state, endpoints={**state.endpoints, svc.key: []})
-    text, _ = restore_input(render(state, NODE), render(without, NODE))
-    filter_part, nat_part = text.split("*nat")
-    declared = {part: [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
-                for part, text in (("filter", filter_part), ("nat", nat_part))}
     # filter: the REJECT goes; nat: the jump into the service comes back, with its chains.
-    assert declared["filter"] == ["KUBE-SERVICES"]
-    assert declared["nat"][:2] == ["KUBE-SERVICES", "KUBE-SEP-SXIVWICOYRO3J4NJ"]
-    assert service_port_chain_name(svc.service_port_name, "tcp") in declared["nat"]
-    assert "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no endpoints\"" not in filter_part
+    assert restore_input(render(state, NODE), render(without, NODE)) == textwrap.dedent("""\
+        *filter
+        :KUBE-SERVICES - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+        COMMIT
+        *nat
+        :KUBE-SERVICES - [0:0]
+        :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+        :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
+        -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+        -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+        COMMIT
+        """)
+    # Its lines in the shared chains changed, not those of the others sharing them.
+    assert changed_service_ports(render(state, NODE), render(without, NODE), full=False) == {svc.key}
 
 
 def _full_text(state: ProxyState, **kwargs) -> str:
@@ -281,13 +317,87 @@ def _full_text(state: ProxyState, **kwargs) -> str:
     return "".join(chunks)
 
 
+# The full sync of small_state(): nat first, as it renders, each service port's chains declared
+# and written with its KUBE-SERVICES/KUBE-NODEPORTS lines; each table starts with the chain-less
+# -Z that spares iptables-nft its quadratic chain list.
+FULL_EXPECTED = textwrap.dedent("""\
+    *nat
+    -Z
+    :KUBE-SERVICES - [0:0]
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-POSTROUTING - [0:0]
+    :KUBE-MARK-MASQ - [0:0]
+    :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+    :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+    -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+    -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+    :KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
+    :KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]
+    :KUBE-SEP-OYPFS5VJICHGATKP - [0:0]
+    -A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment "masquerade traffic for ns3/svc3:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK
+    -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.180.0.3:80" -j KUBE-SEP-OYPFS5VJICHGATKP
+    -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+    -A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
+    -A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK
+    :KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
+    :KUBE-SEP-UKSFD7AGPMPPLUHC - [0:0]
+    :KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ
+    -A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -s 10.180.0.4 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.4:80
+    -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -s 10.180.0.5 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.5:80
+    -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+    :KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]
+    -A KUBE-EXT-NUKIZ6OKUXPJNT4C -m comment --comment "masquerade traffic for ns5/svc5:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-NUKIZ6OKUXPJNT4C -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --rcheck --seconds 10800 --reap -j KUBE-SEP-I77PXRDZVX7PMWMN
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -j KUBE-SEP-I77PXRDZVX7PMWMN
+    -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+    -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+    -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+    -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+    -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+    -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+    COMMIT
+    *filter
+    -Z
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-EXTERNAL-SERVICES - [0:0]
+    :KUBE-FIREWALL - [0:0]
+    :KUBE-FORWARD - [0:0]
+    :KUBE-PROXY-FIREWALL - [0:0]
+    -A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+    -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+    -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    COMMIT
+    """)
+
+
 def test_a_full_sync_writes_the_rendered_rules_declaring_each_chain_before_a_jump_to_it() -> None:
-    lines = _full_text(small_state()).splitlines()
-    # nat first, as it renders; each table starts with the chain-less -Z that spares iptables-nft
-    # its quadratic chain list; kproxy render's kube-proxy layout has no -Z.
-    assert lines[:2] == ["*nat", "-Z"] and lines[lines.index("*filter") + 1] == "-Z"
-    assert "-Z" not in render(small_state(), NODE).restore_text().splitlines()
-    expected = render(small_state(), NODE).restore_text().splitlines()
+    text = _full_text(small_state())
+    assert text == FULL_EXPECTED
+    lines = text.splitlines()
+    # The same rules as kproxy render's kube-proxy layout (which has no -Z).
+    expected = render(small_state(), NODE).text().splitlines()
+    assert "-Z" not in expected
     assert sorted(l for l in lines if l.startswith("-A")) == sorted(l for l in expected if l.startswith("-A"))
     declared: set[str] = set()
     for line in lines:
@@ -302,18 +412,19 @@ def test_a_full_sync_writes_the_rendered_rules_declaring_each_chain_before_a_jum
 
 def test_a_full_sync_deletes_stale_chains_and_adds_missing_jumps() -> None:
     ruleset = render(small_state(), NODE)
-    leftovers = KernelLeftovers(stale=[("nat", "KUBE-SVC-AAAAAAAAAAAAAAAA")], missing_jumps=[ruleset.jumps[-1]],
-                                unlink=[("nat", "-A OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA")])
-    lines = _full_text(small_state(), kernel=lambda desired: leftovers).splitlines()
-    nat = lines[:lines.index("*filter")]
-    assert nat[-4:] == ["-D OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA",  # unlinked,
-                        ":KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]",  # flushed
-                        "-X KUBE-SVC-AAAAAAAAAAAAAAAA", "COMMIT"]  # and deleted
-    filter_ = lines[lines.index("*filter"):]
-    assert "-I OUTPUT 1 -j KUBE-FIREWALL" in filter_  # the last jump of the list: kubelet's, in filter
-    # A chain still desired is never deleted, even if the kernel view calls it stale.
-    keep = KernelLeftovers(stale=[("nat", "KUBE-SERVICES")])
-    assert "-X KUBE-SERVICES" not in _full_text(small_state(), kernel=lambda desired: keep).splitlines()
+    leftovers = Leftovers(stale=[("nat", "KUBE-SVC-AAAAAAAAAAAAAAAA")], missing_jumps=[ruleset.jumps[-1]],
+                          unlink=[("nat", "-A OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA")])
+    text = _full_text(small_state(), find_leftovers=lambda desired: leftovers)
+    nat_end, filter_end = "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT\n", "RELATED,ESTABLISHED -j ACCEPT\nCOMMIT\n"
+    assert text == FULL_EXPECTED.replace(nat_end, nat_end.replace("COMMIT\n", (
+        "-D OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA\n"  # unlinked,
+        ":KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]\n"  # flushed
+        "-X KUBE-SVC-AAAAAAAAAAAAAAAA\n"  # and deleted
+        "COMMIT\n"))).replace(filter_end, filter_end.replace(
+            "COMMIT\n", "-I OUTPUT 1 -j KUBE-FIREWALL\nCOMMIT\n"))  # the last jump of the list: kubelet's
+    # A chain still desired is never deleted, even if the scan calls it stale.
+    keep = Leftovers(stale=[("nat", "KUBE-SERVICES")])
+    assert _full_text(small_state(), find_leftovers=lambda desired: keep) == FULL_EXPECTED
 
 
 def test_parse_save_reads_counters_and_chains() -> None:
@@ -427,4 +538,6 @@ def test_rendering_a_trackers_changes_gives_what_rendering_everything_gives() ->
         assert incremental.base is None or incremental.base.base is None
         # And the partial restore written from the patch is the one written from comparing everything.
         assert restore_input(incremental, previous) == restore_input(whole, previous_whole)
+        assert (changed_service_ports(incremental, previous, full=False)
+                == changed_service_ports(whole, previous_whole, full=False))
         previous, previous_whole = incremental, whole

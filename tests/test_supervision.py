@@ -219,7 +219,7 @@ def write_and_die(generation: int, kill: str) -> None:
             die()
         kernel.write_whole = write_whole_then_die
     else:
-        stream, at = iptables.restore_stream, int(kill.split(":")[1])
+        stream, at = kernel.restore_stream, int(kill.split(":")[1])
 
         @contextmanager
         def dying_stream(**options: Any) -> Iterator[Callable[[str], object]]:
@@ -233,7 +233,7 @@ def write_and_die(generation: int, kill: str) -> None:
                         if fed == at:
                             die()
                 yield feed_then_die
-        iptables.restore_stream = dying_stream
+        kernel.restore_stream = dying_stream  # what the iptables mode's real backend calls
     iptables.IptablesProxier(node_info(node_object(), CLUSTER_CIDR)).sync(services_state(generation))
 
 

@@ -1,0 +1,133 @@
+"""``IptablesProxier``: the Proxier of this mode, on the node whose namespace the calling thread is in."""
+
+from __future__ import annotations
+
+import time
+
+from kproxy.proxy.conntrack import StaleUdpCleaner
+from kproxy.proxy.iptables.backend import Backend, Commands
+from kproxy.proxy.iptables.chainscan import ChainScan
+from kproxy.proxy.iptables.excerpt import live_rules
+from kproxy.proxy.iptables.names import is_own_chain
+from kproxy.proxy.iptables.render import RenderCache, Ruleset, render
+from kproxy.proxy.iptables.restore import changed_service_ports, restore_input, write_full_restore
+from kproxy.proxy.kernel import RestoreError
+from kproxy.proxy.netfilter import usable_endpoints
+from kproxy.proxy.saved import parse_save, removal_input
+from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
+
+FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod (1 h) between forced full syncs
+
+
+class IptablesProxier:
+    """kube-proxy's iptables mode on the node whose network namespace the calling thread is in.
+
+    Every command (iptables-nft-restore and friends, conntrack) is a child of the
+    calling thread, so it acts on that thread's namespace: the agent runs inside
+    its node; tests wrap calls in cni.netns.entered(path). backend: what runs
+    them (tests/fake_iptables.py keeps tables in memory instead).
+
+    Syncs: the first one, the one after a failure or a cleanup, every
+    `full_sync_every`-th one (0: never for that reason) and any once
+    `full_sync_period` seconds have passed since the last full one (kube-proxy:
+    1 h) are full: the tables' chain names and built-in chains are read to
+    find stale chains of ours and missing jumps, and every chain is written
+    (write_full_restore). The others are partial (restore_input). Either
+    way: one iptables-nft-restore --noflush, so chains of others (CNI's) survive.
+    """
+
+    mode = "iptables"
+
+    def __init__(self, node: NodeInfo, *, full_sync_every: int = 0, full_sync_period: float = FULL_SYNC_PERIOD,
+                 localhost_nodeports: bool = True, backend: Backend | None = None) -> None:
+        self.node = node
+        self.full_sync_every = full_sync_every
+        self.full_sync_period = full_sync_period
+        self.localhost_nodeports = localhost_nodeports
+        self.backend: Backend = backend if backend is not None else Commands()
+        self.ruleset: Ruleset | None = None  # what the kernel has from our last successful sync
+        self.last_restore = ""  # the input of the last restore attempted (for tests and debugging)
+        self.conntrack = StaleUdpCleaner(self.mode)
+        self.syncs = 0
+        self._need_full = True
+        self._last_full = 0.0
+        self._cache = RenderCache()
+
+    def sync(self, state: ProxyState) -> SyncResult:
+        started = time.monotonic()
+        self.syncs += 1
+        full = self._full_due(started)
+        try:
+            desired = self._sync_full(state) if full else self._sync_partial(state)
+        except RestoreError:
+            # The changes since the last good sync are still ours to compute (we keep the
+            # previous ruleset), but the kernel may now hold half of them: resync fully.
+            self._need_full = True
+            raise
+        changed = changed_service_ports(desired, self.ruleset, full)
+        self.ruleset = desired
+        self._need_full = False
+        if full:
+            self._last_full = started
+        self.conntrack.sync(state, self._cache.by_key, usable_endpoints)  # by_key: filled by the render
+        return SyncResult(full=full, changed_services=len(changed), seconds=time.monotonic() - started)
+
+    def _full_due(self, now: float) -> bool:
+        return (self._need_full or self.ruleset is None
+                or (self.full_sync_every > 0 and self.syncs % self.full_sync_every == 0)
+                or now - self._last_full >= self.full_sync_period)
+
+    def _render_options(self) -> dict[str, bool]:
+        return {"localhost_nodeports": self.localhost_nodeports, "conntrack_tcp_liberal": self._tcp_liberal()}
+
+    def _sync_full(self, state: ProxyState) -> Ruleset:
+        """Every chain of ours written, stale ones deleted, missing jumps added: one streamed restore."""
+        options = self._render_options()
+        written: list[str] = []
+        # The restore starts first (its start-up overlaps ours), then the tables are read
+        # while the rules render.
+        with self.backend.restore_stream(counters=True) as feed:  # --counters, as kube-proxy
+            self._prepare_node()
+            scan = ChainScan(self.backend, self.localhost_nodeports)
+
+            def write(chunk: str) -> None:
+                written.append(chunk)
+                feed(chunk)
+
+            desired = write_full_restore(state, self.node, write, find_leftovers=scan.leftovers,
+                                         cache=self._cache, **options)
+        self.last_restore = "".join(written)
+        return desired
+
+    def _sync_partial(self, state: ProxyState) -> Ruleset:
+        """Only the chains that changed since the last sync (no restore at all if none did)."""
+        assert self.ruleset is not None
+        desired = render(state, self.node, cache=self._cache, **self._render_options())
+        self.last_restore = restore_input(desired, self.ruleset)
+        if self.last_restore:
+            self.backend.restore(self.last_restore, counters=True)
+        return desired
+
+    def _prepare_node(self) -> None:
+        if self.localhost_nodeports:
+            # NodePorts on 127.0.0.1 need DNAT of loopback-destined packets to route out.
+            self.backend.set_sysctl("net/ipv4/conf/all/route_localnet", "1")
+
+    def _tcp_liberal(self) -> bool:
+        return self.backend.sysctl("net/netfilter/nf_conntrack_tcp_be_liberal") not in (None, "", "0")
+
+    def cleanup(self) -> None:
+        """Remove every jump into our chains and all our chains (filter and nat), in one restore."""
+        saved = parse_save(self.backend.save("filter") + self.backend.save("nat"))
+        text = removal_input(saved, is_own_chain)
+        if text:
+            self.backend.restore(text)
+        self.ruleset = None
+        self._need_full = True
+        self.conntrack.reset()
+
+    def close(self) -> None:
+        """Nothing stays open between syncs (every command is a child that has exited)."""
+
+    def rules_excerpt(self, service: str | None = None) -> str:
+        return live_rules(self.ruleset.owners if self.ruleset is not None else {}, service, self.backend)
