@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shlex
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from kproxy.proxy.iptables.backend import Feed, Reading
 from kproxy.proxy.kernel import RestoreError
@@ -151,3 +151,9 @@ def _check_target(chains: dict[str, list[str]], spec: str) -> None:
     target = jump_target(spec)
     if target and target not in TARGETS and target not in chains:
         raise ValueError(f"no chain/target {target}")
+
+
+if TYPE_CHECKING:
+    from kproxy.proxy.iptables.backend import Backend
+
+    _backend: type[Backend] = FakeIptables

@@ -10,6 +10,7 @@ the same on the real kernel.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ def expected_tables(ruleset: Ruleset, others: dict[str, dict[str, list[str]]] | 
     its built-in chain (so the last one first), after others' chains and rules."""
     tables: dict[str, dict[str, list[str]]] = {}
     for table in ("filter", "nat"):
-        chains = {chain: [] for chain in BUILTIN[table]}
+        chains: dict[str, list[str]] = {chain: [] for chain in BUILTIN[table]}
         for chain, rules in (others or {}).get(table, {}).items():
             chains[chain] = list(rules)
         for jump in ruleset.jumps:
@@ -211,8 +212,8 @@ def test_the_fake_refuses_what_iptables_restore_refuses(fake) -> None:
 def test_state_changes_through_a_tracker_keep_the_tables_equal_to_the_render(fake) -> None:
     from kproxy.proxy.source import StateTracker
 
-    def objects(generation: int) -> dict:
-        out = {}
+    def objects(generation: int) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
         for i in range(6):
             out[f"Service/ns/s{i}"] = {"kind": "Service", "metadata": {"name": f"s{i}", "namespace": "ns"},
                                        "spec": {"type": "ClusterIP", "clusterIP": f"10.96.0.{i}",
@@ -226,7 +227,7 @@ def test_state_changes_through_a_tracker_keep_the_tables_equal_to_the_render(fak
         return out
 
     tracker, proxier = StateTracker(), IptablesProxier(NODE, backend=fake)
-    previous: dict = {}
+    previous: dict[str, dict[str, Any]] = {}
     for generation in range(5):
         now = objects(generation)
         changed = [key for key in now if previous.get(key) != now[key]] if previous else None

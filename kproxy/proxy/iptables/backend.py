@@ -105,5 +105,6 @@ def _spawn(argv: list[str]) -> subprocess.Popen[str]:
 def _output(proc: subprocess.Popen[str]) -> str:
     out, err = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, proc.args))} failed ({proc.returncode}): {err.strip()}")
+        argv = proc.args if isinstance(proc.args, list) else [proc.args]  # a list: _spawn's
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {err.strip()}")
     return out

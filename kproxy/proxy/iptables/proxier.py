@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.iptables.backend import Backend, Commands
@@ -77,12 +78,9 @@ class IptablesProxier:
                 or (self.full_sync_every > 0 and self.syncs % self.full_sync_every == 0)
                 or now - self._last_full >= self.full_sync_period)
 
-    def _render_options(self) -> dict[str, bool]:
-        return {"localhost_nodeports": self.localhost_nodeports, "conntrack_tcp_liberal": self._tcp_liberal()}
-
     def _sync_full(self, state: ProxyState) -> Ruleset:
         """Every chain of ours written, stale ones deleted, missing jumps added: one streamed restore."""
-        options = self._render_options()
+        liberal = self._tcp_liberal()
         written: list[str] = []
         # The restore starts first (its start-up overlaps ours), then the tables are read
         # while the rules render.
@@ -94,15 +92,16 @@ class IptablesProxier:
                 written.append(chunk)
                 feed(chunk)
 
-            desired = write_full_restore(state, self.node, write, find_leftovers=scan.leftovers,
-                                         cache=self._cache, **options)
+            desired = write_full_restore(state, self.node, write, find_leftovers=scan.leftovers, cache=self._cache,
+                                         localhost_nodeports=self.localhost_nodeports, conntrack_tcp_liberal=liberal)
         self.last_restore = "".join(written)
         return desired
 
     def _sync_partial(self, state: ProxyState) -> Ruleset:
         """Only the chains that changed since the last sync (no restore at all if none did)."""
         assert self.ruleset is not None
-        desired = render(state, self.node, cache=self._cache, **self._render_options())
+        desired = render(state, self.node, cache=self._cache, localhost_nodeports=self.localhost_nodeports,
+                         conntrack_tcp_liberal=self._tcp_liberal())
         self.last_restore = restore_input(desired, self.ruleset)
         if self.last_restore:
             self.backend.restore(self.last_restore, counters=True)
@@ -131,3 +130,10 @@ class IptablesProxier:
 
     def rules_excerpt(self, service: str | None = None) -> str:
         return live_rules(self.ruleset.owners if self.ruleset is not None else {}, service, self.backend)
+
+
+if TYPE_CHECKING:  # checked by a type checker, as kube-proxy's `var _ proxy.Provider = &Proxier{}`
+    from kproxy.proxy.mode import Proxier
+
+    _proxier: type[Proxier] = IptablesProxier
+    _backend: type[Backend] = Commands
