@@ -494,3 +494,22 @@ def test_parsing_shares_nothing_with_its_input() -> None:
     dep["spec"]["template"]["metadata"]["labels"]["x"] = "y"
     dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["protocol"] = "UDP"
     assert json.dumps(doc) == before
+
+
+def test_other_builders_make_what_a_manifest_would() -> None:
+    """The lab's topology pods and the benchmark's Services come from k8sform's builders,
+    as manifests do: each parses to itself, every default written out."""
+    from kproxy.bench.services import service as bench_service
+    from kproxy.lab.build import TOPOLOGY_ANNOTATION, topology_pod_objects
+    from kproxy.lab.topology import parse_topology, place_pods
+
+    topology = parse_topology({"nodes": [{"name": "node1"}],
+                               "pods": [{"name": "web-1", "labels": {"app": "web"}, "ports": [8080, 9090]}]}, name="lab")
+    (pod,) = topology_pod_objects(topology, place_pods(topology)).values()
+    assert pod["metadata"]["annotations"] == {TOPOLOGY_ANNOTATION: "true"}
+    assert pod["spec"]["containers"][0]["ports"] == [{"containerPort": 8080, "protocol": "TCP"},
+                                                     {"containerPort": 9090, "protocol": "TCP"}]
+    assert parse_object(pod) == pod
+    svc = bench_service(300)
+    assert svc["spec"]["clusterIP"] == "10.96.1.44" and svc["metadata"]["namespace"] == "bench"
+    assert parse_object(svc) == svc
