@@ -171,12 +171,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def _objects(files: list[str]) -> list[dict[str, Any]]:
     from kproxy.textinput import read_manifest_files
-    from kproxy.k8sform import to_k8s
     from kproxy.model import parse_manifests
 
     objects = []
     for text, source in read_manifest_files(files):
-        objects += [to_k8s(obj) for obj in parse_manifests(text, source)]
+        objects += parse_manifests(text, source)  # validated and defaulted: what the store will hold
     if not objects:
         raise KproxyError("no objects found in " + ", ".join(files))
     return objects

@@ -165,7 +165,7 @@ class Cluster:
     @staticmethod
     def _stamp(obj: Obj, old: Obj | None) -> None:
         """What the API server adds to an update: the old object's identity and status
-        (uid, timestamps and resourceVersion are the store's part; defaults are kproxy.k8sform's)."""
+        (uid, timestamps and resourceVersion are the store's part; defaults are kproxy.model's)."""
         carry_identity(obj, old)
         if old is not None and "status" in old:
             obj["status"] = old["status"]

@@ -1,25 +1,29 @@
-"""The Kubernetes form of kproxy's typed objects: what the store holds and `kproxy get` prints.
+"""The Kubernetes form of each kind kproxy stores: one builder per kind, used by everyone who makes one.
 
 Like the API server's defaulting, every field with a default is written out
 (metadata.namespace, each port's protocol and targetPort, sessionAffinity and
 its timeout, the traffic policies and IP families), so readers of the store
-index fields plainly and never fill a default again.
+index fields plainly and never fill a default again. The manifest parser
+(kproxy.model) decides the values; these builders decide the shape and order:
 
-    to_k8s(parse_object(doc))           # what `kproxy apply` stores
-    to_k8s(pod, podIP="10.244.1.5")     # keyword arguments become .status fields
+    pod_object(metadata("web-1", "default", labels={"app": "web"}),
+               pod_spec([container("web", ports=[container_port(8080)])], node_name="node1"))
+    service_object(metadata("web", "shop"), [service_port(80, 8080, name="http")], cluster_ip="10.96.0.10")
+
+The store adds uid, creationTimestamp and resourceVersion; the controllers add
+allocations and status.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from kproxy.model import Manifest, Pod, PodSpec, Service
+from kproxy.store import Obj
 
-def _metadata(name: str, namespace: str | None, labels: Mapping[str, str],
-              annotations: Mapping[str, str]) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if namespace is not None:
-        meta["namespace"] = namespace
+
+def metadata(name: str, namespace: str, labels: Mapping[str, str] | None = None,
+             annotations: Mapping[str, str] | None = None) -> Obj:
+    meta: Obj = {"name": name, "namespace": namespace}
     if labels:
         meta["labels"] = dict(labels)
     if annotations:
@@ -27,75 +31,90 @@ def _metadata(name: str, namespace: str | None, labels: Mapping[str, str],
     return meta
 
 
-def _pod_spec_k8s(spec: PodSpec) -> dict[str, Any]:
-    containers = []
-    for c in spec.containers:
-        d: dict[str, Any] = {"name": c.name}
-        if c.image:
-            d["image"] = c.image
-        if c.ports:
-            d["ports"] = [({"name": p.name} if p.name else {}) | {"containerPort": p.container_port,
-                                                                 "protocol": p.protocol} for p in c.ports]
-        containers.append(d)
-    out: dict[str, Any] = {"containers": containers}
-    if spec.node_name:
-        out["nodeName"] = spec.node_name
-    if spec.node_selector:
-        out["nodeSelector"] = dict(spec.node_selector)
+# --- Pods ------------------------------------------------------------------------------
+
+
+def container_port(number: int, name: str = "", protocol: str = "TCP") -> Obj:
+    return ({"name": name} if name else {}) | {"containerPort": number, "protocol": protocol}
+
+
+def container(name: str, image: str = "", ports: Iterable[Obj] = ()) -> Obj:
+    out: Obj = {"name": name}
+    if image:
+        out["image"] = image
+    ports = list(ports)
+    if ports:
+        out["ports"] = ports
     return out
 
 
-def pod_object(metadata: dict[str, Any], spec: dict[str, Any],
-               status: dict[str, Any] | None = None) -> dict[str, Any]:
+def pod_spec(containers: Iterable[Obj], node_name: str = "", node_selector: Mapping[str, str] | None = None) -> Obj:
+    out: Obj = {"containers": list(containers)}
+    if node_name:
+        out["nodeName"] = node_name
+    if node_selector:
+        out["nodeSelector"] = dict(node_selector)
+    return out
+
+
+def pod_object(metadata: Obj, spec: Obj, status: Obj | None = None) -> Obj:
     """A v1 Pod as the store holds it, the one place Pods are built (from a manifest, a
     ReplicaSet's template or a lab topology); without status it is new: Pending."""
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec,
             "status": {"phase": "Pending"} if status is None else status}
 
 
-def to_k8s(obj: Manifest, **status: Any) -> dict[str, Any]:
-    """The object in its Kubernetes form, as `kproxy apply` stores it (the store adds uid,
-    creationTimestamp and resourceVersion); keyword arguments become .status fields
-    verbatim (podIP="10.244.1.5", readyReplicas=3, ...); a Pod's phase is Pending unless given."""
-    meta = _metadata(obj.name, obj.namespace, obj.labels, obj.annotations)
-    out: dict[str, Any] = {"apiVersion": obj.api_version, "kind": obj.kind, "metadata": meta}
-    if isinstance(obj, Service):
-        out["spec"] = _service_spec_k8s(obj)
-        out["status"] = {"loadBalancer": {}} | status
-    elif isinstance(obj, Pod):
-        return pod_object(meta, _pod_spec_k8s(obj.spec), {"phase": "Pending"} | status)
-    else:
-        tmeta: dict[str, Any] = {"labels": dict(obj.template.labels)}
-        if obj.template.annotations:
-            tmeta["annotations"] = dict(obj.template.annotations)
-        strategy: dict[str, Any] = {"type": obj.strategy}
-        if obj.strategy == "RollingUpdate":
-            strategy["rollingUpdate"] = {"maxSurge": "25%", "maxUnavailable": "25%"}
-        out["spec"] = {"replicas": obj.replicas, "selector": obj.selector.to_match(), "strategy": strategy,
-                       "template": {"metadata": tmeta, "spec": _pod_spec_k8s(obj.template.spec)}}
-        out["status"] = dict(status)
+# --- Services --------------------------------------------------------------------------
+
+
+def service_port(port: int, target_port: int | str, protocol: str = "TCP", name: str = "",
+                 node_port: int = 0) -> Obj:
+    """One entry of spec.ports; target_port is a number or a container port's name,
+    node_port 0 is none (yet: NodePort Services get one allocated by kproxy.controllers)."""
+    out: Obj = {"name": name} if name else {}
+    out |= {"port": port, "protocol": protocol, "targetPort": target_port}
+    if node_port:
+        out["nodePort"] = node_port
     return out
 
 
-def _service_spec_k8s(svc: Service) -> dict[str, Any]:
-    ports = []
-    for p in svc.ports:
-        d: dict[str, Any] = {"name": p.name} if p.name else {}
-        d |= {"port": p.port, "protocol": p.protocol, "targetPort": p.target_port}
-        if p.node_port:
-            d["nodePort"] = p.node_port
-        ports.append(d)
-    spec: dict[str, Any] = {}
-    if svc.cluster_ip:
-        spec |= {"clusterIP": svc.cluster_ip, "clusterIPs": [svc.cluster_ip]}
-    if svc.type == "NodePort":
+def service_object(metadata: Obj, ports: Iterable[Obj], *, type_: str = "ClusterIP", cluster_ip: str = "",
+                   selector: Mapping[str, str] | None = None, session_affinity: str = "None",
+                   affinity_timeout_seconds: int = 0) -> Obj:
+    """A v1 Service (ClusterIP or NodePort). cluster_ip "" is to allocate; an empty selector
+    leaves its endpoints unmanaged; the timeout is written with ClientIP affinity only."""
+    spec: Obj = {}
+    if cluster_ip:
+        spec |= {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip]}
+    if type_ == "NodePort":
         spec["externalTrafficPolicy"] = "Cluster"
     spec |= {"internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
-             "ports": ports}
-    if svc.selector:
-        spec["selector"] = dict(svc.selector)
-    spec["sessionAffinity"] = svc.session_affinity
-    if svc.session_affinity == "ClientIP":
-        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": svc.affinity_timeout_seconds}}
-    spec["type"] = svc.type
-    return spec
+             "ports": list(ports)}
+    if selector:
+        spec["selector"] = dict(selector)
+    spec["sessionAffinity"] = session_affinity
+    if session_affinity == "ClientIP":
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout_seconds}}
+    spec["type"] = type_
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec,
+            "status": {"loadBalancer": {}}}
+
+
+# --- Deployments -----------------------------------------------------------------------
+
+
+def deployment_object(metadata: Obj, *, selector: Obj, template_labels: Mapping[str, str],
+                      template_annotations: Mapping[str, str] | None, template_spec: Obj,
+                      replicas: int = 1, strategy: str = "RollingUpdate") -> Obj:
+    """An apps/v1 Deployment; selector is a LabelSelector (matchLabels, matchExpressions),
+    strategy RollingUpdate (with Kubernetes' default 25% surge and unavailability) or Recreate."""
+    tmeta: Obj = {"labels": dict(template_labels)}
+    if template_annotations:
+        tmeta["annotations"] = dict(template_annotations)
+    strategy_: dict[str, Any] = {"type": strategy}
+    if strategy == "RollingUpdate":
+        strategy_["rollingUpdate"] = {"maxSurge": "25%", "maxUnavailable": "25%"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata,
+            "spec": {"replicas": replicas, "selector": selector, "strategy": strategy_,
+                     "template": {"metadata": tmeta, "spec": template_spec}},
+            "status": {}}

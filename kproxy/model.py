@@ -1,7 +1,9 @@
-"""Kubernetes objects kproxy understands: parsing, validation, their Kubernetes form.
+"""Kubernetes objects kproxy understands: validated and defaulted in one pass, as the API server does.
 
-    objs = parse_manifests(Path("web.yaml").read_text(), "web.yaml")   # kproxy apply -f
-    kproxy.k8sform.to_k8s(objs[0])                                      # what apply stores
+    objs = parse_manifests(Path("web.yaml").read_text(), "web.yaml")   # kproxy apply -f: what it stores
+
+Each object comes out in its stored Kubernetes form (kproxy.store.Obj, built by
+kproxy.k8sform), every default written out, so nothing after this fills one again.
 
 Objects: v1 Service (ClusterIP, NodePort), v1 Pod, apps/v1 Deployment, and the
 v1 List (plus ServiceList, PodList, DeploymentList) wrappers kubectl accepts.
@@ -25,22 +27,25 @@ Not kept: image pull policy, resources, probes, hostPort, appProtocol, and
 the like. Container port names are unique across the whole Pod (Kubernetes
 checks each container only) so a named targetPort resolves unambiguously.
 
-Object dataclasses are frozen but hold dicts, so they compare by value and are
-not hashable. Their Kubernetes form, with every default the API server fills
-written out, is kproxy.k8sform.to_k8s; the field checks are kproxy.fields.
+Status in the input is not kept (a new object's status is the API server's: a
+Pod is Pending), nor is the store's identity (uid, resourceVersion, ...), so a
+stored object parses to what `apply` would store for it. The returned objects
+share nothing with the input. The field checks are kproxy.fields.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
 from kproxy import fields
 from kproxy.errors import KproxyError
-from kproxy.selectors import Selector, selector_from_match, validate_labels
+from kproxy.k8sform import container, container_port, deployment_object, metadata, pod_object, pod_spec, \
+    service_object, service_port
+from kproxy.selectors import selector_from_match, validate_labels
+from kproxy.store import Obj
 
 # The NodePort range, inclusive (the API server's --service-node-port-range); the parser
 # checks given nodePorts and the allocator (kproxy.controllers) hands them out in it.
@@ -48,107 +53,6 @@ NODE_PORT_RANGE: tuple[int, int] = (30000, 32767)  # read at use: patch it to ch
 DEFAULT_AFFINITY_SECONDS = 10800
 MAX_AFFINITY_SECONDS = 86400
 SERVICE_TYPES = ("ClusterIP", "NodePort")
-
-
-# --- the objects ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServicePortSpec:
-    """One entry of a Service's spec.ports (not the proxy's kproxy.proxy.types.ServicePort)."""
-
-    port: int
-    target_port: int | str  # a number, or the name of a container port
-    protocol: str = "TCP"
-    name: str = ""
-    node_port: int = 0  # 0: none yet (allocated later for NodePort Services)
-
-
-@dataclass(frozen=True)
-class Service:
-    kind: ClassVar[str] = "Service"
-    api_version: ClassVar[str] = "v1"
-
-    name: str
-    namespace: str = "default"
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    type: str = "ClusterIP"  # ClusterIP or NodePort
-    cluster_ip: str = ""  # "": to allocate
-    selector: dict[str, str] = field(default_factory=dict)  # empty: no managed endpoints
-    ports: tuple[ServicePortSpec, ...] = ()
-    session_affinity: str = "None"  # None or ClientIP
-    affinity_timeout_seconds: int = 0  # with ClientIP: 1..86400 (default 10800); else 0
-
-    @property
-    def key(self) -> str:
-        return f"Service/{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class ContainerPort:
-    container_port: int
-    name: str = ""
-    protocol: str = "TCP"
-
-
-@dataclass(frozen=True)
-class Container:
-    name: str
-    image: str = ""
-    ports: tuple[ContainerPort, ...] = ()
-
-
-@dataclass(frozen=True)
-class PodSpec:
-    containers: tuple[Container, ...]
-    node_name: str = ""
-    node_selector: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Pod:
-    kind: ClassVar[str] = "Pod"
-    api_version: ClassVar[str] = "v1"
-
-    name: str
-    spec: PodSpec
-    namespace: str = "default"
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return f"Pod/{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class PodTemplate:
-    spec: PodSpec
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Deployment:
-    kind: ClassVar[str] = "Deployment"
-    api_version: ClassVar[str] = "apps/v1"
-
-    name: str
-    selector: Selector
-    template: PodTemplate
-    namespace: str = "default"
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    replicas: int = 1
-    strategy: str = "RollingUpdate"  # or Recreate; rollingUpdate parameters are not kept
-
-    @property
-    def key(self) -> str:
-        return f"Deployment/{self.namespace}/{self.name}"
-
-
-Manifest = Service | Pod | Deployment  # what a manifest may hold
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -159,7 +63,7 @@ _KINDS: dict[str, str] = {"Service": "v1", "Pod": "v1", "Deployment": "apps/v1"}
 _LISTS: dict[str, str] = {"List": "v1", "ServiceList": "v1", "PodList": "v1", "DeploymentList": "apps/v1"}
 
 
-def parse_manifests(text: str, source: str) -> list[Manifest]:
+def parse_manifests(text: str, source: str) -> list[Obj]:
     """Every object in a multi-document YAML text, in order (List items flattened)."""
     try:
         docs = list(yaml.safe_load_all(text))
@@ -168,7 +72,7 @@ def parse_manifests(text: str, source: str) -> list[Manifest]:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise KproxyError(f"{source}: invalid YAML: {problem}{at}") from None
-    out: list[Manifest] = []
+    out: list[Obj] = []
     for n, doc in enumerate(docs, start=1):
         if doc is None:
             continue
@@ -176,20 +80,20 @@ def parse_manifests(text: str, source: str) -> list[Manifest]:
     return out
 
 
-def _parse_doc(doc: Any, where: str) -> list[Manifest]:
+def _parse_doc(doc: Any, where: str) -> list[Obj]:
     if not isinstance(doc, dict):
         raise KproxyError(f"{where}: not a Kubernetes object (a map with apiVersion and kind)")
     kind, api = doc.get("kind"), doc.get("apiVersion")
     if isinstance(kind, str) and kind in _LISTS and api == _LISTS[kind]:
-        out: list[Manifest] = []
+        out: list[Obj] = []
         for i, item in enumerate(fields.as_list(doc.get("items"), f"{where}: items")):
             out.extend(_parse_doc(item, f"{where}, items[{i}]"))
         return out
     return [parse_object(doc, where)]
 
 
-def parse_object(doc: Any, where: str = "object") -> Manifest:
-    """One Service, Pod or Deployment from its Kubernetes form (as YAML loads it, or to_k8s prints it).
+def parse_object(doc: Any, where: str = "object") -> Obj:
+    """One Service, Pod or Deployment, validated and defaulted (as YAML loads it, or the store holds it).
 
     `where` names the document in errors found before the object's name is known.
     """
@@ -230,8 +134,7 @@ def parse_object(doc: Any, where: str = "object") -> Manifest:
             return _service(name, ns, labels, annotations, spec)
         fields.dns_name(name, fields.DNS1123_SUBDOMAIN, 253, f"{kind} name: a {fields.SUBDOMAIN_RULE}", "metadata.name")
         if kind == "Pod":
-            return Pod(name=name, namespace=ns, labels=labels, annotations=annotations,
-                       spec=_pod_spec(spec, "spec"))
+            return pod_object(metadata(name, ns, labels, annotations), _pod_spec(spec, "spec"))
         return _deployment(name, ns, labels, annotations, spec)
     except KproxyError as e:
         msg = str(e).removeprefix(": ")
@@ -276,9 +179,8 @@ def _service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, 
         timeout = DEFAULT_AFFINITY_SECONDS if raw is None else fields.as_int(raw, where)
         if not 1 <= timeout <= MAX_AFFINITY_SECONDS:
             raise KproxyError(f"{where}: {timeout} is outside the range 1-{MAX_AFFINITY_SECONDS}")
-    return Service(name=name, namespace=ns, labels=labels, annotations=annotations, type=type_,
-                   cluster_ip=cluster_ip, selector=selector, ports=ports, session_affinity=affinity,
-                   affinity_timeout_seconds=timeout)
+    return service_object(metadata(name, ns, labels, annotations), ports, type_=type_, cluster_ip=cluster_ip,
+                          selector=selector, session_affinity=affinity, affinity_timeout_seconds=timeout)
 
 
 def _unsupported(spec: dict[str, Any]) -> None:
@@ -318,12 +220,12 @@ def _cluster_ip(spec: dict[str, Any]) -> str:
     return ip
 
 
-def _service_ports(raw: Any, type_: str) -> tuple[ServicePortSpec, ...]:
+def _service_ports(raw: Any, type_: str) -> list[Obj]:
     items = fields.as_list(raw, "spec.ports")
     if not items:
         raise KproxyError("spec.ports: required (at least one port)")
     lo, hi = NODE_PORT_RANGE
-    ports: list[ServicePortSpec] = []
+    ports: list[Obj] = []
     names: dict[str, int] = {}
     seen: dict[tuple[int, str], int] = {}
     node_ports: dict[tuple[int, str], int] = {}
@@ -363,18 +265,17 @@ def _service_ports(raw: Any, type_: str) -> tuple[ServicePortSpec, ...]:
                 raise KproxyError(f"{at}.nodePort: duplicate nodePort {node_port}/{protocol} "
                                   f"(also spec.ports[{node_ports[node_port, protocol]}])")
             node_ports[node_port, protocol] = i
-        ports.append(ServicePortSpec(port=port, target_port=target, protocol=protocol, name=name,
-                                     node_port=node_port))
-    return tuple(ports)
+        ports.append(service_port(port, target, protocol, name, node_port))
+    return ports
 
 
-def _pod_spec(spec: dict[str, Any], at: str) -> PodSpec:
+def _pod_spec(spec: dict[str, Any], at: str) -> Obj:
     node_name = fields.as_str(spec.get("nodeName"), f"{at}.nodeName")
     node_selector = validate_labels(spec.get("nodeSelector"), f"{at}.nodeSelector")
     raw = fields.as_list(spec.get("containers"), f"{at}.containers")
     if not raw:
         raise KproxyError(f"{at}.containers: required (at least one container)")
-    containers: list[Container] = []
+    containers: list[Obj] = []
     cnames: set[str] = set()
     port_names: dict[str, str] = {}
     for i, item in enumerate(raw):
@@ -387,7 +288,7 @@ def _pod_spec(spec: dict[str, Any], at: str) -> PodSpec:
         if cname in cnames:
             raise KproxyError(f"{cat}.name: duplicate container name {fields.show(cname)}")
         cnames.add(cname)
-        ports: list[ContainerPort] = []
+        ports: list[Obj] = []
         for j, pitem in enumerate(fields.as_list(c.get("ports"), f"{cat}.ports")):
             pat = f"{cat}.ports[{j}]"
             p = fields.as_map(pitem, pat)
@@ -397,14 +298,14 @@ def _pod_spec(spec: dict[str, Any], at: str) -> PodSpec:
                 if pname in port_names:
                     raise KproxyError(f"{pat}.name: duplicate port name {fields.show(pname)} (also {port_names[pname]})")
                 port_names[pname] = pat
-            ports.append(ContainerPort(container_port=fields.port_number(p.get("containerPort"), f"{pat}.containerPort"),
-                                       name=pname, protocol=fields.protocol(p.get("protocol"), f"{pat}.protocol")))
-        containers.append(Container(name=cname, image=fields.as_str(c.get("image"), f"{cat}.image"), ports=tuple(ports)))
-    return PodSpec(containers=tuple(containers), node_name=node_name, node_selector=node_selector)
+            number = fields.port_number(p.get("containerPort"), f"{pat}.containerPort")
+            ports.append(container_port(number, pname, fields.protocol(p.get("protocol"), f"{pat}.protocol")))
+        containers.append(container(cname, fields.as_str(c.get("image"), f"{cat}.image"), ports))
+    return pod_spec(containers, node_name, node_selector)
 
 
 def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],
-                spec: dict[str, Any]) -> Deployment:
+                spec: dict[str, Any]) -> Obj:
     replicas = 1 if spec.get("replicas") is None else fields.as_int(spec["replicas"], "spec.replicas")
     if replicas < 0:
         raise KproxyError(f"spec.replicas: {replicas} must be greater than or equal to 0")
@@ -423,12 +324,12 @@ def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[st
     tlabels = fields.labels(tmeta.get("labels"), "spec.template.metadata.labels")
     if not selector.matches(tlabels):
         raise KproxyError(f"spec.template.metadata.labels: selector {str(selector)!r} does not match template labels")
-    template = PodTemplate(spec=_pod_spec(fields.as_map(tmpl.get("spec"), "spec.template.spec"), "spec.template.spec"),
-                           labels=tlabels,
-                           annotations=fields.annotations(tmeta.get("annotations"), "spec.template.metadata.annotations"))
+    tspec = _pod_spec(fields.as_map(tmpl.get("spec"), "spec.template.spec"), "spec.template.spec")
+    tannotations = fields.annotations(tmeta.get("annotations"), "spec.template.metadata.annotations")
     strategy = fields.as_map(spec.get("strategy"), "spec.strategy")
     stype = fields.as_str(strategy.get("type"), "spec.strategy.type") or "RollingUpdate"
     if stype not in ("RollingUpdate", "Recreate"):
         raise KproxyError(f"spec.strategy.type: {fields.show(stype)} is not valid (RollingUpdate or Recreate)")
-    return Deployment(name=name, namespace=ns, labels=labels, annotations=annotations, replicas=replicas,
-                      selector=selector, template=template, strategy=stype)
+    return deployment_object(metadata(name, ns, labels, annotations), replicas=replicas, selector=selector.to_match(),
+                             template_labels=tlabels, template_annotations=tannotations, template_spec=tspec,
+                             strategy=stype)

@@ -14,7 +14,6 @@ import yaml
 
 from kproxy.errors import KproxyError
 from kproxy.fields import as_list, as_map, as_str, port_number, protocol, show
-from kproxy.k8sform import to_k8s
 from kproxy.model import parse_object
 from kproxy.selectors import validate_labels
 
@@ -44,7 +43,7 @@ def render_objects(texts: list[tuple[str, str]]) -> tuple[list[Doc], list[Doc], 
                 if isinstance(item, dict) and item.get("kind") == "EndpointSlice":
                     slices.append(endpoint_slice(item, at))
                     continue
-                obj = to_k8s(parse_object(item, at))
+                obj = parse_object(item, at)
                 if obj["kind"] == "Pod":
                     status = pod_status(item.get("status"), f"{at} (Pod/{obj['metadata']['name']}): status")
                     if status:

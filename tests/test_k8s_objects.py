@@ -18,7 +18,6 @@ from kproxy import controllers, getcmd
 from kproxy.controllers import obj_key
 from kproxy.lab.build import node_object, plan, topology_pod_objects
 from kproxy.lab.topology import parse_topology, place_pods
-from kproxy.k8sform import to_k8s
 from kproxy.model import parse_manifests
 from kproxy.store import Store, View
 from tests.k8s_schema import KINDS, validate
@@ -65,7 +64,7 @@ def view(tmp_path: Path) -> View:
     state = plan(topology, None)
     write(store, [node_object(state, n) for n in state.nodes])
     write(store, list(topology_pod_objects(topology, place_pods(topology)).values()))
-    objects = [to_k8s(o) for o in parse_manifests(MANIFESTS, "test.yaml")]
+    objects = parse_manifests(MANIFESTS, "test.yaml")
     services = [o for o in objects if o["kind"] == "Service"]
     controllers.allocate_cluster_ips(services, [])
     controllers.allocate_node_ports(services, [])

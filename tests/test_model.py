@@ -9,20 +9,10 @@ import pytest
 import yaml
 
 from kproxy import controllers, model
+from kproxy.controllers import obj_key
 from kproxy.errors import KproxyError
-from kproxy.k8sform import to_k8s
-from kproxy.model import (
-    Container,
-    ContainerPort,
-    Deployment,
-    Pod,
-    PodSpec,
-    Service,
-    ServicePortSpec,
-    parse_manifests,
-    parse_object,
-)
-from kproxy.selectors import parse_selector
+from kproxy.model import parse_manifests, parse_object
+from kproxy.selectors import parse_selector, selector_from_match
 
 # --- the examples of the Kubernetes docs, unchanged ------------------------------------
 
@@ -138,35 +128,44 @@ spec:
 
 def test_docs_nodeport_service() -> None:
     [svc] = parse_manifests(DOCS_NODEPORT, "svc.yaml")
-    assert svc == Service(
-        name="service-python",
-        type="NodePort",
-        selector={"run": "pod-python"},
-        ports=(ServicePortSpec(port=3000, target_port=80, protocol="TCP", node_port=30080),),
-    )
-    assert svc.namespace == "default" and svc.cluster_ip == "" and svc.session_affinity == "None"
-    assert svc.key == "Service/default/service-python"
+    assert svc == {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "service-python", "namespace": "default"},
+        "spec": {"externalTrafficPolicy": "Cluster", "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"],
+                 "ipFamilyPolicy": "SingleStack",
+                 "ports": [{"port": 3000, "protocol": "TCP", "targetPort": 80, "nodePort": 30080}],
+                 "selector": {"run": "pod-python"}, "sessionAffinity": "None", "type": "NodePort"},
+        "status": {"loadBalancer": {}},
+    }
+    # the API server's field order, as `kproxy get -o json` prints it
+    assert list(svc) == ["apiVersion", "kind", "metadata", "spec", "status"]
+    assert list(svc["spec"]) == sorted(svc["spec"])
+    assert "clusterIP" not in svc["spec"]  # to allocate
+    assert obj_key(svc) == "Service/default/service-python"
 
 
 def test_docs_nginx_deployment() -> None:
     [dep] = parse_manifests(DOCS_NGINX_DEPLOYMENT, "nginx.yaml")
-    assert isinstance(dep, Deployment)
-    assert (dep.name, dep.namespace, dep.replicas, dep.strategy) == ("nginx-deployment", "default", 3, "RollingUpdate")
-    assert dep.labels == {"app": "nginx"}
-    assert dep.selector == parse_selector("app=nginx")
-    assert dep.template.labels == {"app": "nginx"}
-    assert dep.template.spec.containers == (
-        Container(name="nginx", image="nginx:1.14.2", ports=(ContainerPort(container_port=80),)),
-    )
+    assert dep["kind"] == "Deployment" and dep["apiVersion"] == "apps/v1"
+    meta, spec = dep["metadata"], dep["spec"]
+    assert (meta["name"], meta["namespace"], spec["replicas"], spec["strategy"]["type"]) == \
+        ("nginx-deployment", "default", 3, "RollingUpdate")
+    assert meta["labels"] == {"app": "nginx"}
+    assert selector_from_match(spec["selector"]) == parse_selector("app=nginx")
+    assert spec["template"]["metadata"] == {"labels": {"app": "nginx"}}
+    assert spec["template"]["spec"]["containers"] == [
+        {"name": "nginx", "image": "nginx:1.14.2", "ports": [{"containerPort": 80, "protocol": "TCP"}]},
+    ]
 
 
 def test_docs_named_target_port() -> None:
     pod, svc = parse_manifests(DOCS_NAMED_TARGET_PORT, "nginx.yaml")
-    assert isinstance(pod, Pod) and isinstance(svc, Service)
-    assert svc.ports == (ServicePortSpec(port=80, target_port="http-web-svc", name="name-of-service-port"),)
+    assert pod["kind"] == "Pod" and svc["kind"] == "Service"
+    assert svc["spec"]["ports"] == [{"name": "name-of-service-port", "port": 80, "protocol": "TCP",
+                                     "targetPort": "http-web-svc"}]
     # The named targetPort resolves on the pod as the endpoint-slice controller reads both.
-    assert controllers.selects(svc.selector, pod.labels)
-    port, pod_spec = to_k8s(svc)["spec"]["ports"][0], to_k8s(pod)["spec"]
+    assert controllers.selects(svc["spec"]["selector"], pod["metadata"]["labels"])
+    port, pod_spec = svc["spec"]["ports"][0], pod["spec"]
     assert controllers.resolve_target_port(port, pod_spec) == 80
     assert controllers.resolve_target_port(port | {"protocol": "UDP"}, pod_spec) is None
     assert controllers.resolve_target_port(port | {"targetPort": 8080}, pod_spec) == 8080
@@ -174,9 +173,10 @@ def test_docs_named_target_port() -> None:
 
 def test_docs_multi_port_and_nodeport() -> None:
     [multi] = parse_manifests(DOCS_MULTI_PORT, "a.yaml")
-    assert [(p.name, p.port, p.target_port) for p in multi.ports] == [("http", 80, 9376), ("https", 443, 9377)]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in multi["spec"]["ports"]] == \
+        [("http", 80, 9376), ("https", 443, 9377)]
     [np] = parse_manifests(DOCS_NODEPORT_MYAPP, "b.yaml")
-    assert np.ports == (ServicePortSpec(port=80, target_port=80, node_port=30007),)
+    assert np["spec"]["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": 80, "nodePort": 30007}]
 
 
 def test_defaults() -> None:
@@ -209,22 +209,28 @@ spec:
 """,
         "all.yaml",
     )
-    assert svc.namespace == "shop" and svc.annotations == {"kproxy.io/scheduler": "wrr"}
-    assert svc.type == "ClusterIP" and svc.affinity_timeout_seconds == 10800
-    assert svc.ports == (ServicePortSpec(port=80, target_port=80, protocol="TCP"),)
-    assert pod.spec == PodSpec(
-        containers=(Container(name="c", ports=(ContainerPort(53, "dns", "UDP"),)),),
-        node_name="node1",
-        node_selector={"kubernetes.io/hostname": "node1"},
-    )
-    assert dep.replicas == 1 and dep.strategy == "RollingUpdate"
+    assert svc["metadata"] == {"name": "web", "namespace": "shop", "annotations": {"kproxy.io/scheduler": "wrr"}}
+    assert svc["spec"]["type"] == "ClusterIP" and "externalTrafficPolicy" not in svc["spec"]
+    assert svc["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 10800}}
+    assert svc["spec"]["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": 80}]
+    assert pod["metadata"]["namespace"] == "default"
+    assert pod["spec"] == {
+        "containers": [{"name": "c", "ports": [{"name": "dns", "containerPort": 53, "protocol": "UDP"}]}],
+        "nodeName": "node1",
+        "nodeSelector": {"kubernetes.io/hostname": "node1"},
+    }
+    assert pod["status"] == {"phase": "Pending"}
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
+    assert dep["spec"]["selector"] == {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]}
+    assert dep["status"] == {}
 
 
 def test_list_and_empty_documents() -> None:
     text = "---\n" + DOCS_MULTI_PORT + "---\n---\n" + yaml.safe_dump(
         {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(DOCS_NODEPORT), yaml.safe_load(DOCS_NGINX_DEPLOYMENT)]}
     )
-    names = [(o.kind, o.name) for o in parse_manifests(text, "x.yaml")]
+    names = [(o["kind"], o["metadata"]["name"]) for o in parse_manifests(text, "x.yaml")]
     assert names == [("Service", "my-service"), ("Service", "service-python"), ("Deployment", "nginx-deployment")]
     assert parse_manifests("", "empty.yaml") == []
 
@@ -323,13 +329,13 @@ def test_service_names() -> None:
     # Pods may start with a digit and hold dots (DNS-1123 subdomain)
     pod = yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "1.web"},
                           "spec": {"containers": [{"name": "c"}]}})
-    assert parse_manifests(pod, "p.yaml")[0].name == "1.web"
+    assert parse_manifests(pod, "p.yaml")[0]["metadata"]["name"] == "1.web"
 
 
 def test_node_port_range_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
     text = service(ports({"port": 80, "nodePort": 40000}, type="NodePort"))
     monkeypatch.setattr(model, "NODE_PORT_RANGE", (20000, 40000))
-    assert parse_manifests(text, "web.yaml")[0].ports[0].node_port == 40000
+    assert parse_manifests(text, "web.yaml")[0]["spec"]["ports"][0]["nodePort"] == 40000
     monkeypatch.setattr(model, "NODE_PORT_RANGE", (20000, 39999))
     with pytest.raises(KproxyError, match="outside the NodePort range 20000-39999$"):
         parse_manifests(text, "web.yaml")
@@ -435,45 +441,75 @@ def test_document_errors(text: str, message: str) -> None:
     assert str(e.value) == message
 
 
-# --- Kubernetes-shaped output ----------------------------------------------------------------
+# --- the stored form parses to itself ---------------------------------------------------------
 
 
-def test_service_to_k8s_round_trip() -> None:
+def test_service_stored_form_parses_to_itself() -> None:
     [svc] = parse_manifests(DOCS_NODEPORT, "svc.yaml")
-    allocated = Service(**{**svc.__dict__, "cluster_ip": "10.96.0.10"})
-    out = json.loads(json.dumps(to_k8s(allocated)))
-    assert out["apiVersion"] == "v1" and out["kind"] == "Service"
-    assert out["metadata"] == {"name": "service-python", "namespace": "default"}
-    assert out["spec"]["clusterIP"] == "10.96.0.10" and out["spec"]["clusterIPs"] == ["10.96.0.10"]
-    assert out["spec"]["ports"] == [{"port": 3000, "protocol": "TCP", "targetPort": 80, "nodePort": 30080}]
-    assert out["spec"]["type"] == "NodePort" and out["spec"]["sessionAffinity"] == "None"
-    assert out["spec"]["selector"] == {"run": "pod-python"}
-    assert out["status"] == {"loadBalancer": {}}
-    assert parse_object(out) == allocated
+    allocated = json.loads(json.dumps(svc))
+    controllers.allocate_cluster_ips([allocated], [])
+    ip = allocated["spec"]["clusterIP"]
+    assert allocated["spec"]["clusterIPs"] == [ip]
+    out = parse_object(allocated)
+    assert out == allocated and out is not allocated
+    assert list(out["spec"]) == sorted(out["spec"])  # an allocated clusterIP in its place
+    assert parse_object(out) == out
 
 
-def test_affinity_named_ports_round_trip() -> None:
+def test_affinity_named_ports_parse_to_themselves() -> None:
     text = service(ports({"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
                          {"name": "web", "port": 80, "targetPort": 8080},
                          sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}),
                    labels={"team": "a"}, annotations={"kproxy.io/scheduler": "rr"})
-    [svc] = parse_manifests(text, "web.yaml")
-    out = to_k8s(svc)
+    [out] = parse_manifests(text, "web.yaml")
     assert "clusterIP" not in out["spec"]
     assert out["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 60}}
     assert out["spec"]["ports"][0] == {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"}
-    assert out["metadata"]["annotations"] == {"kproxy.io/scheduler": "rr"}
-    assert parse_object(out) == svc
+    assert out["metadata"] == {"name": "web", "namespace": "default", "labels": {"team": "a"},
+                               "annotations": {"kproxy.io/scheduler": "rr"}}
+    assert parse_object(out) == out
 
 
-def test_pod_and_deployment_round_trip() -> None:
+def test_pod_and_deployment_parse_to_themselves() -> None:
     pod_, _ = parse_manifests(DOCS_NAMED_TARGET_PORT, "nginx.yaml")
-    out = to_k8s(pod_, podIP="10.244.1.5", phase="Running")
-    assert out["status"] == {"podIP": "10.244.1.5", "phase": "Running"}
-    assert out["spec"]["containers"][0]["ports"] == [{"name": "http-web-svc", "containerPort": 80, "protocol": "TCP"}]
-    assert parse_object(out) == pod_
+    assert pod_["spec"]["containers"][0]["ports"] == [{"name": "http-web-svc", "containerPort": 80, "protocol": "TCP"}]
+    assert parse_object(pod_) == pod_
+    # status is the API server's: what a manifest says there is not kept
+    running = pod_ | {"status": {"podIP": "10.244.1.5", "phase": "Running"}}
+    assert parse_object(running) == pod_ and running["status"]["phase"] == "Running"
     [dep] = parse_manifests(DOCS_NGINX_DEPLOYMENT, "nginx.yaml")
-    out = to_k8s(dep, readyReplicas=3)
-    assert out["apiVersion"] == "apps/v1" and out["spec"]["selector"] == {"matchLabels": {"app": "nginx"}}
-    assert out["spec"]["strategy"]["type"] == "RollingUpdate" and out["status"] == {"readyReplicas": 3}
-    assert parse_object(out) == dep
+    assert dep["apiVersion"] == "apps/v1" and dep["spec"]["selector"] == {"matchLabels": {"app": "nginx"}}
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate" and dep["status"] == {}
+    assert parse_object(dep) == dep
+    assert parse_object(dep | {"status": {"readyReplicas": 3}}) == dep
+
+
+def test_parsing_shares_nothing_with_its_input() -> None:
+    """Readers and the cluster change stored objects in place (allocations, nodeName):
+    the input document must not change with them."""
+    doc = yaml.safe_load(DOCS_NGINX_DEPLOYMENT)
+    before = json.dumps(doc)
+    dep = parse_object(doc)
+    dep["metadata"]["labels"]["x"] = "y"
+    dep["spec"]["template"]["metadata"]["labels"]["x"] = "y"
+    dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["protocol"] = "UDP"
+    assert json.dumps(doc) == before
+
+
+def test_other_builders_make_what_a_manifest_would() -> None:
+    """The lab's topology pods and the benchmark's Services come from k8sform's builders,
+    as manifests do: each parses to itself, every default written out."""
+    from kproxy.bench.services import service as bench_service
+    from kproxy.lab.build import TOPOLOGY_ANNOTATION, topology_pod_objects
+    from kproxy.lab.topology import parse_topology, place_pods
+
+    topology = parse_topology({"nodes": [{"name": "node1"}],
+                               "pods": [{"name": "web-1", "labels": {"app": "web"}, "ports": [8080, 9090]}]}, name="lab")
+    (pod,) = topology_pod_objects(topology, place_pods(topology)).values()
+    assert pod["metadata"]["annotations"] == {TOPOLOGY_ANNOTATION: "true"}
+    assert pod["spec"]["containers"][0]["ports"] == [{"containerPort": 8080, "protocol": "TCP"},
+                                                     {"containerPort": 9090, "protocol": "TCP"}]
+    assert parse_object(pod) == pod
+    svc = bench_service(300)
+    assert svc["spec"]["clusterIP"] == "10.96.1.44" and svc["metadata"]["namespace"] == "bench"
+    assert parse_object(svc) == svc

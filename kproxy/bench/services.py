@@ -36,9 +36,8 @@ from typing import Any, Iterator
 from cni.netns import entered
 from kproxy.agent import status_path
 from kproxy.bench import require_root
-from kproxy.k8sform import to_k8s
+from kproxy.k8sform import metadata, service_object, service_port
 from kproxy.lab.processes import AGENT, start, stop
-from kproxy.model import Service, ServicePortSpec
 from kproxy.proxy import DEFAULT_MODE, MODES
 from kproxy.proxy.iptables import write_full_restore
 from kproxy.proxy.kernel import restore
@@ -52,8 +51,8 @@ CLUSTER_CIDR = "10.244.0.0/16"
 
 def service(i: int) -> dict[str, Any]:
     ip = f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
-    return to_k8s(Service(name=f"svc-{i}", namespace="bench", cluster_ip=ip, selector={"app": f"a{i}"},
-                          ports=(ServicePortSpec(port=80, target_port=8080, name="http"),)))
+    return service_object(metadata(f"svc-{i}", "bench"), [service_port(80, 8080, name="http")],
+                          cluster_ip=ip, selector={"app": f"a{i}"})
 
 
 def endpoint_slice(i: int, generation: int = 0) -> dict[str, Any]:

@@ -19,13 +19,12 @@ from cni.netns import entered, iproute_in, write_sysctl
 from kproxy import kmod
 from kproxy.agent import status_path
 from kproxy.errors import KproxyError
-from kproxy.k8sform import to_k8s
+from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
 from kproxy.lab import kubelet, overlay, processes, supervisor
 from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
 from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
     ensure_namespaces, ensure_uplink, random_mac
-from kproxy.model import Container, ContainerPort, Pod, PodSpec
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
 from kproxy.scheduler import node_labels
@@ -90,10 +89,10 @@ def node_object(state: LabState, name: str) -> dict[str, Any]:
 def topology_pod_objects(topology: Topology, placement: dict[str, str]) -> dict[str, dict[str, Any]]:
     out = {}
     for pod in topology.pods:
-        spec = PodSpec(containers=(Container("workload", ports=tuple(ContainerPort(p) for p in pod.ports)),),
-                       node_name=placement[pod.name])
-        out[f"Pod/default/{pod.name}"] = to_k8s(Pod(pod.name, spec, labels=dict(pod.labels),
-                                                    annotations={TOPOLOGY_ANNOTATION: "true"}))
+        spec = pod_spec([container("workload", ports=[container_port(p) for p in pod.ports])],
+                        node_name=placement[pod.name])
+        meta = metadata(pod.name, "default", pod.labels, {TOPOLOGY_ANNOTATION: "true"})
+        out[f"Pod/default/{pod.name}"] = pod_object(meta, spec)
     return out
 
 
