@@ -1,0 +1,460 @@
+"""IpvsProxier: keeps a node's IPVS table, kube-ipvs0, ipsets and iptables rules as rendered.
+
+Each sync renders only the service ports whose Service or endpoints changed
+(render.render_service) and changes in the kernel only what they change, in
+named steps: diff, shares (ipset entries and addresses several service ports
+hold), ipsets, iptables, addresses, virtual servers, terminating real servers,
+removals. A full sync (the first, one after an error, one per full_sync_period)
+reads what the kernel holds first, so it repairs whatever drifted.
+
+Endpoint removal is graceful, as kube-proxy's graceful_termination.go: a TCP
+real server that leaves gets weight 0 (no new connections, established ones go
+on) and is deleted by a later sync once ActiveConn + InActConn is 0; UDP (and
+SCTP) real servers go at once, and their conntrack entries with them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Generic, Hashable, Sequence, TypeVar
+
+from kproxy.proxy.conntrack import StaleUdpCleaner
+from kproxy.proxy.ipvs.backend import Backend, NetlinkBackend, RealServer
+from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, IPSETS, JUMPS, SCHEDULERS, Dest, Piece, VirtualServer,
+                                      VsKey, iptables_rules, ipset_swap_text, is_own_chain, kernel_modules,
+                                      render_service, tmp_set, vs_order)
+from kproxy.proxy.netfilter import restore_tables, usable_endpoints
+from kproxy.proxy.saved import has_jump, removal_input
+from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
+
+SYSCTLS = {
+    "net/ipv4/vs/conntrack": "1",  # netfilter NAT and masquerade see IPVS traffic
+    "net/ipv4/vs/expire_nodest_conn": "1",  # a connection to a deleted real server fails at once
+    "net/ipv4/vs/expire_quiescent_template": "1",  # persistence does not pin clients to weight-0 servers
+    "net/ipv4/ip_forward": "1",
+}
+
+Entry = tuple[str, str]  # (ipset, entry)
+Signature = tuple[ServicePort, tuple[Endpoint, ...]]  # what a Piece is rendered from
+T = TypeVar("T", bound=Hashable)
+
+
+@dataclass
+class Programmed:
+    """What this proxier has programmed into the kernel, as far as it knows: read back at a full
+    sync, then kept up to date by every change it makes."""
+
+    services: dict[VsKey, VirtualServer] = field(default_factory=dict)
+    dests: dict[VsKey, dict[Dest, RealServer]] = field(default_factory=dict)
+    addresses: set[str] = field(default_factory=set)  # on kube-ipvs0
+    iptables: str = ""  # the last restore text (empty after a read: rewritten at the full sync)
+
+
+class Shares(Generic[T]):
+    """How many service ports hold each item (an ipset entry, a ClusterIP on kube-ipvs0): two
+    ports of one Service share a ClusterIP, two Services may share a hairpin entry. An item goes
+    into the kernel with its first holder and out with its last."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[T] = Counter()
+
+    def take(self, item: T) -> bool:
+        """One more holder; True if it is the first."""
+        self.counts[item] += 1
+        return self.counts[item] == 1
+
+    def drop(self, item: T) -> bool:
+        """One holder fewer; True if it was the last."""
+        self.counts[item] -= 1
+        if self.counts[item] == 0:
+            del self.counts[item]
+            return True
+        return False
+
+
+@dataclass
+class Diff:
+    """Which service ports a sync renders anew, against the pieces the last sync left."""
+
+    old: dict[str, tuple[Signature, Piece]]  # by ServicePort.key
+    pieces: dict[str, tuple[Signature, Piece]]  # every service port of the state
+    changed: list[str]  # rendered anew (new, or their Service or endpoints changed)
+    removed: list[str]  # gone from the state
+
+
+@dataclass
+class ShareChanges:
+    """Items whose first holder came or last holder went, each with the service port (key) that did it."""
+
+    added_entries: dict[Entry, str] = field(default_factory=dict)
+    deleted_entries: dict[Entry, str] = field(default_factory=dict)
+    added_addresses: dict[str, str] = field(default_factory=dict)
+    deleted_addresses: dict[str, str] = field(default_factory=dict)
+
+
+class IpvsProxier:
+    """kube-proxy's IPVS mode on the node whose network namespace the calling thread is in.
+
+    backend: the kernel (default: NetlinkBackend, opened in the calling thread's namespace at
+    the first sync). conntrack: what deletes stale UDP conntrack entries after a sync.
+    """
+
+    mode = "ipvs"
+
+    def __init__(self, node: NodeInfo, *, scheduler: str = DEFAULT_SCHEDULER, full_sync_period: float = 3600.0,
+                 backend: Backend | None = None, conntrack: StaleUdpCleaner | None = None) -> None:
+        self.node = node
+        self.scheduler = scheduler
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown IPVS scheduler {self.scheduler!r} (known: {', '.join(SCHEDULERS)})")
+        self.full_sync_period = full_sync_period
+        self.backend: Backend = backend if backend is not None else NetlinkBackend(kernel_modules(scheduler))
+        self.conntrack = conntrack if conntrack is not None else StaleUdpCleaner(self.mode)
+        self.programmed = Programmed()
+        self._need_full = True
+        self._last_full = 0.0
+        self._pieces: dict[str, tuple[Signature, Piece]] = {}  # by ServicePort.key: (its inputs, its render)
+        self._services: Sequence[ServicePort] | None = None  # the last state's services, and them by key
+        self._by_key: dict[str, ServicePort] = {}
+        self._generation = -1
+        self._entries: Shares[Entry] = Shares()
+        self._addresses: Shares[str] = Shares()
+        # virtual servers with weight-0 real servers -> the real servers they want
+        self._terminating: dict[VsKey, tuple[Dest, ...]] = {}
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # sync ------------------------------------------------------------------
+
+    def sync(self, state: ProxyState) -> SyncResult:
+        """Program state; changed_services counts the service ports whose virtual servers, real
+        servers, addresses or (at a partial sync) ipset entries it changed. A full sync rewrites
+        every ipset whole, so an ipset repaired there is not counted; what it removes that no
+        service port of state owns counts once per virtual server or address."""
+        started = time.monotonic()
+        full = self._need_full or started - self._last_full >= self.full_sync_period
+        self.backend.open()
+        try:
+            if full:
+                self._prepare_node()
+                self._read_back()
+                self._pieces = {}
+            changed = self._apply(state, full)
+        except Exception:
+            self._need_full = True
+            raise
+        self._need_full = False
+        if full:
+            self._last_full = started
+        self.conntrack.sync(state, self._by_key, usable_endpoints)
+        return SyncResult(full=full, changed_services=changed, seconds=time.monotonic() - started)
+
+    def _apply(self, state: ProxyState, full: bool) -> int:
+        """Change in the kernel what the service ports that changed since the last sync change (at
+        a full sync: everything, against what the kernel was read to hold). Returns how many
+        service ports' programming changed."""
+        diff = self._diff(state, full)
+        if not diff.changed and not diff.removed and not full and not self._terminating:
+            return 0
+        shares = self._count_shares(diff)
+        touched: set[str] = set()  # keys of the service ports changed, or names of what no port owns
+        self._sync_ipsets(shares, full, touched)
+        self._sync_iptables()
+        self._add_addresses(diff, shares, full, touched)
+        wanted = self._sync_virtual_servers(diff, full, touched)
+        self._sync_terminating(diff, wanted, touched)
+        self._remove_virtual_servers(diff, full, wanted, touched)
+        self._remove_addresses(shares, full, touched)
+        self._pieces = diff.pieces
+        return len(touched)
+
+    def _diff(self, state: ProxyState, full: bool) -> Diff:
+        """Render the service ports that may have changed; keep the pieces of the others."""
+        old = self._pieces
+        if self._services is not state.services:
+            self._services, self._by_key = state.services, {svc.key: svc for svc in state.services}
+        # The tracker says which service ports may have changed since the state we synced last;
+        # without that (or at a full sync) every one is compared.
+        hint = state.changed if not full and state.generation == self._generation + 1 else None
+        self._generation = state.generation
+        candidates = state.services if hint is None else [self._by_key[k] for k in sorted(hint) if k in self._by_key]
+        pieces = {} if hint is None else dict(old)
+        changed: list[str] = []
+        for svc in candidates:
+            signature = (svc, tuple(state.endpoints.get(svc.key, ())))
+            before = old.get(svc.key)
+            if before is not None and before[0] == signature:
+                pieces[svc.key] = before
+                continue
+            pieces[svc.key] = (signature, render_service(svc, signature[1], self.node, self.scheduler))
+            changed.append(svc.key)
+        if hint is not None:
+            removed = [key for key in sorted(hint) if key in old and key not in self._by_key]
+            for key in removed:
+                del pieces[key]
+        else:
+            removed = [key for key in old if key not in pieces]
+        return Diff(old, pieces, changed, removed)
+
+    def _count_shares(self, diff: Diff) -> ShareChanges:
+        """Let the old pieces of changed and removed service ports go, take the new ones."""
+        out = ShareChanges()
+        for key in diff.removed + diff.changed:
+            before = diff.old.get(key)
+            if before is None:
+                continue
+            for item in before[1].entries:
+                if self._entries.drop(item):
+                    out.deleted_entries[item] = key
+            if before[1].address and self._addresses.drop(before[1].address):
+                out.deleted_addresses[before[1].address] = key
+        for key in diff.changed:
+            piece = diff.pieces[key][1]
+            for item in piece.entries:
+                if self._entries.take(item):
+                    out.added_entries[item] = key
+            if piece.address and self._addresses.take(piece.address):
+                out.added_addresses[piece.address] = key
+        return out
+
+    def _sync_ipsets(self, shares: ShareChanges, full: bool, touched: set[str]) -> None:
+        """One ``ipset restore``: at a full sync every set rebuilt and swapped in, else the entries
+        whose first holder came or last holder went (an entry that only moved stays)."""
+        if full:
+            sets: dict[str, list[str]] = {name: [] for name in IPSETS}
+            for name, entry in self._entries.counts:
+                sets[name].append(entry)
+            self.backend.ipset_restore(ipset_swap_text(sets))
+            return
+        moved = shares.added_entries.keys() & shares.deleted_entries.keys()
+        deleted = [(item, key) for item, key in shares.deleted_entries.items() if item not in moved]
+        added = [(item, key) for item, key in shares.added_entries.items() if item not in moved]
+        lines = [f"del {name} {entry} -exist" for (name, entry), _ in deleted]
+        lines += [f"add {name} {entry} -exist" for (name, entry), _ in added]
+        if lines:
+            self.backend.ipset_restore("\n".join(lines) + "\n")
+            touched.update(key for _, key in deleted + added)
+
+    def _sync_iptables(self) -> None:
+        """The rules that use the ipsets (the same for every state of a node), when they changed."""
+        iptables = iptables_rules(self.node)
+        if iptables != self.programmed.iptables:
+            self.backend.iptables_restore(iptables + self._missing_jumps())
+            self.programmed.iptables = iptables
+
+    def _missing_jumps(self) -> str:
+        saved = self.backend.iptables_tables()
+        missing = [j for j in JUMPS if not has_jump(saved.get(j.table, {}).get(j.chain, []), j.target, j.comment)]
+        tables = {table: ((), ()) for table in ("nat", "filter") if any(j.table == table for j in missing)}
+        return restore_tables(tables, missing) if tables else ""
+
+    def _add_addresses(self, diff: Diff, shares: ShareChanges, full: bool, touched: set[str]) -> None:
+        """The ClusterIPs that came onto kube-ipvs0 (at a full sync: every one it lacks)."""
+        wanted = self._addresses.counts
+        if full:
+            holders = {piece.address: key for key, (_, piece) in diff.pieces.items()}
+            adding = {ip: holders[ip] for ip in sorted(wanted.keys() - self.programmed.addresses)}
+        else:
+            adding = shares.added_addresses
+        for ip, key in adding.items():
+            if ip not in self.programmed.addresses:
+                self.backend.add_address(ip)
+                self.programmed.addresses.add(ip)
+                touched.add(key)
+
+    def _sync_virtual_servers(self, diff: Diff, full: bool, touched: set[str]) -> set[VsKey]:
+        """Add or update the virtual servers of the changed service ports (at a full sync: of
+        every one) and their real servers; returns the keys of those virtual servers."""
+        keys = diff.pieces if full else diff.changed
+        wanted = {vs.key for key in keys for vs in diff.pieces[key][1].services}
+        for key in keys:
+            piece = diff.pieces[key][1]
+            for vs in piece.services:
+                current = self.programmed.services.get(vs.key)
+                if current is None:
+                    self.backend.add_virtual_server(vs)
+                    self.programmed.services[vs.key] = vs
+                    self.programmed.dests[vs.key] = {}
+                    touched.add(key)
+                elif current != vs:  # scheduler or persistence changed
+                    self.backend.set_virtual_server(vs)
+                    self.programmed.services[vs.key] = vs
+                    touched.add(key)
+                if self._sync_dests(vs, piece.dests):
+                    touched.add(key)
+        return wanted
+
+    def _sync_terminating(self, diff: Diff, visited: set[VsKey], touched: set[str]) -> None:
+        """Real servers still terminating in virtual servers this sync did not visit: deleted once idle."""
+        owners: dict[VsKey, str] | None = None
+        for vs_key, wanted in list(self._terminating.items()):
+            vs = self.programmed.services.get(vs_key)
+            if vs is None or vs_key in visited:
+                continue
+            if self._sync_dests(vs, wanted):
+                if owners is None:
+                    owners = {v.key: key for key, (_, piece) in diff.pieces.items() for v in piece.services}
+                touched.add(owners.get(vs_key, _name(vs)))
+
+    def _remove_virtual_servers(self, diff: Diff, full: bool, wanted: set[VsKey], touched: set[str]) -> None:
+        """Delete the virtual servers (with their real servers) that no service port wants any more."""
+        if full:
+            gone = {k: _name(self.programmed.services[k]) for k in self.programmed.services if k not in wanted}
+        else:
+            gone = {vs.key: key for key in diff.removed + diff.changed if key in diff.old
+                    for vs in diff.old[key][1].services if vs.key not in wanted}
+        for vs_key, owner in gone.items():
+            if vs_key in self.programmed.services:
+                self.backend.delete_virtual_server(self.programmed.services[vs_key])
+                del self.programmed.services[vs_key]
+                self.programmed.dests.pop(vs_key, None)
+                self._terminating.pop(vs_key, None)
+                touched.add(owner)
+
+    def _remove_addresses(self, shares: ShareChanges, full: bool, touched: set[str]) -> None:
+        """The ClusterIPs whose last service port went (at a full sync: every one not wanted)."""
+        wanted = self._addresses.counts
+        if full:
+            removing = {ip: f"address {ip}" for ip in sorted(self.programmed.addresses - wanted.keys())}
+        else:
+            removing = shares.deleted_addresses
+        for ip, key in removing.items():
+            if ip in self.programmed.addresses and ip not in wanted:
+                self.backend.delete_address(ip)
+                self.programmed.addresses.discard(ip)
+                touched.add(key)
+
+    def _sync_dests(self, vs: VirtualServer, wanted: tuple[Dest, ...]) -> bool:
+        """Give vs the real servers wanted (weight 1); those that leave go at once (UDP, SCTP) or
+        through weight 0 until idle (TCP). Returns whether anything changed."""
+        have = self.programmed.dests.setdefault(vs.key, {})
+        changed = False
+        for dest in wanted:
+            current = have.get(dest)
+            if current is None:
+                self.backend.add_real_server(vs, dest, 1)
+                have[dest] = RealServer(1)
+                changed = True
+            elif current.weight != 1:  # back from graceful termination
+                self.backend.set_real_server(vs, dest, 1)
+                current.weight = 1
+                changed = True
+        wanted_set = set(wanted)
+        leaving = [d for d in have if d not in wanted_set]
+        if not leaving:
+            self._terminating.pop(vs.key, None)
+            return changed
+        graceful = vs.protocol == "TCP"  # kube-proxy: no graceful termination for UDP and SCTP
+        counts = self.backend.real_servers(vs) if graceful and any(have[d].weight == 0 for d in leaving) else {}
+        for dest in leaving:
+            if graceful and have[dest].weight != 0:
+                self.backend.set_real_server(vs, dest, 0)
+                have[dest].weight = 0
+                changed = True
+                continue
+            live = counts.get(dest)
+            if graceful and live is not None and live.active + live.inactive > 0:
+                continue  # still has connections: a later sync deletes it
+            self.backend.delete_real_server(vs, dest)
+            del have[dest]
+            changed = True
+        if any(d.weight == 0 for d in have.values()):
+            self._terminating[vs.key] = tuple(wanted)
+        else:
+            self._terminating.pop(vs.key, None)
+        return changed
+
+    def _prepare_node(self) -> None:
+        self.backend.ensure_link()
+        for name, value in SYSCTLS.items():  # /proc/sys/net/ipv4/vs exists once ip_vs is loaded
+            self.backend.set_sysctl(name, value)
+
+    def _read_back(self) -> None:
+        """Start over from what the kernel holds (the full sync that follows visits every virtual
+        server, so nothing is left terminating unseen)."""
+        programmed = Programmed()
+        for vs in self.backend.virtual_servers():
+            programmed.services[vs.key] = vs
+        for key, vs in programmed.services.items():
+            programmed.dests[key] = self.backend.real_servers(vs)
+        programmed.addresses = self.backend.link_addresses()
+        self.programmed = programmed
+        self._entries = Shares()
+        self._addresses = Shares()
+        self._terminating = {}
+
+    # looking ---------------------------------------------------------------
+
+    @property
+    def owners(self) -> dict[VsKey, str]:
+        """Which service port each virtual server of the last sync belongs to."""
+        return {vs.key: piece.owner for _, piece in self._pieces.values() for vs in piece.services}
+
+    def terminating(self) -> dict[str, list[str]]:
+        """Real servers kept at weight 0 until their connections end, by virtual server ("TCP ip:port")."""
+        out = {}
+        for key, vs in self.programmed.services.items():
+            idle = [f"{ip}:{port}" for (ip, port), d in self.programmed.dests.get(key, {}).items() if d.weight == 0]
+            if idle:
+                out[_name(vs)] = idle
+        return out
+
+    def rules_excerpt(self, service: str | None = None, owners: dict[VsKey, str] | None = None) -> str:
+        """``ipvsadm -Ln``-like: the live virtual servers (of one service, or all) with their real
+        servers' weights and connection counts, then our ipsets' sizes. owners: which service
+        port each virtual server belongs to (default: what this proxier synced)."""
+        self.backend.open()
+        owners = self.owners if owners is None else owners
+        lines = ["IP Virtual Server (kube-proxy IPVS mode)",
+                 "Prot LocalAddress:Port Scheduler Flags",
+                 "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
+        for vs in sorted(self.backend.virtual_servers(), key=lambda vs: vs_order(vs.key)):
+            owner = owners.get(vs.key, "")
+            if service is not None and not (owner == service or owner.split(":")[0] == service):
+                continue
+            flags = f" persistent {vs.persistence}" if vs.persistence else ""
+            comment = f"  # {owner}" if owner else ""
+            lines.append(f"{vs.protocol:<4} {vs.address} {vs.scheduler}{flags}{comment}")
+            for (ip, port), dest in sorted(self.backend.real_servers(vs).items(),
+                                           key=lambda d: (int(ipaddress.ip_address(d[0][0])), d[0][1])):
+                lines.append(f"  -> {f'{ip}:{port}':<28} Masq    {dest.weight:<6} {dest.active:<10} {dest.inactive}")
+        if service is None:
+            for name in IPSETS:
+                size = self.backend.ipset_size(name)
+                lines.append(f"ipset {name}: {'?' if size is None else size} entries")
+        return "\n".join(lines) + "\n"
+
+    # cleanup ---------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Remove every trace of IPVS mode: virtual servers, kube-ipvs0, our iptables rules and ipsets.
+        The netlink sockets are closed afterwards (a later sync opens new ones)."""
+        self.backend.open()
+        try:
+            for vs in self.backend.virtual_servers():
+                self.backend.delete_virtual_server(vs)
+            self.backend.delete_link()
+        finally:
+            self.close()
+        removal = removal_input(self.backend.iptables_tables(), is_own_chain)
+        if removal:
+            self.backend.iptables_restore(removal)
+        for name in IPSETS:
+            for set_name in (name, tmp_set(name)):
+                self.backend.ipset_destroy(set_name)
+        self.programmed = Programmed()
+        self._need_full = True
+        self.conntrack.reset()
+        self._pieces = {}
+        self._entries = Shares()
+        self._addresses = Shares()
+        self._terminating = {}
+
+
+def _name(vs: VirtualServer) -> str:
+    """A virtual server as ipvsadm names it: "TCP 10.96.0.10:80"."""
+    return f"{vs.protocol} {vs.address}"
