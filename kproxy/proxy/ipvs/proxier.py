@@ -15,84 +15,26 @@ SCTP) real servers go at once, and their conntrack entries with them.
 
 from __future__ import annotations
 
-import ipaddress
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Generic, Hashable, Sequence, TypeVar
+from typing import Sequence
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.ipvs.backend import Backend, NetlinkBackend, RealServer
+from kproxy.proxy.ipvs.excerpt import live_excerpt, vs_name
 from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, IPSETS, JUMPS, SCHEDULERS, Dest, Piece, VirtualServer,
                                       VsKey, iptables_rules, ipset_swap_text, is_own_chain, kernel_modules,
-                                      render_service, tmp_set, vs_order)
+                                      render_service, tmp_set)
+from kproxy.proxy.ipvs.tracking import Diff, Entry, Programmed, ShareChanges, Shares, Signature
 from kproxy.proxy.netfilter import restore_tables, usable_endpoints
 from kproxy.proxy.saved import has_jump, removal_input
-from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
+from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 SYSCTLS = {
     "net/ipv4/vs/conntrack": "1",  # netfilter NAT and masquerade see IPVS traffic
-    "net/ipv4/vs/expire_nodest_conn": "1",  # a connection to a deleted real server fails at once
+    "net/ipv4/vs/expire_nodest_conn": "1",  # a connection to a deleted real server is dropped, not blackholed
     "net/ipv4/vs/expire_quiescent_template": "1",  # persistence does not pin clients to weight-0 servers
     "net/ipv4/ip_forward": "1",
 }
-
-Entry = tuple[str, str]  # (ipset, entry)
-Signature = tuple[ServicePort, tuple[Endpoint, ...]]  # what a Piece is rendered from
-T = TypeVar("T", bound=Hashable)
-
-
-@dataclass
-class Programmed:
-    """What this proxier has programmed into the kernel, as far as it knows: read back at a full
-    sync, then kept up to date by every change it makes."""
-
-    services: dict[VsKey, VirtualServer] = field(default_factory=dict)
-    dests: dict[VsKey, dict[Dest, RealServer]] = field(default_factory=dict)
-    addresses: set[str] = field(default_factory=set)  # on kube-ipvs0
-    iptables: str = ""  # the last restore text (empty after a read: rewritten at the full sync)
-
-
-class Shares(Generic[T]):
-    """How many service ports hold each item (an ipset entry, a ClusterIP on kube-ipvs0): two
-    ports of one Service share a ClusterIP, two Services may share a hairpin entry. An item goes
-    into the kernel with its first holder and out with its last."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[T] = Counter()
-
-    def take(self, item: T) -> bool:
-        """One more holder; True if it is the first."""
-        self.counts[item] += 1
-        return self.counts[item] == 1
-
-    def drop(self, item: T) -> bool:
-        """One holder fewer; True if it was the last."""
-        self.counts[item] -= 1
-        if self.counts[item] == 0:
-            del self.counts[item]
-            return True
-        return False
-
-
-@dataclass
-class Diff:
-    """Which service ports a sync renders anew, against the pieces the last sync left."""
-
-    old: dict[str, tuple[Signature, Piece]]  # by ServicePort.key
-    pieces: dict[str, tuple[Signature, Piece]]  # every service port of the state
-    changed: list[str]  # rendered anew (new, or their Service or endpoints changed)
-    removed: list[str]  # gone from the state
-
-
-@dataclass
-class ShareChanges:
-    """Items whose first holder came or last holder went, each with the service port (key) that did it."""
-
-    added_entries: dict[Entry, str] = field(default_factory=dict)
-    deleted_entries: dict[Entry, str] = field(default_factory=dict)
-    added_addresses: dict[str, str] = field(default_factory=dict)
-    deleted_addresses: dict[str, str] = field(default_factory=dict)
 
 
 class IpvsProxier:
@@ -298,12 +240,12 @@ class IpvsProxier:
             if self._sync_dests(vs, wanted):
                 if owners is None:
                     owners = {v.key: key for key, (_, piece) in diff.pieces.items() for v in piece.services}
-                touched.add(owners.get(vs_key, _name(vs)))
+                touched.add(owners.get(vs_key, vs_name(vs)))
 
     def _remove_virtual_servers(self, diff: Diff, full: bool, wanted: set[VsKey], touched: set[str]) -> None:
         """Delete the virtual servers (with their real servers) that no service port wants any more."""
         if full:
-            gone = {k: _name(self.programmed.services[k]) for k in self.programmed.services if k not in wanted}
+            gone = {k: vs_name(self.programmed.services[k]) for k in self.programmed.services if k not in wanted}
         else:
             gone = {vs.key: key for key in diff.removed + diff.changed if key in diff.old
                     for vs in diff.old[key][1].services if vs.key not in wanted}
@@ -400,33 +342,15 @@ class IpvsProxier:
         for key, vs in self.programmed.services.items():
             idle = [f"{ip}:{port}" for (ip, port), d in self.programmed.dests.get(key, {}).items() if d.weight == 0]
             if idle:
-                out[_name(vs)] = idle
+                out[vs_name(vs)] = idle
         return out
 
     def rules_excerpt(self, service: str | None = None, owners: dict[VsKey, str] | None = None) -> str:
-        """``ipvsadm -Ln``-like: the live virtual servers (of one service, or all) with their real
-        servers' weights and connection counts, then our ipsets' sizes. owners: which service
-        port each virtual server belongs to (default: what this proxier synced)."""
+        """``ipvsadm -Ln``-like: the live virtual servers (of one service, or all), then our ipsets'
+        sizes. owners: which service port each virtual server belongs to (default: what this
+        proxier synced)."""
         self.backend.open()
-        owners = self.owners if owners is None else owners
-        lines = ["IP Virtual Server (kube-proxy IPVS mode)",
-                 "Prot LocalAddress:Port Scheduler Flags",
-                 "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
-        for vs in sorted(self.backend.virtual_servers(), key=lambda vs: vs_order(vs.key)):
-            owner = owners.get(vs.key, "")
-            if service is not None and not (owner == service or owner.split(":")[0] == service):
-                continue
-            flags = f" persistent {vs.persistence}" if vs.persistence else ""
-            comment = f"  # {owner}" if owner else ""
-            lines.append(f"{vs.protocol:<4} {vs.address} {vs.scheduler}{flags}{comment}")
-            for (ip, port), dest in sorted(self.backend.real_servers(vs).items(),
-                                           key=lambda d: (int(ipaddress.ip_address(d[0][0])), d[0][1])):
-                lines.append(f"  -> {f'{ip}:{port}':<28} Masq    {dest.weight:<6} {dest.active:<10} {dest.inactive}")
-        if service is None:
-            for name in IPSETS:
-                size = self.backend.ipset_size(name)
-                lines.append(f"ipset {name}: {'?' if size is None else size} entries")
-        return "\n".join(lines) + "\n"
+        return live_excerpt(self.backend, self.owners if owners is None else owners, service)
 
     # cleanup ---------------------------------------------------------------
 
@@ -454,7 +378,3 @@ class IpvsProxier:
         self._addresses = Shares()
         self._terminating = {}
 
-
-def _name(vs: VirtualServer) -> str:
-    """A virtual server as ipvsadm names it: "TCP 10.96.0.10:80"."""
-    return f"{vs.protocol} {vs.address}"

@@ -1,0 +1,37 @@
+"""`kproxy rules` in IPVS mode: the live IPVS table as ``ipvsadm -Ln`` shows it, with owners."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from kproxy.proxy.ipvs.backend import Backend
+from kproxy.proxy.ipvs.render import IPSETS, VirtualServer, VsKey, vs_order
+
+
+def live_excerpt(backend: Backend, owners: dict[VsKey, str], service: str | None = None) -> str:
+    """The live virtual servers (of one service, "ns/name" or "ns/name:port", or all) with their
+    real servers' weights and connection counts, then (for all) our ipsets' sizes. owners: which
+    service port each virtual server belongs to."""
+    lines = ["IP Virtual Server (kube-proxy IPVS mode)",
+             "Prot LocalAddress:Port Scheduler Flags",
+             "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
+    for vs in sorted(backend.virtual_servers(), key=lambda vs: vs_order(vs.key)):
+        owner = owners.get(vs.key, "")
+        if service is not None and not (owner == service or owner.split(":")[0] == service):
+            continue
+        flags = f" persistent {vs.persistence}" if vs.persistence else ""
+        comment = f"  # {owner}" if owner else ""
+        lines.append(f"{vs.protocol:<4} {vs.address} {vs.scheduler}{flags}{comment}")
+        for (ip, port), dest in sorted(backend.real_servers(vs).items(),
+                                       key=lambda d: (int(ipaddress.ip_address(d[0][0])), d[0][1])):
+            lines.append(f"  -> {f'{ip}:{port}':<28} Masq    {dest.weight:<6} {dest.active:<10} {dest.inactive}")
+    if service is None:
+        for name in IPSETS:
+            size = backend.ipset_size(name)
+            lines.append(f"ipset {name}: {'?' if size is None else size} entries")
+    return "\n".join(lines) + "\n"
+
+
+def vs_name(vs: VirtualServer) -> str:
+    """A virtual server as ipvsadm names it: "TCP 10.96.0.10:80"."""
+    return f"{vs.protocol} {vs.address}"
