@@ -215,7 +215,7 @@ def test_lab_wide_scheduler(netns) -> None:
     # A new agent with another lab-wide scheduler (`lab up --mode-opt scheduler=sh` restarts them)
     # sets it on the virtual servers that are already there; the annotated one keeps its own.
     with entered(node):
-        proxier = IpvsProxier(NODE, mode_info="sh")
+        proxier = IpvsProxier(NODE, scheduler="sh")
         try:
             proxier.sync(_state((_svc("web", "10.96.0.10", 80), [POD]), (_svc("x", "10.96.0.11", 80, mode_info="mh"), [])))
         finally:
