@@ -198,8 +198,9 @@ class IpvsProxier:
         """The ClusterIPs that came onto kube-ipvs0 (at a full sync: every one it lacks)."""
         wanted = self._addresses.counts
         if full:
-            holders = {piece.address: key for key, (_, piece) in diff.pieces.items()}
-            adding = {ip: holders[ip] for ip in sorted(wanted.keys() - self.programmed.addresses)}
+            missing = sorted(wanted.keys() - self.programmed.addresses)
+            holders = {piece.address: key for key, (_, piece) in diff.pieces.items()} if missing else {}
+            adding = {ip: holders[ip] for ip in missing}
         else:
             adding = shares.added_addresses
         for ip, key in adding.items():
