@@ -2,10 +2,10 @@
 
 It holds virtual servers, real servers with weights and connection counts, the
 kube-ipvs0 link and its addresses, ipsets (it reads ``ipset restore`` input),
-iptables tables (it reads ``iptables-restore --noflush`` input) and sysctls, and
-refuses what the kernel refuses (adding what exists, deleting what does not), so
-a proxier that loses track of the kernel fails here too. ``calls`` lists every
-change made, in order, for tests that check what a sync touched.
+iptables tables (tests/fakes/rules_backend.py reads the restore input) and
+sysctls, and refuses what the kernel refuses (adding what exists, deleting what
+does not), so a proxier that loses track of the kernel fails here too. ``calls``
+lists every change made, in order, for tests that check what a sync touched.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.ipvs.backend import RealServer, Tables
 from kproxy.proxy.ipvs.render import Dest, VirtualServer, VsKey
 from kproxy.proxy.types import Endpoint, ProxyState, ServicePort
+from tests.fakes.rules_backend import FakeRulesBackend
 
-BUILT_IN = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")}
 
 
 class FakeIpvs:
@@ -30,7 +30,7 @@ class FakeIpvs:
         self.link = False
         self.addresses: set[str] = set()
         self.ipsets: dict[str, tuple[str, set[str]]] = {}  # name -> (type, entries)
-        self.tables: Tables = pristine_tables()
+        self.rules = FakeRulesBackend()
         self.sysctls: dict[str, str] = {}
         self.opened = False
         self.calls: list[str] = []
@@ -52,6 +52,10 @@ class FakeIpvs:
             out += [f"  -> {ip}:{port} {d.weight} {d.active} {d.inactive}"
                     for (ip, port), d in sorted(self.real[key].items())]
         return out
+
+    @property
+    def tables(self) -> Tables:
+        return self.rules.tables
 
     def entries(self, name: str) -> set[str]:
         return self.ipsets[name][1]
@@ -135,7 +139,7 @@ class FakeIpvs:
 
     def ipset_restore(self, text: str) -> None:
         self.calls.append("ipset_restore")
-        sets = copy.deepcopy(self.ipsets)  # ipset restore stops at the first bad line; keep it simple: all or none
+        sets = copy.deepcopy(self.ipsets)  # ipset applies the lines before a bad one; this fake: all or none
         for line in text.splitlines():
             word, name, *rest = line.split()
             exist = "-exist" in rest
@@ -168,34 +172,10 @@ class FakeIpvs:
 
     def iptables_restore(self, text: str) -> None:
         self.calls.append("iptables_restore")
-        tables = copy.deepcopy(self.tables)
-        chains: dict[str, list[str]] = {}
-        for line in text.splitlines():
-            if line.startswith("*"):
-                chains = tables.setdefault(line[1:], {})
-            elif line.startswith(":"):
-                chains[line[1:].split()[0]] = []  # declared: created, or flushed
-            elif line == "COMMIT":
-                continue
-            else:
-                op, chain, *spec = line.split(" ")
-                rule = " ".join(["-A", chain, *(spec[1:] if op == "-I" else spec)])
-                if op == "-A":
-                    chains[chain].append(rule)
-                elif op == "-I":
-                    chains[chain].insert(int(spec[0]) - 1, rule)
-                elif op == "-D":
-                    chains[chain].remove(rule)
-                elif op == "-X":
-                    if chains[chain]:
-                        raise RuntimeError(f"iptables: chain {chain} is not empty")
-                    del chains[chain]
-                else:
-                    raise ValueError(f"fake iptables-restore: cannot read {line!r}")
-        self.tables = tables
+        self.rules.restore(text)
 
     def iptables_tables(self) -> Tables:
-        return copy.deepcopy(self.tables)
+        return self.rules.read_tables()
 
     def set_sysctl(self, name: str, value: str) -> None:
         self.sysctls[name] = value
@@ -208,11 +188,6 @@ class FakeIpvs:
         if vs.key not in self.virtual:
             raise FileNotFoundError(vs.key)
         return self.real[vs.key]
-
-
-def pristine_tables() -> Tables:
-    """The filter and nat tables of a fresh network namespace."""
-    return {table: {chain: [] for chain in chains} for table, chains in BUILT_IN.items()}
 
 
 class FakeConntrack(StaleUdpCleaner):
