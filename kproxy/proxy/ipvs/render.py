@@ -140,6 +140,7 @@ def vs_order(key: VsKey) -> tuple[bytes, str, int]:
 
 
 def tmp_set(name: str) -> str:
+    """The set a full sync builds aside before swapping it in (ipset names have at most 31 bytes)."""
     return f"{name}-TMP"[:31]
 
 
@@ -149,6 +150,8 @@ def service_scheduler(service: Service) -> str:
 
 
 def scheduler_of(svc: ServicePort, default: str) -> str:
+    """The Service's annotated scheduler if IPVS has it, else (said on stderr if one was asked
+    for) the lab's."""
     wanted = svc.mode_info if isinstance(svc.mode_info, str) else ""
     if wanted in SCHEDULERS:
         return wanted
@@ -171,6 +174,7 @@ class Piece:
 
 
 def render_service(svc: ServicePort, endpoints: Iterable[Endpoint], node: NodeInfo, scheduler: str) -> Piece:
+    """One service port's Piece on node; scheduler: the lab's."""
     protocol = svc.protocol.upper()
     proto = protocol.lower()
     usable = usable_endpoints(endpoints)
