@@ -16,7 +16,8 @@ import pytest
 
 from cni.masq import IPTABLES, IPTABLES_SAVE
 from cni.netns import entered
-from kproxy.proxy.iptables import Commands, IptablesProxier, RestoreError
+from kproxy.proxy.iptables import IptablesProxier, RestoreError
+from kproxy.proxy.tables import Commands
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
 pytestmark = pytest.mark.kernel
@@ -181,7 +182,7 @@ def test_failed_restore_keeps_previous_rules_and_next_sync_is_full(netns) -> Non
         with pytest.raises(RestoreError):
             proxier.sync(state(svc4_endpoints=("10.180.0.7",)))
         failed = save()
-        proxier.backend = Commands()
+        proxier.backend = Commands("iptables")
         result = proxier.sync(state(svc4_endpoints=("10.180.0.7",)))
         repaired = save()
     # The nat table refused the input and kept its rules. (iptables-legacy-restore commits table

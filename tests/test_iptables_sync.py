@@ -1,4 +1,4 @@
-"""The iptables proxier's sync bookkeeping, against an in-memory iptables (tests/fake_iptables.py), no root.
+"""The iptables proxier's sync bookkeeping, against an in-memory iptables (tests/fakes/iptables.py), no root.
 
 Full or partial, what a partial sync writes, what a failed restore forces, the
 periodic full syncs, the repairs only a full sync makes, cleanup. After every sync
@@ -17,7 +17,7 @@ import pytest
 from kproxy.proxy.iptables import IptablesProxier, RestoreError, Ruleset, proxier as proxier_module, render
 from kproxy.proxy.iptables.names import is_own_chain
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
-from tests.fake_iptables import BUILTIN, FakeIptables
+from tests.fakes.iptables import BUILTIN, FakeIptables
 
 NODE = NodeInfo(name="node1", ip="192.168.0.2", cluster_cidr="10.0.0.0/8")
 SVC1 = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80)

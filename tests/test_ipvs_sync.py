@@ -1,4 +1,4 @@
-"""IpvsProxier's sync logic against a fake kernel (tests/fakes/ipvs_backend.py): no root.
+"""IpvsProxier's sync logic against a fake kernel (tests/fakes/ipvs.py): no root.
 
 The shares of ipset entries and addresses, graceful termination, partial against
 full syncs, the lab scheduler, cleanup and what changed_services counts.
@@ -13,8 +13,8 @@ from kproxy.proxy.ipvs import IpvsProxier
 from kproxy.proxy.ipvs.render import VirtualServer, iptables_rules
 from kproxy.proxy.saved import parse_save
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
-from tests.fakes.ipvs_backend import FakeConntrack, FakeIpvs
-from tests.fakes.rules_backend import FakeRulesBackend
+from tests.fakes.ipvs import FakeConntrack, FakeIpvs
+from tests.fakes.iptables import FakeIptables
 
 NODE = NodeInfo("node1", "192.168.99.11", "10.244.0.0/16")
 A = Endpoint("10.244.1.2", 8080, "node1")  # on this node: a hairpin (KUBE-LOOP-BACK) entry
@@ -266,7 +266,7 @@ def test_cleanup_leaves_nothing() -> None:
     node.proxier.cleanup()
     fake = node.fake
     assert (fake.virtual, fake.link, fake.addresses, fake.ipsets, fake.opened) == ({}, False, set(), {}, False)
-    assert fake.tables == FakeRulesBackend("*nat\n-A PREROUTING -j ACCEPT\nCOMMIT\n").tables
+    assert fake.tables == FakeIptables("*filter\nCOMMIT\n*nat\n-A PREROUTING -j ACCEPT\nCOMMIT\n").tables
     assert node.proxier.terminating() == {}
     # The next sync starts over with a full one.
     result = node.sync((HTTP, [A]))

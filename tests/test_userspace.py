@@ -1,5 +1,5 @@
 """The userspace mode without root: rule rendering, endpoint choice, the proxy loop on loopback, and
-rule syncs against a fake iptables (tests/fakes/rules_backend.py).
+rule syncs against a fake iptables (tests/fakes/iptables.py).
 
 (Its behaviour on the real kernel is tests/test_services.py with MODES "userspace".)
 """
@@ -29,7 +29,7 @@ from kproxy.proxy.userspace.proxier import UserspaceProxier
 from kproxy.proxy.userspace.rules import JUMPS, is_own_chain, placeholder_ports, render
 from kproxy.proxy.userspace.status import format_table
 from kproxy.proxy.userspace.tcp import DIAL_TIMEOUTS
-from tests.fakes.rules_backend import FakeRulesBackend
+from tests.fakes.iptables import FakeIptables
 
 NODE = NodeInfo("node1", "172.18.0.2", "10.244.0.0/16")
 
@@ -433,7 +433,7 @@ def test_a_dial_that_never_completes_is_tried_on_the_old_schedule_then_the_clien
             sock.close()
 
 
-# --- syncing the rules, against a fake iptables (tests/fakes/rules_backend.py) ------------
+# --- syncing the rules, against a fake iptables (tests/fakes/iptables.py) ------------
 
 # What a node has before the proxier starts: the CNI's chain and, from an earlier run, one of our jumps.
 NODE_BEFORE = """*filter
@@ -451,9 +451,9 @@ COMMIT
 
 
 @pytest.fixture
-def synced(inside: None) -> Iterator[tuple[UserspaceProxier, FakeRulesBackend]]:
+def synced(inside: None) -> Iterator[tuple[UserspaceProxier, FakeIptables]]:
     """A proxier on a fake backend holding NODE_BEFORE; closed after the test."""
-    fake = FakeRulesBackend(NODE_BEFORE)
+    fake = FakeIptables(NODE_BEFORE)
     proxier = UserspaceProxier(NODE, backend=fake)
     try:
         yield proxier, fake
@@ -465,7 +465,7 @@ def web_text(proxier: UserspaceProxier, filter_jumps: str = "", nat_jumps: str =
     return WEB_TEXT.format(port=proxier.proxy_ports()[svc().key], filter_jumps=filter_jumps, nat_jumps=nat_jumps)
 
 
-def test_a_first_sync_is_full_and_adds_the_missing_jumps_only(synced: tuple[UserspaceProxier, FakeRulesBackend]) \
+def test_a_first_sync_is_full_and_adds_the_missing_jumps_only(synced: tuple[UserspaceProxier, FakeIptables]) \
         -> None:
     proxier, fake = synced
     result = proxier.sync(state((svc(), EPS)))
@@ -478,7 +478,7 @@ def test_a_first_sync_is_full_and_adds_the_missing_jumps_only(synced: tuple[User
     assert not proxier.sync(state((svc(), EPS))).full  # and the next one is partial
 
 
-def test_an_endpoint_change_alone_writes_no_rule(synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+def test_an_endpoint_change_alone_writes_no_rule(synced: tuple[UserspaceProxier, FakeIptables]) -> None:
     proxier, fake = synced
     proxier.sync(state((svc(), EPS)))
     other = [Endpoint("10.244.3.2", 8080, "node3")]
@@ -491,7 +491,7 @@ def test_an_endpoint_change_alone_writes_no_rule(synced: tuple[UserspaceProxier,
 
 
 def test_changed_services_counts_each_service_port_opened_closed_or_updated_once(
-        synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+        synced: tuple[UserspaceProxier, FakeIptables]) -> None:
     proxier, fake = synced
     a, b, c = svc("a", ip="10.96.0.10"), svc("b", ip="10.96.0.11"), svc("c", ip="10.96.0.12")
     assert proxier.sync(state((a, EPS), (b, EPS), (c, []))).changed_services == 3
@@ -501,10 +501,10 @@ def test_changed_services_counts_each_service_port_opened_closed_or_updated_once
     assert sorted(proxier.proxy_ports()) == [a.key, b.key]
 
 
-def test_a_refused_restore_makes_the_next_sync_full(synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+def test_a_refused_restore_makes_the_next_sync_full(synced: tuple[UserspaceProxier, FakeIptables]) -> None:
     proxier, fake = synced
     proxier.sync(state((svc(), EPS)))
-    fake.refuse_next = True
+    fake.refuse_next()
     with pytest.raises(RestoreError):
         proxier.sync(state((svc(), [])))  # the portal would become a reject
     # Meanwhile someone flushed nat PREROUTING: the full sync puts our jumps back.
@@ -517,18 +517,26 @@ def test_a_refused_restore_makes_the_next_sync_full(synced: tuple[UserspaceProxi
 
 
 def test_cleanup_closes_the_listeners_and_removes_our_chains_and_jumps(
-        synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+        synced: tuple[UserspaceProxier, FakeIptables]) -> None:
     proxier, fake = synced
     proxier.sync(state((svc(node_port=30080), EPS), (svc("gone", ip="10.96.0.11"), [])))
     port = proxier.proxy_ports()[svc().key]
     proxier.cleanup()
-    assert fake.tables == FakeRulesBackend("""*nat
+    assert fake.save() == """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
 :CNI-abc - [0:0]
 -A POSTROUTING -s 10.244.1.0/24 -j CNI-abc
 -A CNI-abc -j MASQUERADE
 COMMIT
-""").tables
+"""
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert proxier.proxies == {} and proxier.loop is None
@@ -536,7 +544,7 @@ COMMIT
 
 
 def test_the_rules_excerpt_of_one_service_shows_its_rules_with_counters_and_its_listener(
-        synced: tuple[UserspaceProxier, FakeRulesBackend]) -> None:
+        synced: tuple[UserspaceProxier, FakeIptables]) -> None:
     proxier, fake = synced
     proxier.sync(state((svc(), EPS), (svc("other", ip="10.96.0.11"), [])))
     port = proxier.proxy_ports()[svc().key]

@@ -1,16 +1,13 @@
 """iptables-save output, read the way every mode needs it (all three program iptables):
 the chains and rules of the filter and nat tables, the restore text that removes a
 mode's chains, and an excerpt of a mode's rules with their counters (`kproxy rules`).
-
-Whatever runs a command here does so in the namespace of the calling thread.
+Pure text in, text out: kproxy/proxy/tables.py runs the commands.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Callable
-
-from kproxy.proxy.kernel import SAVE, restore, run
 
 TABLES = ("filter", "nat")
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
@@ -45,11 +42,6 @@ def has_jump(rules: list[str], target: str, comment: str = "") -> bool:
     return any(jump_target(rule) == target and comment in rule for rule in rules)
 
 
-def read_tables() -> dict[str, dict[str, list[str]]]:
-    """The filter and nat tables of the calling thread's namespace."""
-    return parse_save(run([SAVE, "-t", "filter"]).stdout + run([SAVE, "-t", "nat"]).stdout)
-
-
 def removal_input(saved: dict[str, dict[str, list[str]]], owns: Owns) -> str:
     """The iptables-restore --noflush text that deletes every chain owns(table, chain) and
     every rule of another chain that jumps into one ("" if there are none)."""
@@ -68,13 +60,6 @@ def removal_input(saved: dict[str, dict[str, list[str]]], owns: Owns) -> str:
         out += [f"-X {chain}" for chain in ours]
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
-
-
-def remove_chains(owns: Owns) -> None:
-    """Delete, in one restore, the chains owns(table, chain) and every jump into them."""
-    text = removal_input(read_tables(), owns)
-    if text:
-        restore(text)
 
 
 def excerpt(text: str, keep_chain: Owns, keep_rule: Callable[[str, str, str, str], bool]) -> str:

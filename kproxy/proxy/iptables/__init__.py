@@ -13,8 +13,9 @@ What a reader finds here, one module per job:
   (``restore_input``) and a full sync's, written while it renders
   (``write_full_restore``).
 - chainscan.py: what a full sync reads of the tables (stale chains, missing jumps).
-- backend.py: everything the proxier asks of the node, behind one Protocol
-  (tests/fake_iptables.py is its in-memory fake).
+- kproxy/proxy/tables.py (shared with the other modes that write iptables):
+  everything the proxier asks of the node, behind one Protocol
+  (tests/fakes/iptables.py is its in-memory fake).
 - proxier.py: ``IptablesProxier``. One ``iptables-nft-restore --noflush`` per
   sync, run in the namespace of the calling thread (the agent runs inside its
   node's namespace); stale UDP conntrack entries deleted like kube-proxy
@@ -30,7 +31,6 @@ quadratic in the chains named (14 s at 10k) until the ``-Z`` (1.9 s).
 
 from __future__ import annotations
 
-from kproxy.proxy.iptables.backend import Backend, Commands
 from kproxy.proxy.iptables.excerpt import live_rules
 from kproxy.proxy.iptables.names import (endpoint_chain_name, is_own_chain, service_external_chain_name,
                                          service_port_chain_name)
@@ -41,7 +41,7 @@ from kproxy.proxy.iptables.rules import probability
 from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.mode import Mode, Option, Options
 
-__all__ = ["Backend", "Commands", "IptablesProxier", "LARGE_CLUSTER_ENDPOINTS", "Leftovers", "MODE", "RenderCache",
+__all__ = ["IptablesProxier", "LARGE_CLUSTER_ENDPOINTS", "Leftovers", "MODE", "RenderCache",
            "RestoreError", "Ruleset", "changed_service_ports", "endpoint_chain_name", "is_own_chain", "live_rules",
            "probability", "render", "restore_input", "service_external_chain_name",
            "service_port_chain_name", "write_full_restore"]

@@ -8,7 +8,7 @@ once the rules are rendered, so the reading overlaps the rendering.
 
 from __future__ import annotations
 
-from kproxy.proxy.iptables.backend import Backend, Reading
+from kproxy.proxy.tables import Backend, Reading
 from kproxy.proxy.iptables.names import is_own_chain, jumps_for
 from kproxy.proxy.iptables.render import Ruleset
 from kproxy.proxy.iptables.restore import Leftovers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from kproxy.proxy.iptables.backend import Backend, Commands
+from kproxy.proxy.tables import Backend, Commands
 from kproxy.proxy.iptables.names import is_own_chain
 from kproxy.proxy.saved import excerpt
 
@@ -25,7 +25,7 @@ def live_rules(owners: dict[str, str], service: str | None, backend: Backend | N
             return is_own_chain(table, chain) or is_own_chain(table, target)
         return chain in mine or target in mine or (is_own_chain(table, chain) and bool(named.search(rule)))
 
-    return excerpt((backend or Commands()).save(counters=True), keep_chain, keep_rule)
+    return excerpt((backend or Commands("iptables")).save(counters=True), keep_chain, keep_rule)
 
 
 def _names(service_port_name: str, service: str) -> bool:

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
-from kproxy.proxy.iptables.backend import Backend, Commands
+from kproxy.proxy.tables import Backend, Commands, remove_chains
 from kproxy.proxy.iptables.chainscan import ChainScan
 from kproxy.proxy.iptables.excerpt import live_rules
 from kproxy.proxy.iptables.names import is_own_chain
@@ -14,7 +14,6 @@ from kproxy.proxy.iptables.render import RenderCache, Ruleset, render
 from kproxy.proxy.iptables.restore import changed_service_ports, restore_input, write_full_restore
 from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.netfilter import usable_endpoints
-from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
 
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod (1 h) between forced full syncs
@@ -26,7 +25,7 @@ class IptablesProxier:
     Every command (iptables-nft-restore and friends, conntrack) is a child of the
     calling thread, so it acts on that thread's namespace: the agent runs inside
     its node; tests wrap calls in cni.netns.entered(path). backend: what runs
-    them (tests/fake_iptables.py keeps tables in memory instead).
+    them (tests/fakes/iptables.py keeps tables in memory instead).
 
     Syncs: the first one, the one after a failure or a cleanup, every
     `full_sync_every`-th one (0: never for that reason) and any once
@@ -45,7 +44,7 @@ class IptablesProxier:
         self.full_sync_every = full_sync_every
         self.full_sync_period = full_sync_period
         self.localhost_nodeports = localhost_nodeports
-        self.backend: Backend = backend if backend is not None else Commands()
+        self.backend: Backend = backend if backend is not None else Commands("iptables")
         self.ruleset: Ruleset | None = None  # what the kernel has from our last successful sync
         self.last_restore = ""  # the input of the last restore attempted (for tests and debugging)
         self.conntrack = StaleUdpCleaner(self.mode)
@@ -117,10 +116,7 @@ class IptablesProxier:
 
     def cleanup(self) -> None:
         """Remove every jump into our chains and all our chains (filter and nat), in one restore."""
-        saved = parse_save(self.backend.save("filter") + self.backend.save("nat"))
-        text = removal_input(saved, is_own_chain)
-        if text:
-            self.backend.restore(text)
+        remove_chains(self.backend, is_own_chain)
         self.ruleset = None
         self._need_full = True
         self.conntrack.reset()

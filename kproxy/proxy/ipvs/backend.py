@@ -4,7 +4,7 @@ The proxier (proxier.py) decides what to change; a Backend only does it or reads
 IPVS virtual servers and real servers over netlink, the kube-ipvs0 link and its
 addresses, ``ipset restore`` / list / destroy, iptables restore and reads, and
 sysctls. NetlinkBackend is the real one (pyroute2 and the tools, in the calling
-thread's network namespace); tests/fake_ipvs.py holds the same in memory, so the
+thread's network namespace); tests/fakes/ipvs.py holds the same in memory, so the
 sync logic is tested without root, as kube-proxy tests its proxier against a fake ipvs.
 """
 
@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kproxy import kmod
-from kproxy.proxy.kernel import restore, run, set_sysctl
+from kproxy.proxy.kernel import run
 from kproxy.proxy.ipvs.render import DUMMY, Dest, VirtualServer
-from kproxy.proxy.saved import read_tables
+from kproxy.proxy.tables import Commands, Tables, read_tables
 
 PERSISTENT = 0x0001  # IP_VS_SVC_F_PERSISTENT
 FWD_MASQ = 0  # IP_VS_CONN_F_MASQ
 PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
-Tables = dict[str, dict[str, list[str]]]  # table -> chain -> its "-A" rules (kproxy.proxy.saved.parse_save)
 
 
 @dataclass
@@ -99,6 +98,7 @@ class NetlinkBackend:
         self._ipr: Any = None
         self._ipvs: Any = None
         self._ifindex = 0  # kube-ipvs0's, known from ensure_link on
+        self._tables = Commands("ipvs")
 
     def open(self) -> None:
         if self._ipr is None:
@@ -183,13 +183,13 @@ class NetlinkBackend:
         subprocess.run(["ipset", "destroy", name], capture_output=True)
 
     def iptables_restore(self, text: str) -> None:
-        restore(text)
+        self._tables.restore(text)
 
     def iptables_tables(self) -> Tables:
-        return read_tables()
+        return read_tables(self._tables)
 
     def set_sysctl(self, name: str, value: str) -> None:
-        set_sysctl(name, value, "ipvs")
+        self._tables.set_sysctl(name, value)
 
 
 def _parse_service(msg: Any) -> VirtualServer | None:

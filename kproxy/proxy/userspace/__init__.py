@@ -14,7 +14,7 @@ loadbalancer):
   splice or copy both ways), ``udp`` (one association per client address).
 - ``status``: the listener table on an abstract unix socket, and the live
   rules with counters (`kproxy rules`).
-- ``backend``: the iptables-restore / iptables-save commands behind a Protocol.
+- the iptables-restore / iptables-save commands: kproxy/proxy/tables.py, shared with the other modes.
 - ``proxier``: ``UserspaceProxier``, the Proxier the agent runs.
 """
 

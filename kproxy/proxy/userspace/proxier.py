@@ -13,9 +13,9 @@ import time
 
 from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.netfilter import Jump
-from kproxy.proxy.saved import has_jump, removal_input
+from kproxy.proxy.saved import has_jump
+from kproxy.proxy.tables import Backend, Commands, read_tables, remove_chains
 from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
-from kproxy.proxy.userspace.backend import IptablesCommands, RulesBackend
 from kproxy.proxy.userspace.listener import ServiceProxy
 from kproxy.proxy.userspace.loop import ProxyLoop
 from kproxy.proxy.userspace.rules import JUMPS, Ruleset, is_own_chain, render
@@ -33,7 +33,7 @@ class RuleWriter:
     from the built-in chains that are missing (someone may have flushed them). Later writes
     restore only when the text differs from the one the kernel took last."""
 
-    def __init__(self, backend: RulesBackend) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.applied = ""  # the text (without jumps) the kernel took last
         self.last_restore = ""  # the input of the last restore attempted (for tests and debugging)
@@ -56,14 +56,12 @@ class RuleWriter:
 
     def remove(self) -> None:
         """Delete, in one restore, our chains and every jump into them."""
-        text = removal_input(self.backend.read_tables(), is_own_chain)
-        if text:
-            self.backend.restore(text)
+        remove_chains(self.backend, is_own_chain)
         self.applied = ""
         self.need_full = True
 
     def _missing_jumps(self) -> list[Jump]:
-        saved = self.backend.read_tables()
+        saved = read_tables(self.backend)
         return [j for j in JUMPS if not has_jump(saved.get(j.table, {}).get(j.chain, []), j.target)]
 
 
@@ -71,7 +69,7 @@ class UserspaceProxier:
     """The userspace mode on the node whose network namespace the calling thread is in (the agent's)."""
 
     def __init__(self, node: NodeInfo, *, copy: str = DEFAULT_COPY, udp_timeout: float = UDP_IDLE_TIMEOUT,
-                 backend: RulesBackend | None = None) -> None:
+                 backend: Backend | None = None) -> None:
         self.node = node
         self.copy = copy
         if self.copy not in COPY_MODES:
@@ -79,7 +77,7 @@ class UserspaceProxier:
         if self.copy == "splice" and not hasattr(os, "splice"):
             self.copy = "copy"
         self.udp_timeout = udp_timeout
-        self.backend = backend or IptablesCommands()
+        self.backend = backend or Commands("userspace")
         self.rules = RuleWriter(self.backend)
         self.loop: ProxyLoop | None = None
         self.proxies: dict[str, ServiceProxy] = {}  # ServicePort.key -> its listener

@@ -13,7 +13,7 @@ import socket
 from typing import Any, Callable
 
 from kproxy.proxy.saved import excerpt
-from kproxy.proxy.userspace.backend import IptablesCommands, RulesBackend
+from kproxy.proxy.tables import Backend, Commands
 from kproxy.proxy.userspace.loop import ProxyLoop, R
 from kproxy.proxy.userspace.rules import is_own_chain
 
@@ -99,7 +99,7 @@ def format_table(table: list[Row], service: str | None = None) -> str:
 
 
 def live_rules(service: str | None, table: list[Row] | None = None,
-               backend: RulesBackend | None = None) -> str:
+               backend: Backend | None = None) -> str:
     """Our portal rules from iptables-save -c (with [packets:bytes]), and the listener table;
     call inside the node's namespace. table None: ask the agent's proxy over its status socket."""
     named = re.compile(re.escape(service) + r'(?=[:\s"/]|$)') if service is not None else None
@@ -109,7 +109,7 @@ def live_rules(service: str | None, table: list[Row] | None = None,
             return is_own_chain(table, chain) or is_own_chain(table, target)
         return is_own_chain(table, chain) and bool(named.search(rule))
 
-    rules = excerpt((backend or IptablesCommands()).save_with_counters(), is_own_chain, keep_rule)
+    rules = excerpt((backend or Commands("userspace")).save(counters=True), is_own_chain, keep_rule)
     if table is None:
         table = query_status()
     listeners = format_table(table, service) if table is not None else "(no userspace proxy answers in this node)\n"

@@ -1,10 +1,12 @@
-"""What the iptables proxier asks of the node: restores, a few reads, two sysctls.
+"""A node's netfilter tables as the modes that write iptables reach them: restores, a few
+reads, sysctls.
 
-``Backend`` is all of it, so the proxier's bookkeeping (full or partial, what a partial
+``Backend`` is all of it, so a proxier's bookkeeping (full or partial, what a partial
 sync writes, what a failed restore forces) can be tested against a fake that keeps the
-tables in memory (tests/fake_iptables.py), as kube-proxy tests its proxier against
+tables in memory (tests/fakes/iptables.py), as kube-proxy tests its proxiers against
 its fake iptables. ``Commands`` is the real one: every method runs a child process (or
 opens /proc/sys) in the calling thread's network namespace, the node's.
+``read_tables`` and ``remove_chains`` are what every such mode reads and removes alike.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from contextlib import AbstractContextManager
 from typing import Callable, Protocol, TypeVar
 
 from kproxy.proxy import kernel
+from kproxy.proxy.saved import Owns, parse_save, removal_input
 
 T = TypeVar("T")
 Reading = Callable[[], T]  # a read under way: calling it waits for the answer
 Feed = Callable[[str], object]  # hands whole lines of restore input on
+Tables = dict[str, dict[str, list[str]]]  # table -> chain -> its "-A" lines, as saved.parse_save gives them
 
 
 class Backend(Protocol):
@@ -52,7 +56,11 @@ class Backend(Protocol):
 
 
 class Commands:
-    """The real backend: iptables-nft-restore, nft, iptables -S and iptables-save as children."""
+    """The real backend: iptables-nft-restore, nft, iptables -S and iptables-save as children.
+    mode: the mode it works for, named in what it reports."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
 
     def restore(self, text: str, *, counters: bool = False) -> None:
         kernel.restore(text, counters=counters)
@@ -75,7 +83,7 @@ class Commands:
         return kernel.run(argv).stdout
 
     def set_sysctl(self, name: str, value: str) -> None:
-        kernel.set_sysctl(name, value, "iptables")
+        kernel.set_sysctl(name, value, self.mode)
 
     def sysctl(self, name: str) -> str | None:
         try:
@@ -83,6 +91,18 @@ class Commands:
                 return f.read().strip()
         except OSError:
             return None
+
+
+def read_tables(backend: Backend) -> Tables:
+    """The filter and nat tables as they are now."""
+    return parse_save(backend.save("filter") + backend.save("nat"))
+
+
+def remove_chains(backend: Backend, owns: Owns) -> None:
+    """Delete, in one restore, the chains owns(table, chain) and every jump into them."""
+    text = removal_input(read_tables(backend), owns)
+    if text:
+        backend.restore(text)
 
 
 def _parse_chain_list(text: str) -> dict[str, list[str]]:

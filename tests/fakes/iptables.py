@@ -1,4 +1,5 @@
-"""An in-memory iptables for the iptables proxier (kproxy.proxy.iptables.backend.Backend), no root.
+"""An in-memory iptables (kproxy.proxy.tables.Backend), no root: the one fake of every mode
+that writes iptables.
 
 It keeps the filter and nat tables as chain -> rule lines and applies restore input
 as ``iptables-restore --noflush`` does, strictly: a chain is declared (``:CHAIN``,
@@ -15,22 +16,24 @@ import shlex
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from kproxy.proxy.iptables.backend import Feed, Reading
 from kproxy.proxy.kernel import RestoreError
-from kproxy.proxy.saved import jump_target
+from kproxy.proxy.saved import jump_target, parse_save
+from kproxy.proxy.tables import Feed, Reading, Tables
 
 BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")}
 # Targets that are extensions, not chains.
-TARGETS = {"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "MASQUERADE", "DNAT", "SNAT", "LOG", "CONNMARK"}
+TARGETS = {"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "MASQUERADE", "DNAT", "SNAT", "REDIRECT", "LOG", "CONNMARK"}
 
-Tables = dict[str, dict[str, list[str]]]
 
 
 class FakeIptables:
     """The tables of one fake node, and a record of what was asked of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, saved: str = "") -> None:
+        """saved: iptables-save text the node holds already (e.g. the CNI's chains)."""
         self.tables: Tables = {}  # as a fresh nft namespace: no table until something writes one
+        for table, chains in parse_save(saved).items():
+            self.tables[table] = {**{chain: [] for chain in BUILTIN[table]}, **chains}
         self.sysctls: dict[str, str] = {}
         self.restores: list[str] = []  # every restore input applied or refused, in order
         self.refuse: Callable[[str], bool] = lambda text: False  # a test's way to make a restore fail
@@ -78,6 +81,11 @@ class FakeIptables:
         return self.sysctls.get(name)
 
     # --- for tests ------------------------------------------------------------------
+
+    def refuse_next(self) -> None:
+        """The next restore is refused (as a bad input is); the ones after it are not."""
+        refused = iter([True])
+        self.refuse = lambda text: next(refused, False)
 
     def add(self, table: str, chain: str, *rules: str) -> None:
         """Someone else's chain (e.g. the CNI's) with rules ("-A CHAIN ..."), or rules in a built-in one."""
@@ -154,6 +162,6 @@ def _check_target(chains: dict[str, list[str]], spec: str) -> None:
 
 
 if TYPE_CHECKING:
-    from kproxy.proxy.iptables.backend import Backend
+    from kproxy.proxy.tables import Backend
 
     _backend: type[Backend] = FakeIptables

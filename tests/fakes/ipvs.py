@@ -2,7 +2,7 @@
 
 It holds virtual servers, real servers with weights and connection counts, the
 kube-ipvs0 link and its addresses, ipsets (it reads ``ipset restore`` input),
-iptables tables (tests/fakes/rules_backend.py reads the restore input) and
+iptables tables (tests/fakes/iptables.py reads the restore input) and
 sysctls, and refuses what the kernel refuses (adding what exists, deleting what
 does not), so a proxier that loses track of the kernel fails here too. ``calls``
 lists every change made, in order, for tests that check what a sync touched.
@@ -14,10 +14,11 @@ import copy
 from typing import Callable, Iterable, Mapping
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
-from kproxy.proxy.ipvs.backend import RealServer, Tables
+from kproxy.proxy.ipvs.backend import RealServer
+from kproxy.proxy.tables import Tables, read_tables
 from kproxy.proxy.ipvs.render import Dest, VirtualServer, VsKey
 from kproxy.proxy.types import Endpoint, ProxyState, ServicePort
-from tests.fakes.rules_backend import FakeRulesBackend
+from tests.fakes.iptables import FakeIptables
 
 
 
@@ -30,7 +31,7 @@ class FakeIpvs:
         self.link = False
         self.addresses: set[str] = set()
         self.ipsets: dict[str, tuple[str, set[str]]] = {}  # name -> (type, entries)
-        self.rules = FakeRulesBackend()
+        self.rules = FakeIptables()
         self.sysctls: dict[str, str] = {}
         self.opened = False
         self.calls: list[str] = []
@@ -175,7 +176,7 @@ class FakeIpvs:
         self.rules.restore(text)
 
     def iptables_tables(self) -> Tables:
-        return self.rules.read_tables()
+        return read_tables(self.rules)
 
     def set_sysctl(self, name: str, value: str) -> None:
         self.sysctls[name] = value
