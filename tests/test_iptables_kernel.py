@@ -178,7 +178,7 @@ def test_failed_restore_keeps_previous_rules_and_next_sync_is_full(netns) -> Non
         proxier = IptablesProxier(NODE)
         proxier.sync(state())
         before = save()
-        proxier.backend = BadRule()
+        proxier.backend = BadRule("iptables")
         with pytest.raises(RestoreError):
             proxier.sync(state(svc4_endpoints=("10.180.0.7",)))
         failed = save()

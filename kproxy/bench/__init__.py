@@ -1,4 +1,7 @@
-"""Benchmarks a person runs by hand (scripts/bench-*); results live in docs/."""
+"""Benchmarks a person runs by hand (scripts/bench-*); results live in docs/.
+
+They ship in the product, not under tests/, because users run them to compare modes and
+overlays on their own machines; no test depends on their numbers."""
 
 import os
 import sys
