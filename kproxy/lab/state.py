@@ -88,6 +88,9 @@ class LabState:
     def from_json(cls, raw: dict[str, Any]) -> LabState:
         nodes = {k: NodeState(**v) for k, v in raw.pop("nodes", {}).items()}
         pods = {k: PodState(**v) for k, v in raw.pop("pods", {}).items()}
+        scheduler = raw.pop("ipvs_scheduler", "")  # a lab brought up before mode options existed
+        if scheduler and "mode_options" not in raw:
+            raw["mode_options"] = {"scheduler": scheduler}
         return cls(**raw, nodes=nodes, pods=pods)
 
 
