@@ -12,6 +12,7 @@ import pytest
 from kproxy.proxy.ipvs import IpvsProxier
 from kproxy.proxy.ipvs.render import VirtualServer, iptables_rules
 from kproxy.proxy.saved import parse_save
+from kproxy.proxy.tables import read_tables
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 from tests.fakes.ipvs import FakeConntrack, FakeIpvs
 from tests.fakes.iptables import FakeIptables
@@ -199,7 +200,7 @@ def test_a_partial_sync_leaves_drift_alone_and_a_full_sync_repairs_it() -> None:
     node = Node()
     node.proxier.full_sync_period = 3600
     node.sync((HTTP, [A, B]), (API, [C]))
-    before = (node.fake.ipvsadm(), set(node.fake.addresses), node.fake.iptables_tables())
+    before = (node.fake.ipvsadm(), set(node.fake.addresses), read_tables(node.fake.netfilter))
     # Someone else changes the kernel behind the proxier's back.
     node.fake.open()
     node.fake.delete_real_server(node.fake.virtual[WEB80], A_DEST)
@@ -208,16 +209,16 @@ def test_a_partial_sync_leaves_drift_alone_and_a_full_sync_repairs_it() -> None:
     node.fake.delete_address("10.96.0.20")
     node.fake.add_address("10.96.0.99")
     node.fake.ipset_restore("del KUBE-CLUSTER-IP 10.96.0.10,tcp:80\n")
-    node.fake.iptables_restore("*nat\n-D PREROUTING -m comment --comment \"kubernetes service portals\" "
-                               "-j KUBE-SERVICES\nCOMMIT\n")
-    drifted = (node.fake.ipvsadm(), set(node.fake.addresses), node.fake.iptables_tables())
+    node.fake.netfilter.restore("*nat\n-D PREROUTING -m comment --comment \"kubernetes service portals\" "
+                                "-j KUBE-SERVICES\nCOMMIT\n")
+    drifted = (node.fake.ipvsadm(), set(node.fake.addresses), read_tables(node.fake.netfilter))
     result = node.sync((HTTP, [A, B]), (API, [C]))
     assert not result.full and result.changed_services == 0
-    assert (node.fake.ipvsadm(), set(node.fake.addresses), node.fake.iptables_tables()) == drifted
+    assert (node.fake.ipvsadm(), set(node.fake.addresses), read_tables(node.fake.netfilter)) == drifted
     node.proxier.full_sync_period = 0  # the next sync is a full one
     result = node.sync((HTTP, [A, B]), (API, [C]))
     assert result.full
-    assert (node.fake.ipvsadm(), set(node.fake.addresses), node.fake.iptables_tables()) == before
+    assert (node.fake.ipvsadm(), set(node.fake.addresses), read_tables(node.fake.netfilter)) == before
     assert node.fake.entries("KUBE-CLUSTER-IP") == {"10.96.0.10,tcp:80", "10.96.0.20,tcp:8080"}
     # Both service ports repaired, and the stray virtual server and address no port owns.
     assert result.changed_services == 4
@@ -247,10 +248,12 @@ def test_a_new_lab_scheduler_is_set_on_existing_virtual_servers_not_annotated_on
     node.sync((HTTP, [A]), (own, []))
     assert node.fake.ipvsadm() == ["TCP 10.96.0.10:80 wrr", "  -> 10.244.1.2:8080 1 0 0", "TCP 10.96.0.11:80 mh"]
     again = Node(scheduler="sh", fake=node.fake)  # `lab up --mode-opt scheduler=sh` restarts the agents
+    restores = len(node.fake.netfilter.restores)
     result = again.sync((HTTP, [A]), (own, []))
     assert result.full and result.changed_services == 1
-    # (a full sync also rewrites the ipsets and the iptables rules whole)
-    assert node.fake.calls == ["ipset_restore", "iptables_restore", "set_virtual_server TCP 10.96.0.10:80 sh 0"]
+    # (a full sync also rewrites the ipsets and, in one restore, the iptables rules whole)
+    assert node.fake.calls == ["ipset_restore", "set_virtual_server TCP 10.96.0.10:80 sh 0"]
+    assert [text.startswith(iptables_rules(NODE)) for text in node.fake.netfilter.restores[restores:]] == [True]
     # A Service's annotation and affinity changing: the virtual server is updated in place.
     result = again.sync((HTTP, [A]), (ServicePort("default", "x", "", "TCP", "10.96.0.11", 80, mode_info="lc",
                                                   affinity_seconds=30), []))

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import subprocess
 from contextlib import AbstractContextManager
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, Iterable, Protocol, TypeVar
 
 from kproxy.proxy import kernel
-from kproxy.proxy.saved import Owns, parse_save, removal_input
+from kproxy.proxy.netfilter import Jump
+from kproxy.proxy.saved import Owns, has_jump, parse_save, removal_input
 
 T = TypeVar("T")
 Reading = Callable[[], T]  # a read under way: calling it waits for the answer
@@ -103,6 +104,12 @@ def remove_chains(backend: Backend, owns: Owns) -> None:
     text = removal_input(read_tables(backend), owns)
     if text:
         backend.restore(text)
+
+
+def missing_jumps(backend: Backend, jumps: Iterable[Jump]) -> list[Jump]:
+    """The jumps (with their comments) the built-in chains lack now."""
+    saved = read_tables(backend)
+    return [j for j in jumps if not has_jump(saved.get(j.table, {}).get(j.chain, []), j.target, j.comment)]
 
 
 def _parse_chain_list(text: str) -> dict[str, list[str]]:

@@ -36,6 +36,12 @@ class ServicePort:
         object.__setattr__(self, "key", f"{name}/{self.protocol}")
 
 
+def names_service_port(service: str, service_port_name: str) -> bool:
+    """Whether service, as `kproxy rules --service` takes it ("ns/name" or "ns/name:port"),
+    names the service port called service_port_name ("ns/name:port", or "ns/name")."""
+    return service_port_name == service or service_port_name.split(":")[0] == service
+
+
 @dataclass(frozen=True)
 class Endpoint:
     ip: str

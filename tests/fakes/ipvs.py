@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.ipvs.backend import RealServer
-from kproxy.proxy.tables import Tables, read_tables
+from kproxy.proxy.tables import Tables
 from kproxy.proxy.ipvs.render import Dest, VirtualServer, VsKey
 from kproxy.proxy.types import Endpoint, ProxyState, ServicePort
 from tests.fakes.iptables import FakeIptables
@@ -31,8 +31,7 @@ class FakeIpvs:
         self.link = False
         self.addresses: set[str] = set()
         self.ipsets: dict[str, tuple[str, set[str]]] = {}  # name -> (type, entries)
-        self.rules = FakeIptables()
-        self.sysctls: dict[str, str] = {}
+        self.netfilter = FakeIptables()  # its iptables rules and sysctls
         self.opened = False
         self.calls: list[str] = []
 
@@ -56,7 +55,11 @@ class FakeIpvs:
 
     @property
     def tables(self) -> Tables:
-        return self.rules.tables
+        return self.netfilter.tables
+
+    @property
+    def sysctls(self) -> dict[str, str]:
+        return self.netfilter.sysctls
 
     def entries(self, name: str) -> set[str]:
         return self.ipsets[name][1]
@@ -170,16 +173,6 @@ class FakeIpvs:
     def ipset_destroy(self, name: str) -> None:
         if self.ipsets.pop(name, None) is not None:
             self.calls.append(f"ipset_destroy {name}")
-
-    def iptables_restore(self, text: str) -> None:
-        self.calls.append("iptables_restore")
-        self.rules.restore(text)
-
-    def iptables_tables(self) -> Tables:
-        return read_tables(self.rules)
-
-    def set_sysctl(self, name: str, value: str) -> None:
-        self.sysctls[name] = value
 
     def _change(self, call: str) -> None:
         self._check_open()

@@ -7,6 +7,7 @@ import re
 from kproxy.proxy.tables import Backend, Commands
 from kproxy.proxy.iptables.names import is_own_chain
 from kproxy.proxy.saved import excerpt
+from kproxy.proxy.types import names_service_port
 
 
 def live_rules(owners: dict[str, str], service: str | None, backend: Backend | None = None) -> str:
@@ -14,7 +15,7 @@ def live_rules(owners: dict[str, str], service: str | None, backend: Backend | N
     rules, or to those of one service ("ns/name" or "ns/name:port"): its chains (owners: service
     chain -> servicePortName), and the lines of the shared chains that jump to them or name the
     service in a comment. Runs in the calling thread's namespace."""
-    mine = {c for c, owner in owners.items() if _names(owner, service)} if service is not None else set()
+    mine = {c for c, owner in owners.items() if names_service_port(service, owner)} if service is not None else set()
     named = re.compile(re.escape(service) + r'(?=[:\s"]|$)') if service is not None else None
 
     def keep_chain(table: str, chain: str) -> bool:
@@ -26,8 +27,3 @@ def live_rules(owners: dict[str, str], service: str | None, backend: Backend | N
         return chain in mine or target in mine or (is_own_chain(table, chain) and bool(named.search(rule)))
 
     return excerpt((backend or Commands("iptables")).save(counters=True), keep_chain, keep_rule)
-
-
-def _names(service_port_name: str, service: str) -> bool:
-    """Whether service ("ns/name" or "ns/name:port") names this service port."""
-    return service_port_name == service or service_port_name.split(":")[0] == service

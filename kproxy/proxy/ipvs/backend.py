@@ -2,8 +2,8 @@
 
 The proxier (proxier.py) decides what to change; a Backend only does it or reads it back:
 IPVS virtual servers and real servers over netlink, the kube-ipvs0 link and its
-addresses, ``ipset restore`` / list / destroy, iptables restore and reads, and
-sysctls. NetlinkBackend is the real one (pyroute2 and the tools, in the calling
+addresses, ``ipset restore`` / list / destroy; iptables and sysctls through its
+``netfilter`` (kproxy/proxy/tables.py, as every mode that writes iptables). NetlinkBackend is the real one (pyroute2 and the tools, in the calling
 thread's network namespace); tests/fakes/ipvs.py holds the same in memory, so the
 sync logic is tested without root, as kube-proxy tests its proxier against a fake ipvs.
 """
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from kproxy import kmod
 from kproxy.proxy.kernel import run
 from kproxy.proxy.ipvs.render import DUMMY, Dest, VirtualServer
-from kproxy.proxy.tables import Commands, Tables, read_tables
+from kproxy.proxy import tables
 
 PERSISTENT = 0x0001  # IP_VS_SVC_F_PERSISTENT
 FWD_MASQ = 0  # IP_VS_CONN_F_MASQ
@@ -74,18 +74,8 @@ class Backend(Protocol):
         """Destroy the set; nothing if there is none."""
         ...
 
-    # iptables and sysctls
-    def iptables_restore(self, text: str) -> None:
-        """One iptables-restore --noflush of text."""
-        ...
-
-    def iptables_tables(self) -> Tables:
-        """The filter and nat tables."""
-        ...
-
-    def set_sysctl(self, name: str, value: str) -> None:
-        """Set a sysctl ("net/ipv4/vs/conntrack"); a failure is reported, not fatal."""
-        ...
+    # iptables rules and sysctls: the node's netfilter tables, as the other modes reach them
+    netfilter: tables.Backend
 
 
 class NetlinkBackend:
@@ -98,7 +88,7 @@ class NetlinkBackend:
         self._ipr: Any = None
         self._ipvs: Any = None
         self._ifindex = 0  # kube-ipvs0's, known from ensure_link on
-        self._tables = Commands("ipvs")
+        self.netfilter: tables.Backend = tables.Commands("ipvs")
 
     def open(self) -> None:
         if self._ipr is None:
@@ -182,14 +172,6 @@ class NetlinkBackend:
     def ipset_destroy(self, name: str) -> None:
         subprocess.run(["ipset", "destroy", name], capture_output=True)
 
-    def iptables_restore(self, text: str) -> None:
-        self._tables.restore(text)
-
-    def iptables_tables(self) -> Tables:
-        return read_tables(self._tables)
-
-    def set_sysctl(self, name: str, value: str) -> None:
-        self._tables.set_sysctl(name, value)
 
 
 def _parse_service(msg: Any) -> VirtualServer | None:

@@ -6,6 +6,7 @@ import ipaddress
 
 from kproxy.proxy.ipvs.backend import Backend
 from kproxy.proxy.ipvs.render import IPSETS, VirtualServer, VsKey, vs_order
+from kproxy.proxy.types import names_service_port
 
 
 def live_excerpt(backend: Backend, owners: dict[VsKey, str], service: str | None = None) -> str:
@@ -17,7 +18,7 @@ def live_excerpt(backend: Backend, owners: dict[VsKey, str], service: str | None
              "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
     for vs in sorted(backend.virtual_servers(), key=lambda vs: vs_order(vs.key)):
         owner = owners.get(vs.key, "")
-        if service is not None and not (owner == service or owner.split(":")[0] == service):
+        if service is not None and not names_service_port(service, owner):
             continue
         flags = f" persistent {vs.persistence}" if vs.persistence else ""
         comment = f"  # {owner}" if owner else ""

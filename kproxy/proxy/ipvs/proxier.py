@@ -26,7 +26,7 @@ from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, IPSETS, JUMPS, SCHEDULE
                                       render_service, tmp_set)
 from kproxy.proxy.ipvs.tracking import Diff, Entry, Programmed, ShareChanges, Shares, Signature
 from kproxy.proxy.netfilter import restore_tables, usable_endpoints
-from kproxy.proxy.saved import has_jump, removal_input
+from kproxy.proxy.tables import missing_jumps, remove_chains
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 SYSCTLS = {
@@ -185,12 +185,11 @@ class IpvsProxier:
         """The rules that use the ipsets (the same for every state of a node), when they changed."""
         iptables = iptables_rules(self.node)
         if iptables != self.programmed.iptables:
-            self.backend.iptables_restore(iptables + self._missing_jumps())
+            self.backend.netfilter.restore(iptables + self._missing_jumps())
             self.programmed.iptables = iptables
 
     def _missing_jumps(self) -> str:
-        saved = self.backend.iptables_tables()
-        missing = [j for j in JUMPS if not has_jump(saved.get(j.table, {}).get(j.chain, []), j.target, j.comment)]
+        missing = missing_jumps(self.backend.netfilter, JUMPS)
         tables = {table: ((), ()) for table in ("nat", "filter") if any(j.table == table for j in missing)}
         return restore_tables(tables, missing) if tables else ""
 
@@ -314,7 +313,7 @@ class IpvsProxier:
     def _prepare_node(self) -> None:
         self.backend.ensure_link()
         for name, value in SYSCTLS.items():  # /proc/sys/net/ipv4/vs exists once ip_vs is loaded
-            self.backend.set_sysctl(name, value)
+            self.backend.netfilter.set_sysctl(name, value)
 
     def _read_back(self) -> None:
         """Start over from what the kernel holds (the full sync that follows visits every virtual
@@ -365,9 +364,7 @@ class IpvsProxier:
             self.backend.delete_link()
         finally:
             self.close()
-        removal = removal_input(self.backend.iptables_tables(), is_own_chain)
-        if removal:
-            self.backend.iptables_restore(removal)
+        remove_chains(self.backend.netfilter, is_own_chain)
         for name in IPSETS:
             for set_name in (name, tmp_set(name)):
                 self.backend.ipset_destroy(set_name)

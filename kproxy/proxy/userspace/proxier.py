@@ -13,8 +13,7 @@ import time
 
 from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.netfilter import Jump
-from kproxy.proxy.saved import has_jump
-from kproxy.proxy.tables import Backend, Commands, read_tables, remove_chains
+from kproxy.proxy.tables import Backend, Commands, missing_jumps, remove_chains
 from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
 from kproxy.proxy.userspace.listener import ServiceProxy
 from kproxy.proxy.userspace.loop import ProxyLoop
@@ -61,8 +60,7 @@ class RuleWriter:
         self.need_full = True
 
     def _missing_jumps(self) -> list[Jump]:
-        saved = read_tables(self.backend)
-        return [j for j in JUMPS if not has_jump(saved.get(j.table, {}).get(j.chain, []), j.target)]
+        return missing_jumps(self.backend, JUMPS)
 
 
 class UserspaceProxier:

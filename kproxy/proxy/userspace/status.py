@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from kproxy.proxy.saved import excerpt
 from kproxy.proxy.tables import Backend, Commands
+from kproxy.proxy.types import names_service_port
 from kproxy.proxy.userspace.loop import ProxyLoop, R
 from kproxy.proxy.userspace.rules import is_own_chain
 
@@ -78,12 +79,8 @@ def query_status(timeout: float = 2.0) -> list[Row] | None:
     return list(json.loads(b"".join(chunks)))
 
 
-def _names(service_port_name: str, service: str) -> bool:
-    return service_port_name == service or service_port_name.split(":")[0] == service
-
-
 def format_table(table: list[Row], service: str | None = None) -> str:
-    rows = [r for r in table if service is None or _names(r["service"], service)]
+    rows = [r for r in table if service is None or names_service_port(service, r["service"])]
     head = ("SERVICE", "PROTO", "PORTAL", "PROXY PORT", "ENDPOINTS", "LIVE", "ACCEPTED", "DIAL FAILURES")
     lines = [head]
     for r in rows:
