@@ -92,9 +92,6 @@ class FakeIptables:
         self.apply(f"*{table}\n" + (f":{chain} - [0:0]\n" if chain not in BUILTIN[table] else "")
                    + "".join(rule + "\n" for rule in rules) + "COMMIT\n")
 
-    def chains(self, table: str) -> list[str]:
-        return list(self.tables.get(table, {}))
-
     def apply(self, text: str) -> None:
         """Apply restore --noflush input; RestoreError (naming the line) if a table refuses it."""
         work: dict[str, list[str]] | None = None

@@ -11,7 +11,7 @@ lists every change made, in order, for tests that check what a sync touched.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.ipvs.backend import RealServer
@@ -195,3 +195,8 @@ class FakeConntrack(StaleUdpCleaner):
              usable: Callable[[list[Endpoint]], Iterable[Endpoint]]) -> None:
         self.synced.append(sorted(by_key))
 
+
+if TYPE_CHECKING:  # FakeIpvs is a Backend, checked by a type checker
+    from kproxy.proxy.ipvs.backend import Backend
+
+    _backend: type[Backend] = FakeIpvs
