@@ -16,7 +16,6 @@ from kproxy import cliargs
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
-from kproxy.proxy.mode import parse_option_pairs
 
 PROG = "kproxy"
 DEBUG_ENV = "KPROXY_DEBUG"  # set: unexpected errors show their traceback
@@ -37,7 +36,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     _need_root()
     started = time.monotonic()
     with lab_lock(topology.name):
-        state, report = build.up(topology, args.mode, parse_option_pairs(args.mode_opt))
+        state, report = build.up(topology, args.mode, dict(args.mode_opt))
         cluster = Cluster(state.name)
         lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
@@ -296,14 +295,13 @@ def cmd_rules(args: argparse.Namespace) -> int:
         raise KproxyError(f"lab {lab} has no node {args.node!r} (nodes: {', '.join(sorted(lab_state.nodes))})")
     view = Store(lab_dir(lab) / "store").read()
     service = args.service if args.service is None or "/" in args.service else f"{args.namespace}/{args.service}"
-    if service and not any(f"{s['metadata'].get('namespace', 'default')}/{s['metadata']['name']}" == service.split(":")[0]
-                           for s in view.of_kind("Service")):
+    if service and f"Service/{service.split(':')[0]}" not in view.objects:
         raise KproxyError(f"service {service} not found")
     mode = proxy_mode(lab_state.mode)
     desired = proxy_state(view.of_kind("Service"), view.of_kind("EndpointSlice"), mode.service_info)
     node = node_info(view.objects[f"Node/{args.node}"], lab_state.pod_cidr)
     with entered(ns_path(lab, args.node)):
-        print(mode.rules_excerpt(desired, node, service))
+        print(mode.rules_excerpt(desired, node, mode.options_of(lab_state.mode_options), service))
     return 0
 
 
@@ -315,7 +313,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from kproxy.textinput import read_manifest_files
 
     mode = proxy_mode(args.mode)
-    options = mode.options_of(parse_option_pairs(args.mode_opt))
+    options = mode.options_of(dict(args.mode_opt))
     services, pods, slices = render_objects(read_manifest_files(args.file))
     controllers.allocate_cluster_ips(services, [])
     controllers.allocate_node_ports(services, [])
@@ -327,11 +325,18 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _mode_option_argument(parser: argparse.ArgumentParser, more: str = "") -> None:
-    known = "; ".join(f"{name}: " + (", ".join(f"{o.name}={'|'.join(o.choices)} (default {o.default})"
-                                               for o in proxy_mode(name).options) or "none")
-                      for name in MODES)
-    parser.add_argument("--mode-opt", action="append", default=[], metavar="NAME=VALUE",
-                        help=f"an option of the proxy mode (repeatable); {more}Options: {known}")
+    parser.add_argument("--mode-opt", action="append", default=[], type=cliargs.MODE_OPTION, metavar="NAME=VALUE",
+                        help=f"an option of the proxy mode (repeatable); {more}'kproxy modes' lists them")
+
+
+def cmd_modes(args: argparse.Namespace) -> int:
+    for name in MODES:
+        mode = proxy_mode(name)
+        print(f"{name}{' (default)' if name == DEFAULT_MODE else ''}: {mode.summary}")
+        for option in mode.options:
+            print(f"  --mode-opt {option.name}={'|'.join(option.choices)}  (default {option.default})")
+            print(f"      {option.help}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
     p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_rules)
+    p = sub.add_parser("modes", help="the proxy modes and their options (--mode, --mode-opt)")
+    p.set_defaults(func=cmd_modes)
     p = sub.add_parser("render", help="print the rules a mode would program for Service/EndpointSlice/Pod YAML "
                                       "(no root, no lab)")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)

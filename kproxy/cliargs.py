@@ -13,6 +13,7 @@ from kproxy.lab.topology import lab_name, valid_node_name
 # The rules manifests' metadata follows, so -n and names on the command line mean the same.
 from kproxy.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN
 from kproxy.selectors import label_key_error, label_value_error
+from kproxy.proxy.mode import parse_option
 
 USAGE_ERROR = 2
 
@@ -103,4 +104,5 @@ IPV4_ADDRESS = _argument("IPv4 address", _ipv4_address)
 IPV4_NETWORK = _argument("IPv4 CIDR", _ipv4_network)
 REPLICAS = _argument("replicas", _replicas)
 LABEL = _argument("label", _label)
+MODE_OPTION = _argument("mode option", parse_option)
 DEPLOYMENT = _argument("deploy/NAME", _deployment)

@@ -93,7 +93,7 @@ def _service_ports(svc: Obj) -> str:
     out = []
     for p in svc["spec"]["ports"]:
         node_port = f":{p['nodePort']}" if p.get("nodePort") and svc["spec"].get("type") == "NodePort" else ""
-        out.append(f"{p['port']}{node_port}/{p.get('protocol', 'TCP')}")
+        out.append(f"{p['port']}{node_port}/{p['protocol']}")
     return ",".join(out)
 
 

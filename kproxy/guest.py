@@ -1,8 +1,8 @@
 """The guest lane: run a command inside a QEMU guest that boots Debian's stock kernel.
 
 It ships in the product, not under tests/, because users meet it too: `scripts/demo`
-(kproxy.demo) and the IPVS benchmark run their IPVS part in it where the host kernel
-has no IPVS. The test suite's use of it is tests/guestlane.py.
+(kproxy.demo) runs a mode's scene in it where the host kernel lacks a module that mode
+needs (IPVS, here), and the IPVS benchmark its IPVS part. The test suite's use of it is tests/guestlane.py.
 
 Some kernels (this project's CI machine among them) have no IPVS and no
 ``dummy`` links. Debian's stock kernel has both as modules, so where the host

@@ -152,7 +152,7 @@ _SERVICE_PORT = ("name", "protocol", "appProtocol", "port", "targetPort", "nodeP
 
 
 def _service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],
-             spec: dict[str, Any]) -> Service:
+             spec: dict[str, Any]) -> Obj:
     fields.known(spec, _SERVICE_SPEC, "spec")
     type_ = fields.as_str(spec.get("type"), "spec.type") or "ClusterIP"
     if type_ in ("LoadBalancer", "ExternalName"):

@@ -49,6 +49,9 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (["render", "--cluster-cidr", "10.244.0.1/16", "-f", str(WEB)],
      "kproxy render: error: argument --cluster-cidr: '10.244.0.1/16' is not an IPv4 CIDR "
      "(10.244.0.1/16 has host bits set) (see 'kproxy render --help')"),
+    (["render", "--mode-opt", "scheduler", "-f", str(WEB)],
+     "kproxy render: error: argument --mode-opt: mode option 'scheduler': expected NAME=VALUE "
+     "(see 'kproxy render --help')"),
     (["scale", "deploy/web", "--replicas", "-1"],
      "kproxy scale: error: argument --replicas: '-1' is not a whole number, 0 or more (see 'kproxy scale --help')"),
     (["scale", "web", "--replicas", "1"],
@@ -75,7 +78,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
      "(see 'kproxy lab up --help')"),
     (["nonsense"],
      "kproxy: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'lab', 'apply', 'delete', 'get', "
-     "'scale', 'rollout', 'rules', 'render', 'exec') (see 'kproxy --help')"),
+     "'scale', 'rollout', 'rules', 'modes', 'render', 'exec') (see 'kproxy --help')"),
 ])
 def test_a_bad_argument_is_one_line_naming_it_and_exit_2(state_dir: Path, argv: list[str], error: str) -> None:
     assert run(*argv) == (2, "", error + "\n")

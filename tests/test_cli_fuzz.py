@@ -37,7 +37,7 @@ MANIFESTS = sorted((REPO / "examples" / "services").glob("*.yaml"))
 TOPOLOGY = REPO / "examples" / "lab.yaml"
 MISSING_LABS = [f"fz{os.getpid() % 100000}-{i}" for i in range(3)]  # no lab of anyone's has these names
 FILE = "\0file"  # stands for the example's file in a drawn argv
-QUIET_SUCCESS = {cli.cmd_render, cli.cmd_lab_ls}  # the only commands that may succeed with no lab
+QUIET_SUCCESS = {cli.cmd_render, cli.cmd_lab_ls, cli.cmd_modes}  # the only commands that may succeed with no lab
 # What render takes beyond the shipped manifests: an EndpointSlice, and a Pod with its status.
 RENDER_DOCS = [
     {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kproxy import cli
 from kproxy.errors import KproxyError
 from kproxy.proxy import DEFAULT_MODE, MODES, PACKAGES, mode
 from kproxy.proxy.mode import parse_option_pairs
@@ -36,6 +37,21 @@ def test_options_get_their_defaults_and_bad_ones_are_refused() -> None:
         mode("ipvs").options_of({"copy": "splice"})
     with pytest.raises(KproxyError, match=r"^mode ipvs: option scheduler: 'fast' is not one of rr, wrr, "):
         mode("ipvs").options_of({"scheduler": "fast"})
+
+
+def test_kproxy_modes_lists_every_mode_with_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["modes"]) == 0
+    assert capsys.readouterr().out == """\
+iptables (default): kube-proxy's iptables mode: KUBE-SVC/SEP chains, one iptables-nft-restore per sync
+  --mode-opt localhost-nodeports=true|false  (default true)
+      NodePorts answer on 127.0.0.1 too (kube-proxy's --iptables-localhost-nodeports)
+userspace: kube-proxy's first mode: iptables portals REDIRECT to a proxy process that copies bytes
+  --mode-opt copy=splice|copy  (default splice)
+      how the proxy moves bytes: splice(2) through a pipe, or recv/send (docs/userspace.md)
+ipvs: kube-proxy's IPVS mode: virtual servers, kube-ipvs0 and ipsets
+  --mode-opt scheduler=rr|wrr|lc|wlc|lblc|lblcr|dh|sh|sed|nq|fo|ovf|mh  (default rr)
+      the lab's IPVS scheduler; a Service's kproxy.io/ipvs-scheduler annotation overrides it
+"""
 
 
 def test_option_pairs() -> None:

@@ -353,6 +353,8 @@ def test_mode_options_reach_the_agents_are_kept_and_a_change_restarts_them(tmp_p
 
         kproxy("lab", "up", "--name", name)  # no options given: the lab's are kept, the agents stay
         assert status(name)["modeOptions"] == {"copy": "copy"} and agents(name) == first
+        kproxy("lab", "up", "--name", name, "--mode-opt", "copy=copy")  # the same again: nothing restarts
+        assert agents(name) == first
 
         bad = kproxy("lab", "up", "--name", name, "--mode-opt", "copy=fast", check=False)
         assert (bad.returncode, bad.stderr) == (

@@ -9,8 +9,8 @@ For each size N (N Services, 2 endpoints each):
   full sync      the agent's first sync into a fresh node namespace, timed as
                  kube-proxy's kubeproxy_sync_proxy_rules_duration_seconds: the
                  proxy mode's sync, from that state to rules in the kernel
-  restore alone  the agent's iptables-restore command on the same rules text into
-                 a fresh namespace, nothing else
+  restore alone  iptables-nft-restore of iptables mode's rules for the same Services
+                 into a fresh namespace, nothing else: the baseline of every mode
   ratio          full sync / restore alone; "with tracker": (tracker + full sync) / restore alone
   one change     one EndpointSlice written to the store, until the agent has
                  the new rules in the kernel (end to end, tracker included; median of 5)
@@ -146,8 +146,7 @@ def bench_size(n: int, mode: str, prefix: str, repeat: int) -> dict[str, float]:
                 status = wait_version(lab_dir, version, poll=0.02)  # the agent times itself: no need to poll fast
                 samples["tracker"].append(status["tracker_seconds"])
                 samples["full"].append(status["seconds"])
-                if text:
-                    samples["restore"].append(restore_alone(text, f"{prefix}-r{n}"))
+                samples["restore"].append(restore_alone(text, f"{prefix}-r{n}"))
                 if r < repeat - 1:
                     continue
                 changes = []
@@ -179,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{'with tracker':>12}  {'one change':>10}  {'agent RSS':>9}")
     for n in (int(s) for s in args.sizes.split(",")):
         row = bench_size(n, args.mode, prefix, args.repeat)
-        alone = row.get("restore")
-        ratios = [f"{row['full'] / alone:.2f}", f"{(row['tracker'] + row['full']) / alone:.2f}"] if alone else ["-", "-"]
+        alone = row["restore"]
+        ratios = [f"{row['full'] / alone:.2f}", f"{(row['tracker'] + row['full']) / alone:.2f}"]
         print(f"{n:>8}  {row['tracker'] * 1000:>6.0f}ms  {row['full'] * 1000:>7.0f}ms  "
-              f"{f'{alone * 1000:.0f}ms' if alone else '-':>13}  {ratios[0]:>5}  {ratios[1]:>12}  "
+              f"{f'{alone * 1000:.0f}ms':>13}  {ratios[0]:>5}  {ratios[1]:>12}  "
               f"{row['change'] * 1000:>8.1f}ms  {row['rss']:>6.0f}MiB", flush=True)
     return 0
 

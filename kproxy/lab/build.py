@@ -132,13 +132,14 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
         teardown(topology.name)  # leftovers of a crash before any state was written
     state = plan(topology, previous, mode, mode_options)
     chosen = proxy_mode(state.mode)
+    options = chosen.options_of(state.mode_options)
     # Before anything is made: a kernel that lacks a module gets a refusal, not a half-built lab.
-    loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(chosen.options_of(state.mode_options))])
+    loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(options)])
     if loaded:
         say(kmod.notice(loaded))
     directory = lab_dir(state.name)
     directory.mkdir(parents=True, exist_ok=True)
-    if previous is not None and (previous.mode, previous.mode_options) != (state.mode, state.mode_options):
+    if previous is not None and (previous.mode != state.mode or chosen.options_of(previous.mode_options) != options):
         # Before the new state is saved: a crash midway leaves the old one, and the next up does this again.
         _stop_agents(previous, clean=previous.mode != state.mode)
     save_state(state)  # the intent first: a crash from here on is reconciled by the next up

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy import controllers
+from kproxy.proxy import mode as proxy_mode
 from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
@@ -145,7 +146,8 @@ def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: se
 def agent_args(state: LabState, node: str) -> list[str]:
     return (["--lab-dir", str(lab_dir(state.name)), "--node", node, "--mode", state.mode,
              "--cluster-cidr", state.pod_cidr]
-            + [arg for name, value in sorted(state.mode_options.items()) for arg in ("--mode-opt", f"{name}={value}")])
+            + [arg for name, value in sorted(proxy_mode(state.mode).options_of(state.mode_options).items())
+               for arg in ("--mode-opt", f"{name}={value}")])
 
 
 def _workloads(state: LabState) -> list[supervisor.Wanted]:

@@ -50,12 +50,13 @@ class Option:
 @dataclass(frozen=True)
 class Mode:
     name: str
-    summary: str  # one line, for --help
+    summary: str  # one line, for `kproxy modes`
     make_proxier: Callable[[NodeInfo, Options], Proxier]
     # What the mode would program for state on node, as text (pure: no root, no kernel).
     render_text: Callable[[ProxyState, NodeInfo, Options], str]
-    # The live rules of one service (None: all) of state on node; runs inside the node's namespace.
-    rules_excerpt: Callable[[ProxyState, NodeInfo, str | None], str]
+    # The live rules of one service (None: all) of state on node, programmed with options; runs
+    # inside the node's namespace.
+    rules_excerpt: Callable[[ProxyState, NodeInfo, Options, str | None], str]
     options: tuple[Option, ...] = ()
     # The kernel modules the mode needs beyond the lab's own (kproxy.kmod.LAB_MODULES).
     kernel_modules: Callable[[Options], tuple[Module, ...]] = lambda options: ()
@@ -77,12 +78,14 @@ class Mode:
         return {option.name: given.get(option.name, option.default) for option in self.options}
 
 
+def parse_option(pair: str) -> tuple[str, str]:
+    """"scheduler=sh" -> ("scheduler", "sh")."""
+    name, sep, value = pair.partition("=")
+    if not sep or not name:
+        raise KproxyError(f"mode option {pair!r}: expected NAME=VALUE")
+    return name, value
+
+
 def parse_option_pairs(pairs: list[str]) -> dict[str, str]:
     """["scheduler=sh", ...] -> {"scheduler": "sh"}; a later pair wins."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise KproxyError(f"mode option {pair!r}: expected NAME=VALUE")
-        out[name] = value
-    return out
+    return dict(parse_option(pair) for pair in pairs)

@@ -59,5 +59,5 @@ MODE = Mode(
     make_proxier=lambda node, options: IptablesProxier(node, localhost_nodeports=_localhost_nodeports(options)),
     render_text=lambda state, node, options: render(
         state, node, localhost_nodeports=_localhost_nodeports(options)).text(),
-    rules_excerpt=lambda state, node, service: live_rules(render(state, node).owners, service),
+    rules_excerpt=lambda state, node, options, service: live_rules(render(state, node).owners, service),
 )

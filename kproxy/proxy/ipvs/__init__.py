@@ -44,10 +44,11 @@ from kproxy.proxy.types import NodeInfo, ProxyState
 __all__ = ["IPSETS", "MODE", "IpvsProxier", "Ruleset", "VirtualServer", "kernel_modules", "render"]
 
 
-def _live_rules(state: ProxyState, node: NodeInfo, service: str | None) -> str:
-    proxier = IpvsProxier(node)
+def _live_rules(state: ProxyState, node: NodeInfo, options: Options, service: str | None) -> str:
+    # With the lab's scheduler: opening the backend loads the modules that one needs, no other.
+    proxier = IpvsProxier(node, scheduler=options["scheduler"])
     try:
-        return proxier.rules_excerpt(service, owners=render(state, node).owners)
+        return proxier.rules_excerpt(service, owners=render(state, node, scheduler=options["scheduler"]).owners)
     finally:
         proxier.close()
 

@@ -34,5 +34,5 @@ MODE = Mode(
                     "(docs/userspace.md)", DEFAULT_COPY, COPY_MODES),),
     make_proxier=lambda node, options: UserspaceProxier(node, copy=options["copy"]),
     render_text=lambda state, node, options: render_text(state, node),
-    rules_excerpt=lambda state, node, service: live_rules(service),
+    rules_excerpt=lambda state, node, options, service: live_rules(service),
 )
