@@ -118,11 +118,11 @@ class Cluster:
         svc["spec"]["clusterIP"] = old["spec"]["clusterIP"]
         svc["spec"]["clusterIPs"] = [old["spec"]["clusterIP"]]
         before = {(p.get("name") or "", p["protocol"]): p.get("nodePort") for p in old["spec"]["ports"]}
+        if svc["spec"]["type"] != "NodePort":
+            return
         for port in svc["spec"]["ports"]:
-            if svc["spec"].get("type") == "NodePort" and not port.get("nodePort"):
-                port["nodePort"] = before.get((port.get("name") or "", port["protocol"])) or None
-                if port["nodePort"] is None:
-                    del port["nodePort"]
+            if not port.get("nodePort") and (kept := before.get((port.get("name") or "", port["protocol"]))):
+                port["nodePort"] = kept
 
     def _check_target_ports(self, services: list[Obj], pods: list[Obj], deployments: list[Obj], view: View) -> None:
         """A named targetPort must be declared by some pod the Service selects (or will: a Deployment's template)."""
@@ -136,7 +136,7 @@ class Cluster:
                         if namespace == svc["metadata"]["namespace"] and controllers.selects(selector, labels)]
             for i, port in enumerate(svc["spec"]["ports"]):
                 target = port["targetPort"]
-                if isinstance(target, str) and not target.isdigit() and selected and \
+                if isinstance(target, str) and selected and \
                         all(controllers.resolve_target_port(port, spec) is None for spec in selected):
                     raise KproxyError(f"Service {name_of(svc)}: spec.ports[{i}].targetPort: no pod selected by the "
                                       f"Service declares a {port['protocol']} port named {target!r}")

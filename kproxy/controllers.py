@@ -122,8 +122,6 @@ def resolve_target_port(port: Obj, pod_spec: Obj) -> int | None:
     target = port["targetPort"]
     if isinstance(target, int):
         return target
-    if target.isdigit():
-        return int(target)
     for cport in container_ports(pod_spec):
         if cport.get("name") == target and cport["protocol"] == port["protocol"]:
             return int(cport["containerPort"])

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from kproxy import guest, kmod
+from kproxy import guest
 from kproxy.cli import main as kproxy_main
 from kproxy.lab.probe import parse_answer, probe_tcp
 from kproxy.lab.state import load_state, ns_path
@@ -79,8 +79,7 @@ def scene(mode: str) -> None:
 
 def needs_guest(mode: str) -> bool:
     """Whether this kernel lacks a module the mode needs (so the scene runs in a guest)."""
-    chosen = proxy_mode(mode)
-    return not guest.in_guest() and not kmod.loadable(chosen.kernel_modules(chosen.options_of({})))
+    return not guest.in_guest() and not proxy_mode(mode).runs_here()
 
 
 def scene_in_guest(mode: str) -> int:

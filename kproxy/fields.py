@@ -17,7 +17,6 @@ import re
 from typing import Any
 
 from kproxy.errors import KproxyError
-from kproxy.selectors import validate_labels
 
 PROTOCOLS = ("TCP", "UDP")
 
@@ -136,10 +135,6 @@ def dns_name(name: str, pattern: re.Pattern[str], limit: int, what: str, where: 
     if len(name) > limit or not pattern.match(name):
         raise KproxyError(f"{where}: {show(name)} is not a valid {what}")
     return name
-
-
-def labels(v: Any, where: str) -> dict[str, str]:
-    return validate_labels(v, where)
 
 
 def annotations(v: Any, where: str) -> dict[str, str]:

@@ -126,7 +126,7 @@ def parse_object(doc: Any, where: str = "object") -> Obj:
         fields.known(doc, _TOP, "")
         ns = fields.dns_name(fields.as_str(namespace, "metadata.namespace"), fields.DNS1123_LABEL, 63,
                        f"namespace: a {fields.LABEL_RULE}", "metadata.namespace")
-        labels = fields.labels(meta.get("labels"), "metadata.labels")
+        labels = validate_labels(meta.get("labels"), "metadata.labels")
         annotations = fields.annotations(meta.get("annotations"), "metadata.annotations")
         spec = fields.as_map(doc.get("spec"), "spec")
         if kind == "Service":
@@ -321,7 +321,7 @@ def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[st
         raise KproxyError("spec.selector: empty selector is invalid for a Deployment")
     tmpl = fields.as_map(spec.get("template"), "spec.template")
     tmeta = fields.as_map(tmpl.get("metadata"), "spec.template.metadata")
-    tlabels = fields.labels(tmeta.get("labels"), "spec.template.metadata.labels")
+    tlabels = validate_labels(tmeta.get("labels"), "spec.template.metadata.labels")
     if not selector.matches(tlabels):
         raise KproxyError(f"spec.template.metadata.labels: selector {str(selector)!r} does not match template labels")
     tspec = _pod_spec(fields.as_map(tmpl.get("spec"), "spec.template.spec"), "spec.template.spec")

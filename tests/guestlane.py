@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 from _pytest.reports import TestReport
 
-from kproxy import guest, kmod
+from kproxy import guest
 from kproxy.proxy import mode as proxy_mode
 
 IPVS_MARK = "ipvs"
@@ -185,7 +185,5 @@ def configure(config: pytest.Config) -> None:
             config.pluginmanager.register(GuestSide(config, report, os.environ.get(SELECT_ENV)), "kproxy-guest-side")
         return
     mode = os.environ.get("KPROXY_GUEST", "")
-    ipvs = proxy_mode("ipvs")
-    host_has_ipvs = kmod.loadable(ipvs.kernel_modules(ipvs.options_of({})))
-    ipvs_in_guest = mode == "always" or (mode != "native" and not host_has_ipvs)
+    ipvs_in_guest = mode == "always" or (mode != "native" and not proxy_mode("ipvs").runs_here())
     config.pluginmanager.register(HostSide(config, ipvs_in_guest), "kproxy-guest-host-side")

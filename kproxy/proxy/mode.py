@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Protocol
 
 from kproxy.errors import KproxyError
+from kproxy import kmod
 from kproxy.kmod import Module
 from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
 
@@ -63,6 +64,10 @@ class Mode:
     # What the mode reads from a Service beyond the neutral fields (kube-proxy's per-mode
     # makeServiceInfo); it lands in ServicePort.mode_info.
     service_info: Callable[[Service], Hashable] | None = None
+
+    def runs_here(self) -> bool:
+        """Whether this kernel has (loaded, or to load) every module the mode needs. Only looks."""
+        return kmod.loadable(self.kernel_modules(self.options_of({})))
 
     def options_of(self, given: Mapping[str, str]) -> dict[str, str]:
         """given, checked against the mode's options, with the defaults of the others."""
