@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
+from kproxy.controllers import SERVICE_CIDR
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 from kproxy.proxy.mode import Proxier, parse_option_pairs
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
@@ -90,7 +91,8 @@ class Agent:
             node = view.objects.get(f"Node/{self.node}")
             if node is None:
                 raise RuntimeError(f"node {self.node} is not in the store")
-            self.proxier = self.mode.make_proxier(node_info(node, self.cluster_cidr), self.mode_options)
+            self.proxier = self.mode.make_proxier(node_info(node, self.cluster_cidr, str(SERVICE_CIDR)),
+                                                 self.mode_options)
         return self.proxier
 
     def sync(self, changed: set[str]) -> None:

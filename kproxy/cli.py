@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from kproxy import cliargs
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
+from kproxy.lab.topology import SERVICE_CIDR as LAB_SERVICE_CIDR
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 
 PROG = "kproxy"
@@ -299,7 +300,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         raise KproxyError(f"service {service} not found")
     mode = proxy_mode(lab_state.mode)
     desired = proxy_state(view.of_kind("Service"), view.of_kind("EndpointSlice"), mode.service_info)
-    node = node_info(view.objects[f"Node/{args.node}"], lab_state.pod_cidr)
+    node = node_info(view.objects[f"Node/{args.node}"], lab_state.pod_cidr, LAB_SERVICE_CIDR)
     with entered(ns_path(lab, args.node)):
         print(mode.rules_excerpt(desired, node, mode.options_of(lab_state.mode_options), service))
     return 0
@@ -320,7 +321,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     for svc in services:
         slices += controllers.endpoint_slices(svc, pods, {}).values()
     desired = proxy_state(services, slices, mode.service_info)
-    print(mode.render_text(desired, NodeInfo(args.node, args.node_ip, args.cluster_cidr), options), end="")
+    node = NodeInfo(args.node, args.node_ip, args.cluster_cidr, args.service_cidr, args.node_port_addresses)
+    print(mode.render_text(desired, node, options), end="")
     return 0
 
 
@@ -426,7 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-ip", type=cliargs.IPV4_ADDRESS, default="172.18.0.2",
                    help="the node's IP (default 172.18.0.2)")
     p.add_argument("--cluster-cidr", type=cliargs.IPV4_NETWORK, default="10.244.0.0/16",
-                   help="the pod CIDR (default 10.244.0.0/16)")
+                   help="the pod CIDR: traffic from outside it to a ClusterIP is masqueraded (default 10.244.0.0/16)")
+    p.add_argument("--service-cidr", type=cliargs.IPV4_NETWORK, default=LAB_SERVICE_CIDR,
+                   help=f"the service CIDR, whose unallocated addresses nftables mode drops (default {LAB_SERVICE_CIDR})")
+    p.add_argument("--node-port-addresses", type=cliargs.NODE_PORT_ADDRESSES, default=(), metavar="CIDR[,CIDR...]",
+                   help="kube-proxy's --nodeport-addresses: CIDRs, or 'primary' for the node IP, where NodePorts "
+                        "answer (nftables mode: the nodeport-ips set; default: every local address)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("exec", help="run a command in a pod, node, external or underlay namespace")

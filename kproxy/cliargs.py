@@ -73,6 +73,11 @@ def _ipv4_network(text: str) -> str:
         raise KproxyError(f"{text!r} is not an IPv4 CIDR ({exc})") from None
 
 
+def _node_port_addresses(text: str) -> tuple[str, ...]:
+    """kube-proxy's --nodeport-addresses: CIDRs and "primary" (the node IP), comma-separated."""
+    return tuple(part if part == "primary" else _ipv4_network(part) for part in text.split(","))
+
+
 def _replicas(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise KproxyError(f"{text!r} is not a whole number, 0 or more")
@@ -102,6 +107,7 @@ NAMESPACE = _argument("namespace", _dns("label", "namespace"))
 OBJECT_NAME = _argument("name", _dns("subdomain", "name"))
 IPV4_ADDRESS = _argument("IPv4 address", _ipv4_address)
 IPV4_NETWORK = _argument("IPv4 CIDR", _ipv4_network)
+NODE_PORT_ADDRESSES = _argument("node port addresses", _node_port_addresses)
 REPLICAS = _argument("replicas", _replicas)
 LABEL = _argument("label", _label)
 MODE_OPTION = _argument("mode option", parse_option)

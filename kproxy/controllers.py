@@ -19,10 +19,11 @@ from typing import Iterable, Mapping
 from kproxy import model
 from kproxy.errors import KproxyError
 from kproxy.k8sform import pod_object
+from kproxy.lab import topology
 from kproxy.proxy.source import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
 from kproxy.store import Obj, carry_identity, key_of, timestamp
 
-SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
+SERVICE_CIDR = ipaddress.ip_network(topology.SERVICE_CIDR)
 FIRST_DYNAMIC_IP = SERVICE_CIDR.network_address + 10  # .1 is the kubernetes Service's, .10 often DNS
 POD_TEMPLATE_HASH = "pod-template-hash"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"

@@ -74,7 +74,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
      "kproxy rules: error: argument node: node name 'averyveryverylongname' is longer than 12 characters "
      "(see 'kproxy rules --help')"),
     (["lab", "up", "--mode", "nft"],
-     "kproxy lab up: error: argument --mode: invalid choice: 'nft' (choose from 'iptables', 'userspace', 'ipvs') "
+     "kproxy lab up: error: argument --mode: invalid choice: 'nft' (choose from 'iptables', 'userspace', 'ipvs', 'nftables') "
      "(see 'kproxy lab up --help')"),
     (["nonsense"],
      "kproxy: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'lab', 'apply', 'delete', 'get', "

@@ -19,12 +19,12 @@ NODE = NodeInfo("node1", "172.18.0.2", "10.244.0.0/16")
 
 
 def test_the_registry_names_each_mode_by_its_own_name() -> None:
-    assert MODES == ("iptables", "userspace", "ipvs") and DEFAULT_MODE == "iptables"
+    assert MODES == ("iptables", "userspace", "ipvs", "nftables") and DEFAULT_MODE == "iptables"
     assert [mode(name).name for name in MODES] == list(MODES)
 
 
 def test_an_unknown_mode_is_one_line_naming_the_known_ones() -> None:
-    with pytest.raises(KproxyError, match=r"^unknown proxy mode 'nft' \(known: iptables, userspace, ipvs\)$"):
+    with pytest.raises(KproxyError, match=r"^unknown proxy mode 'nft' \(known: iptables, userspace, ipvs, nftables\)$"):
         mode("nft")
 
 
@@ -33,6 +33,7 @@ def test_options_get_their_defaults_and_bad_ones_are_refused() -> None:
     assert mode("ipvs").options_of({"scheduler": "sh"}) == {"scheduler": "sh"}
     assert mode("userspace").options_of({}) == {"copy": "splice"}
     assert mode("iptables").options_of({}) == {"localhost-nodeports": "true"}
+    assert mode("nftables").options_of({}) == {"endpoint-choice": "auto", "counters": "false"}
     with pytest.raises(KproxyError, match=r"^mode ipvs has no option 'copy' \(its options: scheduler\)$"):
         mode("ipvs").options_of({"copy": "splice"})
     with pytest.raises(KproxyError, match=r"^mode ipvs: option scheduler: 'fast' is not one of rr, wrr, "):
@@ -51,6 +52,11 @@ userspace: kube-proxy's first mode: iptables portals REDIRECT to a proxy process
 ipvs: kube-proxy's IPVS mode: virtual servers, kube-ipvs0 and ipsets
   --mode-opt scheduler=rr|wrr|lc|wlc|lblc|lblcr|dh|sh|sed|nq|fo|ovf|mh  (default rr)
       the lab's IPVS scheduler; a Service's kproxy.io/ipvs-scheduler annotation overrides it
+nftables: kube-proxy's nftables mode: table ip kube-proxy, verdict maps, one nft -f transaction per sync
+  --mode-opt endpoint-choice=auto|vmap|cascade  (default auto)
+      how a service picks an endpoint: vmap (kube-proxy's numgen vmap), cascade (a rule per endpoint; scales), auto (vmap up to 1000 service ports)
+  --mode-opt counters=false|true  (default false)
+      a counter in every rule of a service's chains, for 'kproxy rules' (kube-proxy writes none)
 """
 
 

@@ -15,6 +15,7 @@ PACKAGES = {
     "iptables": "kproxy.proxy.iptables",
     "userspace": "kproxy.proxy.userspace",
     "ipvs": "kproxy.proxy.ipvs",
+    "nftables": "kproxy.proxy.nftables",
 }
 MODES = tuple(PACKAGES)
 DEFAULT_MODE = "iptables"

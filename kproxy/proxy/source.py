@@ -192,7 +192,8 @@ def _port_key(svc: ServicePort) -> str:
     return svc.key
 
 
-def node_info(node: dict[str, Any], cluster_cidr: str) -> NodeInfo:
+def node_info(node: dict[str, Any], cluster_cidr: str, service_cidr: str = "") -> NodeInfo:
+    """The proxy's view of a Node object: its name and InternalIP, with the cluster's CIDRs."""
     addresses = node.get("status", {}).get("addresses", [])
     ip = next((a["address"] for a in addresses if a.get("type") == "InternalIP"), "")
-    return NodeInfo(node["metadata"]["name"], ip, cluster_cidr)
+    return NodeInfo(node["metadata"]["name"], ip, cluster_cidr, service_cidr)

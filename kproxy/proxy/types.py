@@ -60,6 +60,10 @@ class NodeInfo:
     name: str
     ip: str  # the node's InternalIP (eth0 on the underlay)
     cluster_cidr: str  # kube-proxy's --cluster-cidr: traffic from outside it to a ClusterIP is masqueraded
+    # The service CIDR (kube-proxy's ServiceCIDRs): nftables mode drops traffic to its unallocated addresses; "": none.
+    service_cidr: str = ""
+    # kube-proxy's --nodeport-addresses (CIDRs, or "primary"): where NodePorts answer; (): every local address.
+    node_port_addresses: tuple[str, ...] = ()
 
 
 @dataclass

@@ -1,0 +1,64 @@
+"""kube-proxy's nftables mode, for real, in one node's network namespace.
+
+The table ``ip kube-proxy`` in kube-proxy's layout (pkg/proxy/nftables, the 1.31-1.32
+layout with filter-output-post-dnat): base chains at kube-proxy's priorities; the
+``services`` chain dispatching through the verdict map ``service-ips`` and, behind
+``fib daddr type local`` (or the ``nodeport-ips`` set), ``service-nodeports``;
+``no-endpoint-services`` / ``no-endpoint-nodeports`` and ``cluster-ips-check``;
+``mark-for-masquerade`` and ``masquerading``; per service port its ``service-``
+and ``external-`` chains, per endpoint its ``endpoint-`` chain and, with ClientIP
+affinity, its ``affinity-`` set.
+
+One module per job:
+
+- names.py: the names, hashed as kube-proxy hashes them.
+- rules.py: the shared objects and one service port's, in kube-proxy's spelling.
+- render.py: ``render(state, node) -> Ruleset`` (pure, no root, cached per service
+  port); ``Ruleset.text()`` is knftables' dump, what `kproxy render` prints.
+- transaction.py: the `nft -f` input of a full and of a partial sync.
+- backend.py: what the proxier asks of the kernel (``NftCommands`` runs `nft`).
+- proxier.py: ``NftablesProxier``; excerpt.py: `kproxy rules`.
+
+The one difference from kube-proxy, and a visible one: above VMAP_LIMIT service
+ports, endpoint choice ``auto`` writes a rule per endpoint instead of an anonymous
+``numgen ... vmap`` per service, because the kernel's cost of naming anonymous sets
+grows with the sets already in the table (docs/nftables.md).
+"""
+
+from __future__ import annotations
+
+from kproxy.proxy.mode import Mode, Option, Options
+from kproxy.proxy.nftables.backend import NftCommands
+from kproxy.proxy.nftables.excerpt import live_rules
+from kproxy.proxy.nftables.proxier import NftablesProxier
+from kproxy.proxy.nftables.render import CHOICES, VMAP_LIMIT, Ruleset, render
+from kproxy.proxy.types import NodeInfo, ProxyState
+
+__all__ = ["MODE", "NftablesProxier", "Ruleset", "VMAP_LIMIT", "render"]
+
+
+def _render(state: ProxyState, node: NodeInfo, options: Options) -> Ruleset:
+    return render(state, node, choice=options["endpoint-choice"], counters=options["counters"] == "true")
+
+
+def _proxier(node: NodeInfo, options: Options) -> NftablesProxier:
+    return NftablesProxier(node, choice=options["endpoint-choice"], counters=options["counters"] == "true")
+
+
+def _live_rules(state: ProxyState, node: NodeInfo, options: Options, service: str | None) -> str:
+    return live_rules(_render(state, node, options), service, NftCommands())
+
+
+MODE = Mode(
+    name="nftables",
+    summary="kube-proxy's nftables mode: table ip kube-proxy, verdict maps, one nft -f transaction per sync",
+    options=(
+        Option("endpoint-choice", "how a service picks an endpoint: vmap (kube-proxy's numgen vmap), cascade "
+               f"(a rule per endpoint; scales), auto (vmap up to {VMAP_LIMIT} service ports)", "auto", CHOICES),
+        Option("counters", "a counter in every rule of a service's chains, for 'kproxy rules' "
+               "(kube-proxy writes none)", "false", ("false", "true")),
+    ),
+    make_proxier=_proxier,
+    render_text=lambda state, node, options: _render(state, node, options).text(),
+    rules_excerpt=_live_rules,
+)

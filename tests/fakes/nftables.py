@@ -1,0 +1,185 @@
+"""A kernel for nftables mode in memory: kproxy.proxy.nftables.backend.Backend without root.
+
+It reads the `nft -f` commands the mode writes (add/flush/delete of the table, chains,
+sets and maps, add rule, add/delete element), applies each input as one transaction
+(all of it or, on the first refusal, nothing) and refuses what the kernel refuses:
+a chain or set that does not exist, deleting a chain a rule or a map element still
+jumps to, deleting a set a rule still names, adding an element whose key is there
+with another value. So a proxier that loses track of the kernel fails here too.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kproxy.proxy.nftables.backend import TransactionError
+from kproxy.proxy.nftables.transaction import Existing
+
+HEAD = "ip kube-proxy"
+
+
+@dataclass
+class Table:
+    chains: dict[str, list[str]] = field(default_factory=dict)  # name -> rules
+    specs: dict[str, str] = field(default_factory=dict)  # chain -> "{ type ... }" or ""
+    sets: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (kind, spec)
+    elements: dict[str, dict[str, str]] = field(default_factory=dict)  # set -> key -> whole element text
+
+
+def _key(element: str) -> str:
+    return re.split(r' comment "| : ', element, maxsplit=1)[0]
+
+
+class FakeNft:
+    """The Backend of one fake node. ``runs`` lists every transaction it was given."""
+
+    def __init__(self) -> None:
+        self.table: Table | None = None
+        self.runs: list[str] = []
+        self._refuse = 0
+
+    def refuse_next(self, times: int = 1) -> None:
+        """The next `times` transactions fail as the kernel refuses one (and change nothing)."""
+        self._refuse = times
+
+    # the Backend
+
+    def run(self, text: str) -> None:
+        self.runs.append(text)
+        if self._refuse:
+            self._refuse -= 1
+            raise TransactionError("nft -f refused the transaction: (fake) refused")
+        table = copy.deepcopy(self.table)
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                table = self._apply(table, line, number)
+        self.table = table
+
+    def existing(self) -> Existing | None:
+        if self.table is None:
+            return None
+        return Existing(set(self.table.chains), dict.fromkeys(self.table.sets))
+
+    def delete_table(self) -> None:
+        self.table = None
+
+    def show(self, commands: str) -> str:
+        if self.table is None:
+            raise TransactionError("nft could not list: (fake) no table")
+        return commands
+
+    # what tests read
+
+    def state(self) -> Table | None:
+        return self.table
+
+    # one command
+
+    def _apply(self, table: Table | None, line: str, number: int) -> Table | None:
+        verb, kind, rest = line.split(" ", 2)
+        if not rest.startswith(HEAD):
+            raise self._error(number, line, "not our table")
+        rest = rest[len(HEAD):].strip()
+        if kind == "table":
+            if verb == "add":
+                return table or Table()
+            if verb == "delete":
+                if table is None:
+                    raise self._error(number, line, "No such file or directory")
+                return None
+        if table is None:
+            raise self._error(number, line, "No such file or directory (no table)")
+        name, _, tail = rest.partition(" ")
+        if kind == "chain":
+            self._chain(table, verb, name, tail, line, number)
+        elif kind == "rule":
+            if name not in table.chains:
+                raise self._error(number, line, "No such file or directory")
+            for target in re.findall(r"(?:jump|goto) (\S+)", tail):
+                if target not in table.chains:
+                    raise self._error(number, line, f"chain {target} does not exist")
+            for used in re.findall(r"@(\S+)", tail):
+                if used not in table.sets:
+                    raise self._error(number, line, f"set {used} does not exist")
+            table.chains[name].append(tail)
+        elif kind in ("set", "map"):
+            self._set(table, verb, kind, name, tail, line, number)
+        elif kind == "element":
+            self._elements(table, verb, name, tail, line, number)
+        else:
+            raise self._error(number, line, "unknown command")
+        return table
+
+    def _chain(self, table: Table, verb: str, name: str, spec: str, line: str, number: int) -> None:
+        if verb == "add":
+            table.chains.setdefault(name, [])
+            table.specs.setdefault(name, spec)
+            return
+        if name not in table.chains:
+            raise self._error(number, line, "No such file or directory")
+        if verb == "flush":
+            table.chains[name] = []
+        elif verb == "delete":
+            pattern = re.compile(rf"(?:jump|goto) {re.escape(name)}(?:\s|$)")
+            if any(pattern.search(rule) for rules in table.chains.values() for rule in rules) or any(
+                    pattern.search(element) for elements in table.elements.values() for element in elements.values()):
+                raise self._error(number, line, "Device or resource busy")
+            del table.chains[name], table.specs[name]
+
+    def _set(self, table: Table, verb: str, kind: str, name: str, spec: str, line: str, number: int) -> None:
+        if verb == "add":
+            if name in table.sets and table.sets[name] != (kind, spec):
+                raise self._error(number, line, "File exists")
+            table.sets.setdefault(name, (kind, spec))
+            table.elements.setdefault(name, {})
+            return
+        if name not in table.sets or table.sets[name][0] != kind:
+            raise self._error(number, line, "No such file or directory")
+        if verb == "flush":
+            table.elements[name] = {}
+        elif verb == "delete":
+            used = re.compile(rf"@{re.escape(name)}(?:\s|$)")
+            if any(used.search(rule) for rules in table.chains.values() for rule in rules):
+                raise self._error(number, line, "Device or resource busy")
+            del table.sets[name], table.elements[name]
+
+    def _elements(self, table: Table, verb: str, name: str, tail: str, line: str, number: int) -> None:
+        if name not in table.sets:
+            raise self._error(number, line, "No such file or directory")
+        inside = tail.strip()
+        if not (inside.startswith("{") and inside.endswith("}")):
+            raise self._error(number, line, "syntax error")
+        held = table.elements[name]
+        for element in (part.strip() for part in inside[1:-1].split(", ")):
+            key = _key(element)
+            if verb == "add":
+                if key in held and held[key] != element:
+                    raise self._error(number, line, "File exists")
+                target = re.search(r": (?:goto|jump) (\S+)$", element)
+                if target and target.group(1) not in table.chains:
+                    raise self._error(number, line, f"chain {target.group(1)} does not exist")
+                held[key] = element
+            elif verb == "delete":
+                if key not in held:
+                    raise self._error(number, line, "No such file or directory")
+                del held[key]
+
+    @staticmethod
+    def _error(number: int, line: str, why: str) -> TransactionError:
+        return TransactionError(f"nft -f refused the transaction: /dev/stdin:{number}: Error: {why} | {line}")
+
+
+def loaded(text: str) -> Table | None:
+    """The table a fresh fake kernel holds after one transaction of text."""
+    fake = FakeNft()
+    fake.run(text)
+    return fake.state()
+
+
+if TYPE_CHECKING:
+    from kproxy.proxy.nftables.backend import Backend
+
+    _backend: type[Backend] = FakeNft
