@@ -307,6 +307,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    import ipaddress
+
     from kproxy import controllers
     from kproxy.proxy.source import proxy_state
     from kproxy.proxy.types import NodeInfo
@@ -316,7 +318,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     mode = proxy_mode(args.mode)
     options = mode.options_of(dict(args.mode_opt))
     services, pods, slices = render_objects(read_manifest_files(args.file))
-    controllers.allocate_cluster_ips(services, [])
+    controllers.allocate_cluster_ips(services, [], ipaddress.IPv4Network(args.service_cidr))
     controllers.allocate_node_ports(services, [])
     for svc in services:
         slices += controllers.endpoint_slices(svc, pods, {}).values()

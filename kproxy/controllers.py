@@ -48,25 +48,26 @@ def obj_key(obj: Obj) -> str:
 
 # Allocation ----------------------------------------------------------------
 
-def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj]) -> None:
-    """Give every new Service a ClusterIP; refuse one that is taken or outside the range
+def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj],
+                         cidr: ipaddress.IPv4Network | ipaddress.IPv6Network = SERVICE_CIDR) -> None:
+    """Give every new Service a ClusterIP from cidr; refuse one that is taken or outside it
     (that a given one is an IPv4 address, kproxy.model checked when it parsed the Service)."""
     owners = {s["spec"]["clusterIP"]: name_of(s) for s in existing if s["spec"].get("clusterIP")}
     for svc in services:
         ip = svc["spec"].get("clusterIP") or ""
         if ip:
-            if ipaddress.ip_address(ip) not in SERVICE_CIDR:
-                raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is not in the service CIDR {SERVICE_CIDR}")
+            if ipaddress.ip_address(ip) not in cidr:
+                raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is not in the service CIDR {cidr}")
             if owners.get(ip, name_of(svc)) != name_of(svc):
                 raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is already allocated to {owners[ip]}")
             owners[ip] = name_of(svc)
-    candidate = FIRST_DYNAMIC_IP
+    candidate = FIRST_DYNAMIC_IP if cidr == SERVICE_CIDR else cidr.network_address + 10
     for svc in services:
         if svc["spec"].get("clusterIP"):
             continue
         while str(candidate) in owners:
             candidate += 1
-            if candidate not in SERVICE_CIDR:
+            if candidate not in cidr:
                 raise KproxyError("the service CIDR is full")
         svc["spec"]["clusterIP"] = str(candidate)
         svc["spec"]["clusterIPs"] = [str(candidate)]
