@@ -26,8 +26,11 @@ from tests.runtime import in_ns
 
 pytestmark = pytest.mark.kernel
 
-MODES = ["iptables", "userspace",
-         pytest.param("ipvs", marks=pytest.mark.ipvs)]  # in a QEMU guest where this kernel lacks IPVS
+# (mode, its options): nftables twice, with kube-proxy's numgen vmap and with the cascade that
+# large clusters get, which must behave the same.
+MODES = [("iptables",), ("userspace",),
+         pytest.param(("ipvs",), marks=pytest.mark.ipvs, id="ipvs"),  # in a QEMU guest where this kernel lacks IPVS
+         ("nftables",), ("nftables", "--mode-opt", "endpoint-choice=cascade")]
 
 MANIFESTS = """
 apiVersion: v1
@@ -106,11 +109,11 @@ spec:
 """
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=MODES, ids=lambda mode: "-".join(mode).replace("--mode-opt-", ""))
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     manifests = tmp_path_factory.mktemp("svc") / "services.yaml"
     manifests.write_text(MANIFESTS)
-    with running_lab("--mode", request.param) as name:
+    with running_lab("--mode", *request.param) as name:
         kproxy("apply", "--lab", name, "-f", str(manifests))
         yield Lab(name)
 
@@ -303,19 +306,21 @@ def mode_traces(ns: str) -> set[str]:
     found = {mode for mode, chain in MODE_TRACES.items() if chain in nat}
     if in_ns(ns, "ip", "link", "show", "kube-ipvs0", check=False).returncode == 0:
         found.add("ipvs")
+    if in_ns(ns, "nft", "list", "table", "ip", "kube-proxy", check=False).returncode == 0:
+        found.add("nftables")
     return found
 
 
-def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(tmp_path) -> None:
-    # Between the two modes this kernel has; that IPVS mode's cleanup leaves nothing behind, and
-    # that a restarted IPVS agent sets a new scheduler, is tested in the guest (test_ipvs_kernel.py).
+def swap_modes(tmp_path, first: str, then: tuple[str, ...]) -> None:
+    """A lab in mode first, switched live to each of then in turn: after each `lab up` every
+    agent runs the new mode, the old mode's rules are gone from every node, and the Service answers."""
     manifests = tmp_path / "web.yaml"
     manifests.write_text(MANIFESTS.split("---")[0])  # the NodePort Service "web"
-    with running_lab("--mode", "iptables") as name:
+    with running_lab("--mode", first) as name:
         kproxy("apply", "--lab", name, "-f", str(manifests))
         lab = Lab(name)
-        assert mode_traces(lab.ns("node2")) == {"iptables"}
-        for mode in ("userspace", "iptables"):
+        assert mode_traces(lab.ns("node2")) == {first}
+        for mode in then:
             up = kproxy("lab", "up", "--name", name, "--mode", mode)
             # `lab up` returned once the new agents had synced: each reports its mode after its
             # first sync (the old agent's report went when it stopped), and the Service answers.
@@ -327,6 +332,16 @@ def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(tmp_path)
                 assert mode_traces(lab.ns(node)) == {mode}, node  # the old mode's rules are gone
             assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")
             assert lab.ask("external", lab.info["nodes"][1]["ip"], 30080)["pod"].startswith("web-")
+
+
+def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(tmp_path) -> None:
+    # Between the modes this kernel has: to and from nftables from each of the others.
+    swap_modes(tmp_path, "iptables", ("nftables", "userspace", "nftables", "iptables"))
+
+
+@pytest.mark.ipvs
+def test_ipvs_and_nftables_swap_live_with_nothing_left(tmp_path) -> None:
+    swap_modes(tmp_path, "ipvs", ("nftables", "ipvs"))
 
 
 def test_mode_options_reach_the_agents_are_kept_and_a_change_restarts_them(tmp_path) -> None:

@@ -71,6 +71,9 @@ class FakeNft:
             raise TransactionError("nft could not list: (fake) no table")
         return commands
 
+    def close(self) -> None:
+        """Nothing to let go of."""
+
     # what tests read
 
     def state(self) -> Table | None:

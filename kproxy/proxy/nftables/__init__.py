@@ -16,7 +16,7 @@ One module per job:
 - render.py: ``render(state, node) -> Ruleset`` (pure, no root, cached per service
   port); ``Ruleset.text()`` is knftables' dump, what `kproxy render` prints.
 - transaction.py: the `nft -f` input of a full and of a partial sync.
-- backend.py: what the proxier asks of the kernel (``NftCommands`` runs `nft`).
+- backend.py: what the proxier asks of the kernel (``Libnftables`` runs `nft`).
 - proxier.py: ``NftablesProxier``; excerpt.py: `kproxy rules`.
 
 The one difference from kube-proxy, and a visible one: above VMAP_LIMIT service
@@ -28,7 +28,7 @@ grows with the sets already in the table (docs/nftables.md).
 from __future__ import annotations
 
 from kproxy.proxy.mode import Mode, Option, Options
-from kproxy.proxy.nftables.backend import NftCommands
+from kproxy.proxy.nftables.backend import Libnftables
 from kproxy.proxy.nftables.excerpt import live_rules
 from kproxy.proxy.nftables.proxier import NftablesProxier
 from kproxy.proxy.nftables.render import CHOICES, VMAP_LIMIT, Ruleset, render
@@ -46,7 +46,7 @@ def _proxier(node: NodeInfo, options: Options) -> NftablesProxier:
 
 
 def _live_rules(state: ProxyState, node: NodeInfo, options: Options, service: str | None) -> str:
-    return live_rules(_render(state, node, options), service, NftCommands())
+    return live_rules(_render(state, node, options), service, Libnftables())
 
 
 MODE = Mode(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kproxy.errors import KproxyError
 from kproxy.proxy.nftables import names as n
-from kproxy.proxy.nftables.backend import Backend, NftCommands, TransactionError
+from kproxy.proxy.nftables.backend import Backend, Libnftables, TransactionError
 from kproxy.proxy.nftables.render import VMAP_LIMIT, Ruleset
 from kproxy.proxy.types import names_service_port
 
@@ -27,7 +27,7 @@ def layout_line(ruleset: Ruleset) -> str:
 def live_rules(ruleset: Ruleset | None, service: str | None, backend: Backend | None = None) -> str:
     """The node's table (service None), or the chains, affinity sets and map elements of one
     service ("ns/name" or "ns/name:port") as the kernel has them now."""
-    nft = backend or NftCommands()
+    nft = backend or Libnftables()
     if ruleset is None or service is None:
         commands = [f"list table {HEAD}"]
     else:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.netfilter import usable_endpoints
-from kproxy.proxy.nftables.backend import Backend, NftCommands, TransactionError
+from kproxy.proxy.nftables.backend import Backend, Libnftables, TransactionError
 from kproxy.proxy.nftables.excerpt import live_rules
 from kproxy.proxy.nftables.render import RenderCache, Ruleset, render
 from kproxy.proxy.nftables.transaction import Existing, existing_of, full_transaction, partial_transaction
@@ -28,7 +28,7 @@ class NftablesProxier:
     (the table deleted and written whole, in the same transaction).
 
     choice: endpoint choice ("auto", "vmap", "cascade"; render.render); counters: a
-    counter in every rule of a service's chains. backend: what runs nft (tests use a fake).
+    counter in every rule of a service's chains. backend: what talks to the kernel (tests use a fake).
     """
 
     mode = "nftables"
@@ -41,7 +41,7 @@ class NftablesProxier:
         self.counters = counters
         self.full_sync_every = full_sync_every
         self.full_sync_period = full_sync_period
-        self.backend: Backend = backend if backend is not None else NftCommands()
+        self.backend: Backend = backend if backend is not None else Libnftables()
         self.ruleset: Ruleset | None = None  # what the kernel has from our last successful sync
         self.last_transaction = ""  # the input of the last transaction attempted (tests, debugging)
         self.conntrack = StaleUdpCleaner(self.mode)
@@ -105,7 +105,8 @@ class NftablesProxier:
         self.conntrack.reset()
 
     def close(self) -> None:
-        """Nothing stays open between syncs (every nft is a child that has exited)."""
+        """The library's context goes; the kernel's table stays."""
+        self.backend.close()
 
     def rules_excerpt(self, service: str | None = None) -> str:
         return live_rules(self.ruleset, service, self.backend)
@@ -130,4 +131,4 @@ if TYPE_CHECKING:
     from kproxy.proxy.mode import Proxier
 
     _proxier: type[Proxier] = NftablesProxier
-    _backend: type[Backend] = NftCommands
+    _backend: type[Backend] = Libnftables
