@@ -62,6 +62,7 @@ def run_plugin(
     return Outcome(done.returncode, json.loads(text) if text else None, done.stderr.decode())
 
 
-def in_ns(path: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run argv inside the namespace at path."""
-    return subprocess.run(["nsenter", f"--net={path}", "--", *argv], capture_output=True, text=True, check=check)
+def in_ns(path: str, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run argv inside the namespace at path (input: its stdin)."""
+    return subprocess.run(["nsenter", f"--net={path}", "--", *argv], capture_output=True, text=True, check=check,
+                          input=input)

@@ -64,6 +64,9 @@ class Mode:
     # What the mode reads from a Service beyond the neutral fields (kube-proxy's per-mode
     # makeServiceInfo); it lands in ServicePort.mode_info.
     service_info: Callable[[Service], Hashable] | None = None
+    # The benchmarks' baseline: the kernel's own tool loading, in the calling thread's namespace,
+    # what the mode's first sync of state writes (None: the mode writes no such text).
+    load_alone: Callable[[ProxyState, NodeInfo, Options], None] | None = None
 
     def runs_here(self) -> bool:
         """Whether this kernel has (loaded, or to load) every module the mode needs. Only looks."""

@@ -38,8 +38,9 @@ from kproxy.proxy.iptables.proxier import IptablesProxier
 from kproxy.proxy.iptables.render import LARGE_CLUSTER_ENDPOINTS, RenderCache, Ruleset, render
 from kproxy.proxy.iptables.restore import Leftovers, changed_service_ports, restore_input, write_full_restore
 from kproxy.proxy.iptables.rules import probability
-from kproxy.proxy.kernel import RestoreError
+from kproxy.proxy.kernel import RestoreError, restore
 from kproxy.proxy.mode import Mode, Option, Options
+from kproxy.proxy.types import NodeInfo, ProxyState
 
 __all__ = ["IptablesProxier", "LARGE_CLUSTER_ENDPOINTS", "Leftovers", "MODE", "RenderCache",
            "RestoreError", "Ruleset", "changed_service_ports", "endpoint_chain_name", "is_own_chain", "live_rules",
@@ -51,6 +52,13 @@ def _localhost_nodeports(options: Options) -> bool:
     return options["localhost-nodeports"] == "true"
 
 
+def _load_alone(state: ProxyState, node: NodeInfo, options: Options) -> None:
+    """iptables-nft-restore of what a first sync writes, nothing else."""
+    chunks: list[str] = []
+    write_full_restore(state, node, chunks.append, localhost_nodeports=_localhost_nodeports(options))
+    restore("".join(chunks), counters=True)
+
+
 MODE = Mode(
     name="iptables",
     summary="kube-proxy's iptables mode: KUBE-SVC/SEP chains, one iptables-nft-restore per sync",
@@ -60,4 +68,5 @@ MODE = Mode(
     render_text=lambda state, node, options: render(
         state, node, localhost_nodeports=_localhost_nodeports(options)).text(),
     rules_excerpt=lambda state, node, options, service: live_rules(render(state, node).owners, service),
+    load_alone=_load_alone,
 )

@@ -27,11 +27,14 @@ grows with the sets already in the table (docs/nftables.md).
 
 from __future__ import annotations
 
+import subprocess
+
 from kproxy.proxy.mode import Mode, Option, Options
 from kproxy.proxy.nftables.backend import Libnftables
 from kproxy.proxy.nftables.excerpt import live_rules
 from kproxy.proxy.nftables.proxier import NftablesProxier
 from kproxy.proxy.nftables.render import CHOICES, VMAP_LIMIT, Ruleset, render
+from kproxy.proxy.nftables.transaction import full_transaction
 from kproxy.proxy.types import NodeInfo, ProxyState
 
 __all__ = ["MODE", "NftablesProxier", "Ruleset", "VMAP_LIMIT", "render"]
@@ -43,6 +46,14 @@ def _render(state: ProxyState, node: NodeInfo, options: Options) -> Ruleset:
 
 def _proxier(node: NodeInfo, options: Options) -> NftablesProxier:
     return NftablesProxier(node, choice=options["endpoint-choice"], counters=options["counters"] == "true")
+
+
+def _load_alone(state: ProxyState, node: NodeInfo, options: Options) -> None:
+    """`nft -f` of the transaction of a first sync: the text the proxier hands the library."""
+    text = full_transaction(_render(state, node, options), None)
+    done = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nft -f failed: {done.stderr.strip()}")
 
 
 def _live_rules(state: ProxyState, node: NodeInfo, options: Options, service: str | None) -> str:
@@ -61,4 +72,5 @@ MODE = Mode(
     make_proxier=_proxier,
     render_text=lambda state, node, options: _render(state, node, options).text(),
     rules_excerpt=_live_rules,
+    load_alone=_load_alone,
 )
