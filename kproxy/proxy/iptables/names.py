@@ -11,9 +11,9 @@ every cluster.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterable
 
+from kproxy.proxy.hashing import base32_sha256
 from kproxy.proxy.netfilter import KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING, Jump, OwnedChains
 
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -35,15 +35,8 @@ NAT_TOP_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MAS
 is_own_chain = OwnedChains({"filter": (*FILTER_TOP_CHAINS, KUBELET_FIREWALL), "nat": NAT_TOP_CHAINS},
                            nat_prefixes=SERVICE_CHAIN_PREFIXES)
 
-_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-_BASE32_PAIRS = [a + b for a in _BASE32 for b in _BASE32]  # every 10-bit value as two digits
-
-
 def _hash16(text: str) -> str:
-    # base32(sha256(text))[:16] is the base32 of the digest's first 10 bytes (80 bits), done
-    # here without base64.b32encode, which is pure Python and half of a 10k-service render.
-    bits = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
-    return "".join([_BASE32_PAIRS[(bits >> shift) & 1023] for shift in (70, 60, 50, 40, 30, 20, 10, 0)])
+    return base32_sha256(text, 16)
 
 
 def service_port_chain_name(service_port_name: str, protocol: str) -> str:

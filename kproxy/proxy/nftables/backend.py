@@ -10,6 +10,7 @@ text either way (docs/nftables.md).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from typing import Any, Protocol
@@ -42,6 +43,12 @@ class Backend(Protocol):
     def close(self) -> None:
         """Let go of what it holds open."""
         ...
+
+
+# The library frees its parse of a big transaction (~340 MiB at 10k services), but glibc keeps
+# the pages: malloc_trim hands them back (the agent's RSS at 10k: 466 MiB without it).
+TRIM_AFTER = 1 << 20  # bytes of transaction text
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def _netns() -> int:
@@ -78,6 +85,8 @@ class Libnftables:
 
     def run(self, text: str) -> None:
         rc, _, error = self._nft(text)
+        if len(text) > TRIM_AFTER and _malloc_trim is not None:
+            _malloc_trim(0)
         if rc != 0:
             raise TransactionError(f"nft refused the transaction: {_refusal(error, rc)}")
 

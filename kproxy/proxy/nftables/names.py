@@ -10,9 +10,7 @@ hashAndTruncate and its unit tests).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-
+from kproxy.proxy.hashing import base32_sha256
 from kproxy.proxy.types import Endpoint, ServicePort
 
 FAMILY = "ip"
@@ -53,8 +51,7 @@ FIREWALL_IPS = "firewall-ips"
 
 def hashed(text: str) -> str:
     """kube-proxy's hashAndTruncate: "<8 chars of base32(sha256(text))>-<text>", cut to fit."""
-    digest = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()
-    return f"{digest[:8]}-{text}"[:NAME_BASE_MAX]
+    return f"{base32_sha256(text, 8)}-{text}"[:NAME_BASE_MAX]
 
 
 def service_base(svc: ServicePort) -> str:
