@@ -203,7 +203,7 @@ def test_a_virtual_server_that_goes_takes_its_draining_real_servers() -> None:
 
 def test_a_partial_sync_leaves_drift_alone_and_a_full_sync_repairs_it() -> None:
     node = Node()
-    node.proxier.full_sync_period = 3600
+    node.proxier.full_syncs.period = 3600
     node.sync((HTTP, [A, B]), (API, [C]))
     before = (node.fake.ipvsadm(), set(node.fake.addresses), read_tables(node.fake.netfilter))
     # Someone else changes the kernel behind the proxier's back.
@@ -220,7 +220,7 @@ def test_a_partial_sync_leaves_drift_alone_and_a_full_sync_repairs_it() -> None:
     result = node.sync((HTTP, [A, B]), (API, [C]))
     assert not result.full and result.changed_services == 0
     assert (node.fake.ipvsadm(), set(node.fake.addresses), read_tables(node.fake.netfilter)) == drifted
-    node.proxier.full_sync_period = 0  # the next sync is a full one
+    node.proxier.full_syncs.period = 0  # the next sync is a full one
     result = node.sync((HTTP, [A, B]), (API, [C]))
     assert result.full
     assert (node.fake.ipvsadm(), set(node.fake.addresses), read_tables(node.fake.netfilter)) == before

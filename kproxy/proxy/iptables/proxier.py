@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
+from kproxy.proxy.fullsync import FULL_SYNC_PERIOD, FullSyncs
 from kproxy.proxy.tables import Backend, Commands, remove_chains
 from kproxy.proxy.iptables.chainscan import ChainScan
 from kproxy.proxy.iptables.excerpt import live_rules
@@ -15,9 +16,6 @@ from kproxy.proxy.iptables.restore import changed_service_ports, restore_input, 
 from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.netfilter import usable_endpoints
 from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
-
-FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod (1 h) between forced full syncs
-
 
 class IptablesProxier:
     """kube-proxy's iptables mode on the node whose network namespace the calling thread is in.
@@ -41,41 +39,29 @@ class IptablesProxier:
     def __init__(self, node: NodeInfo, *, full_sync_every: int = 0, full_sync_period: float = FULL_SYNC_PERIOD,
                  localhost_nodeports: bool = True, backend: Backend | None = None) -> None:
         self.node = node
-        self.full_sync_every = full_sync_every
-        self.full_sync_period = full_sync_period
+        self.full_syncs = FullSyncs(full_sync_every, full_sync_period)
         self.localhost_nodeports = localhost_nodeports
         self.backend: Backend = backend if backend is not None else Commands("iptables")
         self.ruleset: Ruleset | None = None  # what the kernel has from our last successful sync
         self.last_restore = ""  # the input of the last restore attempted (for tests and debugging)
         self.conntrack = StaleUdpCleaner(self.mode)
-        self.syncs = 0
-        self._need_full = True
-        self._last_full = 0.0
         self._cache = RenderCache()
 
     def sync(self, state: ProxyState) -> SyncResult:
         started = time.monotonic()
-        self.syncs += 1
-        full = self._full_due(started)
+        full = self.full_syncs.due(started) or self.ruleset is None
         try:
             desired = self._sync_full(state) if full else self._sync_partial(state)
         except RestoreError:
             # The changes since the last good sync are still ours to compute (we keep the
             # previous ruleset), but the kernel may now hold half of them: resync fully.
-            self._need_full = True
+            self.full_syncs.needed = True
             raise
         changed = changed_service_ports(desired, self.ruleset, full)
         self.ruleset = desired
-        self._need_full = False
-        if full:
-            self._last_full = started
+        self.full_syncs.done(full, started)
         self.conntrack.sync(state, self._cache.by_key, usable_endpoints)  # by_key: filled by the render
         return SyncResult(full=full, changed_services=len(changed), seconds=time.monotonic() - started)
-
-    def _full_due(self, now: float) -> bool:
-        return (self._need_full or self.ruleset is None
-                or (self.full_sync_every > 0 and self.syncs % self.full_sync_every == 0)
-                or now - self._last_full >= self.full_sync_period)
 
     def _sync_full(self, state: ProxyState) -> Ruleset:
         """Every chain of ours written, stale ones deleted, missing jumps added: one streamed restore."""
@@ -118,7 +104,7 @@ class IptablesProxier:
         """Remove every jump into our chains and all our chains (filter and nat), in one restore."""
         remove_chains(self.backend, is_own_chain)
         self.ruleset = None
-        self._need_full = True
+        self.full_syncs.needed = True
         self.conntrack.reset()
 
     def close(self) -> None:

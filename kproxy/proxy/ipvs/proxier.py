@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
+from kproxy.proxy.fullsync import FULL_SYNC_PERIOD, FullSyncs
 from kproxy.proxy.ipvs.backend import Backend, NetlinkBackend, RealServer
 from kproxy.proxy.ipvs.excerpt import live_excerpt, vs_name
 from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, IPSETS, JUMPS, SCHEDULERS, Dest, Piece, VirtualServer,
@@ -46,18 +47,16 @@ class IpvsProxier:
 
     mode = "ipvs"
 
-    def __init__(self, node: NodeInfo, *, scheduler: str = DEFAULT_SCHEDULER, full_sync_period: float = 3600.0,
+    def __init__(self, node: NodeInfo, *, scheduler: str = DEFAULT_SCHEDULER, full_sync_period: float = FULL_SYNC_PERIOD,
                  backend: Backend | None = None, conntrack: StaleUdpCleaner | None = None) -> None:
         self.node = node
         self.scheduler = scheduler
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown IPVS scheduler {self.scheduler!r} (known: {', '.join(SCHEDULERS)})")
-        self.full_sync_period = full_sync_period
+        self.full_syncs = FullSyncs(period=full_sync_period)
         self.backend: Backend = backend if backend is not None else NetlinkBackend(kernel_modules(scheduler))
         self.conntrack = conntrack if conntrack is not None else StaleUdpCleaner(self.mode)
         self.programmed = Programmed()
-        self._need_full = True
-        self._last_full = 0.0
         self._pieces: dict[str, tuple[Signature, Piece]] = {}  # by ServicePort.key: (its inputs, its render)
         self._services: Sequence[ServicePort] | None = None  # the last state's services, and them by key
         self._by_key: dict[str, ServicePort] = {}
@@ -78,7 +77,7 @@ class IpvsProxier:
         every ipset whole, so an ipset repaired there is not counted; what it removes that no
         service port of state owns counts once per virtual server or address."""
         started = time.monotonic()
-        full = self._need_full or started - self._last_full >= self.full_sync_period
+        full = self.full_syncs.due(started)
         self.backend.open()
         try:
             if full:
@@ -87,11 +86,9 @@ class IpvsProxier:
                 self._pieces = {}
             changed = self._apply(state, full)
         except Exception:
-            self._need_full = True
+            self.full_syncs.needed = True
             raise
-        self._need_full = False
-        if full:
-            self._last_full = started
+        self.full_syncs.done(full, started)
         self.conntrack.sync(state, self._by_key, usable_endpoints)
         return SyncResult(full=full, changed_services=changed, seconds=time.monotonic() - started)
 
@@ -369,7 +366,7 @@ class IpvsProxier:
             for set_name in (name, tmp_set(name)):
                 self.backend.ipset_destroy(set_name)
         self.programmed = Programmed()
-        self._need_full = True
+        self.full_syncs.needed = True
         self.conntrack.reset()
         self._pieces = {}
         self._entries = Shares()

@@ -6,15 +6,13 @@ import time
 from typing import TYPE_CHECKING
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
+from kproxy.proxy.fullsync import FULL_SYNC_PERIOD, FullSyncs
 from kproxy.proxy.netfilter import usable_endpoints
 from kproxy.proxy.nftables.backend import Backend, Libnftables, TransactionError
 from kproxy.proxy.nftables.excerpt import live_rules
 from kproxy.proxy.nftables.render import RenderCache, Ruleset, render
 from kproxy.proxy.nftables.transaction import Existing, existing_of, full_transaction, partial_transaction
 from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
-
-FULL_SYNC_PERIOD = 3600.0  # kube-proxy's FullSyncPeriod (1 h) between forced full syncs
-
 
 class NftablesProxier:
     """kube-proxy's nftables mode: the table ``ip kube-proxy``, one `nft -f` transaction per sync.
@@ -39,23 +37,18 @@ class NftablesProxier:
         self.node = node
         self.choice = choice
         self.counters = counters
-        self.full_sync_every = full_sync_every
-        self.full_sync_period = full_sync_period
+        self.full_syncs = FullSyncs(full_sync_every, full_sync_period)
         self.backend: Backend = backend if backend is not None else Libnftables()
         self.ruleset: Ruleset | None = None  # what the kernel has from our last successful sync
         self.last_transaction = ""  # the input of the last transaction attempted (tests, debugging)
         self.conntrack = StaleUdpCleaner(self.mode)
-        self.syncs = 0
-        self._need_full = True
-        self._last_full = 0.0
         self._cache = RenderCache()
 
     def sync(self, state: ProxyState) -> SyncResult:
         started = time.monotonic()
-        self.syncs += 1
         desired = render(state, self.node, choice=self.choice, counters=self.counters, cache=self._cache)
         previous = self.ruleset
-        full = self._full_due(started, desired)
+        full = self.full_syncs.due(started) or self._layout_changed(desired)
         try:
             if full:
                 self._sync_full(desired)
@@ -65,25 +58,21 @@ class NftablesProxier:
                 if self.last_transaction:
                     self.backend.run(self.last_transaction)
         except TransactionError:
-            self._need_full = True  # nothing of it was applied; the next sync reads what the kernel has
+            self.full_syncs.needed = True  # nothing of it was applied; the next sync reads what the kernel has
             raise
         changed = len(desired.services) if full else _changed(desired, previous)
         self.ruleset = desired
-        self._need_full = False
-        if full:
-            self._last_full = started
+        self.full_syncs.done(full, started)
         self.conntrack.sync(state, self._cache.by_key, usable_endpoints)
         return SyncResult(full=full, changed_services=changed, seconds=time.monotonic() - started)
 
-    def _full_due(self, now: float, desired: Ruleset) -> bool:
+    def _layout_changed(self, desired: Ruleset) -> bool:
+        """Whether what every service port shares (node, settings, layout) differs from the kernel's."""
         previous = self.ruleset
-        return (self._need_full or previous is None or previous.shared != desired.shared
-                or previous.layout != desired.layout
-                or (self.full_sync_every > 0 and self.syncs % self.full_sync_every == 0)
-                or now - self._last_full >= self.full_sync_period)
+        return previous is None or previous.shared != desired.shared or previous.layout != desired.layout
 
     def _sync_full(self, desired: Ruleset) -> None:
-        existing: Existing | None = (existing_of(self.ruleset) if self.ruleset is not None and not self._need_full
+        existing: Existing | None = (existing_of(self.ruleset) if self.ruleset is not None and not self.full_syncs.needed
                                      else self.backend.existing())
         self.last_transaction = full_transaction(desired, existing)
         try:
@@ -100,7 +89,7 @@ class NftablesProxier:
         """`delete table ip kube-proxy`: every chain, set and map of ours goes with it."""
         self.backend.delete_table()
         self.ruleset = None
-        self._need_full = True
+        self.full_syncs.needed = True
         self._cache = RenderCache()
         self.conntrack.reset()
 
