@@ -311,24 +311,35 @@ def mode_traces(ns: str) -> set[str]:
     return found
 
 
-def swap_modes(tmp_path, first: str, then: tuple[str, ...]) -> None:
-    """A lab in mode first, switched live to each of then in turn: after each `lab up` every
-    agent runs the new mode, the old mode's rules are gone from every node, and the Service answers."""
+# Two nodes, a client and one web pod: what the IPVS swap needs, small enough for the emulated guest.
+SMALL_TOPOLOGY = """
+nodes: [{name: node1}, {name: node2}]
+pods:
+- {name: client, labels: {app: client}, nodeName: node1}
+- {name: web-1, labels: {app: web}, nodeName: node2}
+"""
+
+
+def swap_modes(tmp_path, first: str, then: tuple[str, ...], *up: str) -> None:
+    """A lab (`lab up` arguments up) in mode first, switched live to each of then in turn: after each
+    `lab up` every agent runs the new mode, the old mode's rules are gone from every node, and the
+    Service answers from a pod and from outside."""
     manifests = tmp_path / "web.yaml"
     manifests.write_text(MANIFESTS.split("---")[0])  # the NodePort Service "web"
-    with running_lab("--mode", first) as name:
+    with running_lab("--mode", first, *up) as name:
         kproxy("apply", "--lab", name, "-f", str(manifests))
         lab = Lab(name)
-        assert mode_traces(lab.ns("node2")) == {first}
+        nodes = [node["name"] for node in lab.info["nodes"]]
+        assert mode_traces(lab.ns(nodes[-1])) == {first}
         for mode in then:
-            up = kproxy("lab", "up", "--name", name, "--mode", mode)
+            up_done = kproxy("lab", "up", "--name", name, "--mode", mode)
             # `lab up` returned once the new agents had synced: each reports its mode after its
             # first sync (the old agent's report went when it stopped), and the Service answers.
-            for node in ("node1", "node2", "node3"):
+            for node in nodes:
                 assert json.loads(status_path(lab_dir(name), node).read_text())["mode"] == mode
-            assert f"{mode} mode" in up.stdout
+            assert f"{mode} mode" in up_done.stdout
             assert status(name)["mode"] == mode
-            for node in ("node1", "node2", "node3"):
+            for node in nodes:
                 assert mode_traces(lab.ns(node)) == {mode}, node  # the old mode's rules are gone
             assert lab.ask("client", lab.ip("web"), 80)["pod"].startswith("web-")
             assert lab.ask("external", lab.info["nodes"][1]["ip"], 30080)["pod"].startswith("web-")
@@ -340,8 +351,11 @@ def test_changing_the_mode_of_a_running_lab_swaps_its_agents_and_rules(tmp_path)
 
 
 @pytest.mark.ipvs
+@pytest.mark.timeout(900)  # three lab ups in the emulated guest
 def test_ipvs_and_nftables_swap_live_with_nothing_left(tmp_path) -> None:
-    swap_modes(tmp_path, "ipvs", ("nftables", "ipvs"))
+    topology = tmp_path / "lab.yaml"
+    topology.write_text(SMALL_TOPOLOGY)
+    swap_modes(tmp_path, "ipvs", ("nftables", "ipvs"), "-f", str(topology))
 
 
 def test_mode_options_reach_the_agents_are_kept_and_a_change_restarts_them(tmp_path) -> None:

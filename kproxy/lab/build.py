@@ -193,8 +193,12 @@ def _stop_agents(previous: LabState, clean: bool) -> None:
         if clean and ns_name(previous.name, node) in present:
             old = proxy_mode(previous.mode)
             with entered(ns_path(previous.name, node)):
-                old.make_proxier(NodeInfo(node, spec.ip, previous.pod_cidr),
-                                 old.options_of(previous.mode_options)).cleanup()
+                proxier = old.make_proxier(NodeInfo(node, spec.ip, previous.pod_cidr),
+                                           old.options_of(previous.mode_options))
+                try:
+                    proxier.cleanup()
+                finally:
+                    proxier.close()
 
 
 def teardown(name: str) -> list[str]:

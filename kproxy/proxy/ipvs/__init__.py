@@ -38,7 +38,7 @@ from __future__ import annotations
 from kproxy.proxy.ipvs.proxier import IpvsProxier
 from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, IPSETS, SCHEDULER_ANNOTATION, SCHEDULERS, Ruleset,
                                       VirtualServer, kernel_modules, render, service_scheduler)
-from kproxy.proxy.mode import Mode, Option
+from kproxy.proxy.mode import Mode, Option, Options
 from kproxy.proxy.types import NodeInfo, ProxyState
 
 __all__ = ["IPSETS", "MODE", "IpvsProxier", "Ruleset", "VirtualServer", "kernel_modules", "render"]

@@ -52,19 +52,34 @@ class Ruleset:
         return {name: objects.owner for objects in self.services.values()
                 for name in (*objects.chains, *objects.sets)}
 
+    def chains(self) -> dict[str, tuple[str, ...]]:
+        """Every chain (shared and the service ports') and its rules."""
+        chains = dict(self.shared.chains)
+        for objects in self.services.values():
+            chains.update(objects.chains)
+        return chains
+
+    def sets(self) -> dict[str, SetSpec]:
+        """Every set and map: the shared ones and the affinity sets."""
+        sets = dict(self.shared.sets)
+        for objects in self.services.values():
+            sets.update(objects.sets)
+        return sets
+
+    def elements(self) -> dict[str, list[Element]]:
+        """Every set's and map's elements, the cluster-ips set's included."""
+        elements = {name: list(found) for name, found in self.shared.elements.items()}
+        elements[n.CLUSTER_IPS] = [Element(ip) for ip in self.cluster_ips]
+        for objects in self.services.values():
+            for where, element in objects.elements:
+                elements.setdefault(where, []).append(element)
+        return elements
+
     def text(self) -> str:
         """The table as knftables.Fake.Dump() writes it: table, chains, sets, maps (each
         sorted by name), then the rules chain by chain and the elements set by set."""
-        chains: dict[str, tuple[str, ...]] = dict(self.shared.chains)
-        specs = dict(self.shared.specs)
-        sets: dict[str, SetSpec] = dict(self.shared.sets)
-        elements: dict[str, list[Element]] = {name: list(found) for name, found in self.shared.elements.items()}
-        elements[n.CLUSTER_IPS] = [Element(ip) for ip in self.cluster_ips]
-        for objects in self.services.values():
-            chains.update(objects.chains)
-            sets.update(objects.sets)
-            for where, element in objects.elements:
-                elements.setdefault(where, []).append(element)
+        chains, sets, elements = self.chains(), self.sets(), self.elements()
+        specs = self.shared.specs
         head = f"{n.FAMILY} {n.TABLE}"
         out = [f'add table {head} {{ comment "{n.TABLE_COMMENT}" ; }}']
         out += [f"add chain {head} {name}" + (f" {specs[name]}" if specs.get(name) else "") for name in sorted(chains)]

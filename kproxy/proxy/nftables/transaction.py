@@ -30,12 +30,7 @@ class Existing:
 
 
 def existing_of(ruleset: Ruleset) -> Existing:
-    sets: dict[str, SetSpec | None] = dict(ruleset.shared.sets)
-    chains = set(ruleset.shared.chains)
-    for objects in ruleset.services.values():
-        chains.update(objects.chains)
-        sets.update(objects.sets)
-    return Existing(chains, sets)
+    return Existing(set(ruleset.chains()), dict(ruleset.sets()))
 
 
 class _Batch:
@@ -69,26 +64,12 @@ class _Batch:
         return "\n".join(lines) + "\n" if lines else ""
 
 
-def _all_elements(ruleset: Ruleset) -> dict[str, list[Element]]:
-    elements: dict[str, list[Element]] = {name: list(found) for name, found in ruleset.shared.elements.items()}
-    elements[n.CLUSTER_IPS] = [Element(ip) for ip in ruleset.cluster_ips]
-    for objects in ruleset.services.values():
-        for where, element in objects.elements:
-            elements.setdefault(where, []).append(element)
-    return elements
-
-
 def full_transaction(desired: Ruleset, existing: Existing | None) -> str:
     """Everything of desired; existing: what the kernel may hold of ours (None: no table)."""
     batch = _Batch()
     batch.create.append(TABLE)
     have = existing or Existing()
-    chains: dict[str, tuple[str, ...]] = dict(desired.shared.chains)
-    specs = desired.shared.specs
-    sets: dict[str, SetSpec] = dict(desired.shared.sets)
-    for objects in desired.services.values():
-        chains.update(objects.chains)
-        sets.update(objects.sets)
+    chains, sets, specs = desired.chains(), desired.sets(), desired.shared.specs
     for name in chains:
         batch.add_chain(name, specs.get(name, ""))
         if name in have.chains:
@@ -108,7 +89,7 @@ def full_transaction(desired: Ruleset, existing: Existing | None) -> str:
         batch.respec.append(f"delete {old.kind if old else 'set'} {HEAD} {name}")
     for name, rules in chains.items():
         batch.rules(name, rules)
-    for where, elements in _all_elements(desired).items():
+    for where, elements in desired.elements().items():
         batch.add_elements(where, elements)
     return batch.text()
 
