@@ -60,13 +60,15 @@ def bench(n: int, changes: int) -> dict[str, float]:
     ways: dict[str, Callable[[str], None]] = {"nft -f": nft_child, "libnftables": library.run}
     timings: dict[str, list[float]] = {way: [] for way in [*ways, "elements only"]}
     for change in range(changes):
-        for way, run in ways.items():
-            i = (change * 2 + len(timings[way])) * 7919 % n
+        for number, (way, run) in enumerate(ways.items()):
+            count = change * len(ways) + number + 1  # every change at another service
+            i = count * 7919 % n
             changed = dict(state.endpoints)
-            changed[ports[i].key] = [endpoints(i, 0)[0], endpoints(i, change + 1)[1]]
+            changed[ports[i].key] = [endpoints(i, 0)[0], endpoints(i, count)[1]]
             state = ProxyState(ports, changed)
             desired = render(state, NODE, choice="cascade")
             text = partial_transaction(desired, current)
+            assert text, "a change that changes nothing"
             started = time.perf_counter()
             run(text)
             timings[way].append(time.perf_counter() - started)
