@@ -111,9 +111,8 @@ def _changed(desired: Ruleset, previous: Ruleset | None) -> int:
     """Service ports whose objects differ between the two rulesets."""
     if previous is None:
         return len(desired.services)
-    keys = desired.touched if desired.base is previous and desired.touched is not None else (
-        desired.services.keys() | previous.services.keys())
-    return sum(1 for key in keys if desired.services.get(key) != previous.services.get(key))
+    return sum(1 for key in desired.keys_to_compare(previous)
+               if desired.services.get(key) != previous.services.get(key))
 
 
 if TYPE_CHECKING:

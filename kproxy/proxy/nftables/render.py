@@ -47,6 +47,13 @@ class Ruleset:
     base: Ruleset | None = field(default=None, repr=False)
     touched: frozenset[str] | None = None
 
+    def keys_to_compare(self, previous: Ruleset) -> Iterable[str]:
+        """The service port keys whose objects may differ from previous: the patched ones when this
+        ruleset was patched from it, else every key of either."""
+        if self.base is previous and self.touched is not None:
+            return self.touched
+        return self.services.keys() | previous.services.keys()
+
     def owners(self) -> dict[str, str]:
         """Every chain and set of a service port -> its servicePortName."""
         return {name: objects.owner for objects in self.services.values()

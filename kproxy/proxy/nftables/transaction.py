@@ -98,8 +98,7 @@ def partial_transaction(desired: Ruleset, previous: Ruleset) -> str:
     """What turns previous (what the kernel has) into desired; "" when nothing differs.
     Their shared objects and layout are the same (else the sync is a full one)."""
     batch = _Batch()
-    keys = desired.touched if desired.base is previous and desired.touched is not None else (
-        desired.services.keys() | previous.services.keys())
+    keys = desired.keys_to_compare(previous)
     added_ips: list[Element] = []
     gone_ips: list[str] = []
     elements: dict[str, list[Element]] = {}
