@@ -53,7 +53,8 @@ def replaced(daemon: processes.Daemon, lab: str, node: str, old: int) -> int:
             return None
 
     pid = wait_for(f"a new {daemon.kind} on {node}", started, BACK_WITHIN)
-    wait_for(f"the new {daemon.kind} initialised", lambda: processes.running_pid(daemon, lab_dir(lab), node) == pid, 15)
+    # Initialising is Python's imports: seconds in the emulated guest under a loaded lane, no promise.
+    wait_for(f"the new {daemon.kind} initialised", lambda: processes.running_pid(daemon, lab_dir(lab), node) == pid, 90)
     return pid
 
 
