@@ -117,10 +117,10 @@ class Cluster:
                               f"(is {old['spec']['clusterIP']})")
         svc["spec"]["clusterIP"] = old["spec"]["clusterIP"]
         svc["spec"]["clusterIPs"] = [old["spec"]["clusterIP"]]
-        before = {(p.get("name") or "", p["protocol"]): p.get("nodePort") for p in old["spec"]["ports"]}
+        before = {(p.get("name") or "", p["protocol"]): p.get("nodePort") for p in old["spec"].get("ports", [])}
         if svc["spec"]["type"] != "NodePort":
             return
-        for port in svc["spec"]["ports"]:
+        for port in svc["spec"].get("ports", []):
             if not port.get("nodePort") and (kept := before.get((port.get("name") or "", port["protocol"]))):
                 port["nodePort"] = kept
 
@@ -134,7 +134,7 @@ class Cluster:
             selector = svc["spec"].get("selector") or {}
             selected = [spec for namespace, labels, spec in candidates
                         if namespace == svc["metadata"]["namespace"] and controllers.selects(selector, labels)]
-            for i, port in enumerate(svc["spec"]["ports"]):
+            for i, port in enumerate(svc["spec"].get("ports", [])):
                 target = port["targetPort"]
                 if isinstance(target, str) and selected and \
                         all(controllers.resolve_target_port(port, spec) is None for spec in selected):

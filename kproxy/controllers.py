@@ -20,11 +20,13 @@ from kproxy import model
 from kproxy.errors import KproxyError
 from kproxy.k8sform import pod_object
 from kproxy.lab import topology
-from kproxy.proxy.source import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION
+from kproxy.proxy.source import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION, has_cluster_ip
 from kproxy.store import Obj, carry_identity, key_of, timestamp
 
 SERVICE_CIDR = ipaddress.ip_network(topology.SERVICE_CIDR)
-FIRST_DYNAMIC_IP = SERVICE_CIDR.network_address + 10  # .1 is the kubernetes Service's, .10 often DNS
+# The tenth address is cluster DNS's (kube-dns, kubeadm's choice), never handed out to another Service.
+DNS_SERVICE_IP = SERVICE_CIDR.network_address + 10
+FIRST_DYNAMIC_OFFSET = 11  # .1 would be the kubernetes Service's
 POD_TEMPLATE_HASH = "pod-template-hash"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 ENDPOINTSLICE_CONTROLLER = "endpointslice-controller.k8s.io"
@@ -52,18 +54,18 @@ def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj],
                          cidr: ipaddress.IPv4Network | ipaddress.IPv6Network = SERVICE_CIDR) -> None:
     """Give every new Service a ClusterIP from cidr; refuse one that is taken or outside it
     (that a given one is an IPv4 address, kproxy.model checked when it parsed the Service)."""
-    owners = {s["spec"]["clusterIP"]: name_of(s) for s in existing if s["spec"].get("clusterIP")}
+    owners = {s["spec"]["clusterIP"]: name_of(s) for s in existing if has_cluster_ip(s)}
     for svc in services:
         ip = svc["spec"].get("clusterIP") or ""
-        if ip:
+        if ip and has_cluster_ip(svc):
             if ipaddress.ip_address(ip) not in cidr:
                 raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is not in the service CIDR {cidr}")
             if owners.get(ip, name_of(svc)) != name_of(svc):
                 raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is already allocated to {owners[ip]}")
             owners[ip] = name_of(svc)
-    candidate = FIRST_DYNAMIC_IP if cidr == SERVICE_CIDR else cidr.network_address + 10
+    candidate = cidr.network_address + FIRST_DYNAMIC_OFFSET
     for svc in services:
-        if svc["spec"].get("clusterIP"):
+        if svc["spec"].get("clusterIP") or svc["spec"].get("type") == "ExternalName":
             continue
         while str(candidate) in owners:
             candidate += 1
@@ -77,11 +79,11 @@ def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj],
 def allocate_node_ports(services: list[Obj], existing: Iterable[Obj]) -> None:
     owners: dict[tuple[int, str], str] = {}
     for svc in existing:
-        for port in svc["spec"]["ports"]:
+        for port in svc["spec"].get("ports", []):
             if port.get("nodePort"):
                 owners[(int(port["nodePort"]), port["protocol"])] = name_of(svc)
     for svc in services:
-        for i, port in enumerate(svc["spec"]["ports"]):
+        for i, port in enumerate(svc["spec"].get("ports", [])):
             if port.get("nodePort"):
                 node_port = (int(port["nodePort"]), port["protocol"])
                 if owners.get(node_port, name_of(svc)) != name_of(svc):
@@ -91,7 +93,7 @@ def allocate_node_ports(services: list[Obj], existing: Iterable[Obj]) -> None:
     for svc in services:
         if svc["spec"].get("type") != "NodePort":
             continue
-        for port in svc["spec"]["ports"]:
+        for port in svc["spec"].get("ports", []):
             if port.get("nodePort"):
                 continue
             proto = port["protocol"]
@@ -154,7 +156,7 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
         ip = pod.get("status", {}).get("podIP")
         if not ip:
             continue
-        resolved = [resolve_target_port(p, pod["spec"]) for p in spec["ports"]]
+        resolved = [resolve_target_port(p, pod["spec"]) for p in spec.get("ports", [])]
         if any(r is None for r in resolved):
             continue  # like Kubernetes: a pod without the named port is not an endpoint
         terminating = pod_is_terminating(pod)
@@ -162,15 +164,15 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
         target = {"kind": "Pod", "namespace": namespace, "name": pmeta["name"]}
         if pmeta.get("uid"):
             target["uid"] = pmeta["uid"]
-        groups.setdefault(tuple(r for r in resolved if r is not None), []).append({
-            "addresses": [ip],
-            "conditions": {"ready": ready, "serving": pod_is_ready(pod), "terminating": terminating},
-            "nodeName": pod["spec"].get("nodeName", ""),
-            "targetRef": target,
-        })
+        endpoint: Obj = {"addresses": [ip],
+                         "conditions": {"ready": ready, "serving": pod_is_ready(pod), "terminating": terminating}}
+        if pod["spec"].get("hostname") and pod["spec"].get("subdomain") == meta["name"]:
+            endpoint["hostname"] = pod["spec"]["hostname"]  # its DNS name under this headless Service
+        endpoint |= {"nodeName": pod["spec"].get("nodeName", ""), "targetRef": target}
+        groups.setdefault(tuple(r for r in resolved if r is not None), []).append(endpoint)
     if not groups and selector:
         groups[tuple(int(p["targetPort"]) if isinstance(p["targetPort"], int) else int(p["port"])
-                     for p in spec["ports"])] = []
+                     for p in spec.get("ports", []))] = []
     mine = {tuple(p["port"] for p in s["ports"]): s for s in previous.values()
             if s["metadata"]["namespace"] == namespace
             and s["metadata"].get("labels", {}).get(SERVICE_NAME_LABEL) == meta["name"]}
@@ -190,7 +192,7 @@ def endpoint_slices(service: Obj, pods: Iterable[Obj], previous: Mapping[str, Ob
             "addressType": "IPv4",
             "endpoints": sorted(endpoints, key=lambda e: e["addresses"][0]),
             "ports": [{"name": p.get("name") or "", "port": n, "protocol": p["protocol"]}
-                      for p, n in zip(spec["ports"], numbers)],
+                      for p, n in zip(spec.get("ports", []), numbers)],
         }
         if meta.get("uid"):
             slice_["metadata"]["ownerReferences"] = [controller_ref(service)]

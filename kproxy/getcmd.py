@@ -91,10 +91,10 @@ def _more(shown: list[str], count: int, empty: str) -> str:
 
 def _service_ports(svc: Obj) -> str:
     out = []
-    for p in svc["spec"]["ports"]:
+    for p in svc["spec"].get("ports", []):
         node_port = f":{p['nodePort']}" if p.get("nodePort") and svc["spec"].get("type") == "NodePort" else ""
         out.append(f"{p['port']}{node_port}/{p['protocol']}")
-    return ",".join(out)
+    return ",".join(out) or NONE
 
 
 def _endpoints(obj: Obj) -> str:
@@ -155,8 +155,10 @@ def rows(kind: str, items: list[Obj], wide: bool, all_namespaces: bool) -> list[
         table = [ns + ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"] + (["SELECTOR"] if wide else [])]
         for o in items:
             selector = ",".join(f"{k}={v}" for k, v in sorted((o["spec"].get("selector") or {}).items())) or NONE
-            table.append(nsv(o) + [o["metadata"]["name"], o["spec"].get("type", "ClusterIP"), o["spec"]["clusterIP"],
-                                   NONE, _service_ports(o), age(o)] + ([selector] if wide else []))
+            spec = o["spec"]
+            table.append(nsv(o) + [o["metadata"]["name"], spec.get("type", "ClusterIP"), spec.get("clusterIP") or NONE,
+                                   spec.get("externalName") or NONE, _service_ports(o), age(o)]
+                         + ([selector] if wide else []))
     elif kind == "Endpoints":
         table = [ns + ["NAME", "ENDPOINTS", "AGE"]]
         table += [nsv(o) + [o["metadata"]["name"], _endpoints(o), age(o)] for o in items]

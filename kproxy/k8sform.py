@@ -48,12 +48,18 @@ def container(name: str, image: str = "", ports: Iterable[Obj] = ()) -> Obj:
     return out
 
 
-def pod_spec(containers: Iterable[Obj], node_name: str = "", node_selector: Mapping[str, str] | None = None) -> Obj:
+def pod_spec(containers: Iterable[Obj], node_name: str = "", node_selector: Mapping[str, str] | None = None,
+             hostname: str = "", subdomain: str = "") -> Obj:
+    """hostname and subdomain: the pod's DNS name <hostname>.<subdomain>.<ns>.svc under a headless Service."""
     out: Obj = {"containers": list(containers)}
+    if hostname:
+        out["hostname"] = hostname
     if node_name:
         out["nodeName"] = node_name
     if node_selector:
         out["nodeSelector"] = dict(node_selector)
+    if subdomain:
+        out["subdomain"] = subdomain
     return out
 
 
@@ -81,21 +87,34 @@ def service_port(port: int, target_port: int | str, protocol: str = "TCP", name:
 def service_object(metadata: Obj, ports: Iterable[Obj], *, type_: str = "ClusterIP", cluster_ip: str = "",
                    selector: Mapping[str, str] | None = None, session_affinity: str = "None",
                    affinity_timeout_seconds: int = 0) -> Obj:
-    """A v1 Service (ClusterIP or NodePort). cluster_ip "" is to allocate; an empty selector
+    """A v1 Service (ClusterIP or NodePort; headless with cluster_ip "None"). cluster_ip "" is to allocate; an empty selector
     leaves its endpoints unmanaged; the timeout is written with ClientIP affinity only."""
     spec: Obj = {}
+    ports = list(ports)
     if cluster_ip:
         spec |= {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip]}
     if type_ == "NodePort":
         spec["externalTrafficPolicy"] = "Cluster"
-    spec |= {"internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
-             "ports": list(ports)}
+    spec |= {"internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
+    if ports:  # a headless Service may have none
+        spec["ports"] = list(ports)
     if selector:
         spec["selector"] = dict(selector)
     spec["sessionAffinity"] = session_affinity
     if session_affinity == "ClientIP":
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout_seconds}}
     spec["type"] = type_
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec,
+            "status": {"loadBalancer": {}}}
+
+
+def external_name_service_object(metadata: Obj, external_name: str, ports: Iterable[Obj]) -> Obj:
+    """A v1 Service of type ExternalName: an alias for external_name in cluster DNS."""
+    spec: Obj = {"externalName": external_name}
+    ports = list(ports)
+    if ports:
+        spec["ports"] = list(ports)
+    spec |= {"sessionAffinity": "None", "type": "ExternalName"}
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec,
             "status": {"loadBalancer": {}}}
 

@@ -5,7 +5,7 @@
 Each object comes out in its stored Kubernetes form (kproxy.store.Obj, built by
 kproxy.k8sform), every default written out, so nothing after this fills one again.
 
-Objects: v1 Service (ClusterIP, NodePort), v1 Pod, apps/v1 Deployment, and the
+Objects: v1 Service (ClusterIP, NodePort, headless, ExternalName), v1 Pod, apps/v1 Deployment, and the
 v1 List (plus ServiceList, PodList, DeploymentList) wrappers kubectl accepts.
 Validation follows the API server's where a user would notice; messages name
 the object and the field:
@@ -19,9 +19,11 @@ apiVersion, missing metadata.name) name the source and the document instead
 Unknown fields are refused (as `kubectl apply --validate=strict`) at the top
 level of an object, in Service .spec, .spec.ports[], label selectors and
 container ports; metadata, pod specs and containers are read leniently (only
-the fields below are kept). Features kproxy does not emulate (headless, dual
-stack, LoadBalancer / ExternalName, externalIPs, traffic policy Local, SCTP)
-are refused as unsupported instead of being silently ignored.
+the fields below are kept). Features kproxy does not emulate (dual stack,
+LoadBalancer, externalIPs, traffic policy Local, SCTP) are refused as
+unsupported instead of being silently ignored. Headless Services
+(clusterIP: None) and ExternalName Services get no proxy rules, as in
+Kubernetes; cluster DNS (kproxy.dns) serves them.
 
 Not kept: image pull policy, resources, probes, hostPort, appProtocol, and
 the like. Container port names are unique across the whole Pod (Kubernetes
@@ -42,8 +44,8 @@ import yaml
 
 from kproxy import fields
 from kproxy.errors import KproxyError
-from kproxy.k8sform import container, container_port, deployment_object, metadata, pod_object, pod_spec, \
-    service_object, service_port
+from kproxy.k8sform import container, container_port, deployment_object, external_name_service_object, \
+    metadata, pod_object, pod_spec, service_object, service_port
 from kproxy.selectors import selector_from_match, validate_labels
 from kproxy.store import Obj
 
@@ -52,7 +54,8 @@ from kproxy.store import Obj
 NODE_PORT_RANGE: tuple[int, int] = (30000, 32767)  # read at use: patch it to change the range
 DEFAULT_AFFINITY_SECONDS = 10800
 MAX_AFFINITY_SECONDS = 86400
-SERVICE_TYPES = ("ClusterIP", "NodePort")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "ExternalName")
+HEADLESS = "None"  # spec.clusterIP of a headless Service
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -155,14 +158,22 @@ def _service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, 
              spec: dict[str, Any]) -> Obj:
     fields.known(spec, _SERVICE_SPEC, "spec")
     type_ = fields.as_str(spec.get("type"), "spec.type") or "ClusterIP"
-    if type_ in ("LoadBalancer", "ExternalName"):
-        raise KproxyError(f"spec.type: unsupported Service type {fields.show(type_)} (ClusterIP or NodePort)")
+    if type_ == "LoadBalancer":
+        raise KproxyError(f"spec.type: unsupported Service type {fields.show(type_)} "
+                          "(ClusterIP, NodePort or ExternalName)")
     if type_ not in SERVICE_TYPES:
-        raise KproxyError(f"spec.type: {fields.show(type_)} is not a valid Service type (ClusterIP or NodePort)")
+        raise KproxyError(f"spec.type: {fields.show(type_)} is not a valid Service type "
+                          "(ClusterIP, NodePort or ExternalName)")
     _unsupported(spec)
+    if type_ == "ExternalName":
+        return _external_name_service(name, ns, labels, annotations, spec)
+    if spec.get("externalName"):
+        raise KproxyError("spec.externalName: may only be set when spec.type is ExternalName")
     cluster_ip = _cluster_ip(spec)
+    if cluster_ip == HEADLESS and type_ != "ClusterIP":
+        raise KproxyError(f"spec.clusterIP: None (headless) requires spec.type ClusterIP, not {type_}")
     selector = validate_labels(spec.get("selector"), "spec.selector")
-    ports = _service_ports(spec.get("ports"), type_)
+    ports = _service_ports(spec.get("ports"), type_, required=cluster_ip != HEADLESS)
     affinity = fields.as_str(spec.get("sessionAffinity"), "spec.sessionAffinity") or "None"
     if affinity not in ("None", "ClientIP"):
         raise KproxyError(f"spec.sessionAffinity: {fields.show(affinity)} is not valid (None or ClientIP)")
@@ -181,6 +192,20 @@ def _service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, 
             raise KproxyError(f"{where}: {timeout} is outside the range 1-{MAX_AFFINITY_SECONDS}")
     return service_object(metadata(name, ns, labels, annotations), ports, type_=type_, cluster_ip=cluster_ip,
                           selector=selector, session_affinity=affinity, affinity_timeout_seconds=timeout)
+
+
+def _external_name_service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],
+                           spec: dict[str, Any]) -> Obj:
+    """An ExternalName Service: a DNS alias (CNAME) and nothing else, no ClusterIP, no proxying."""
+    external = fields.as_str(spec.get("externalName"), "spec.externalName").removesuffix(".")
+    if not external:
+        raise KproxyError("spec.externalName: required when spec.type is ExternalName")
+    fields.dns_name(external, fields.DNS1123_SUBDOMAIN, 253, f"externalName: a {fields.SUBDOMAIN_RULE}",
+                    "spec.externalName")
+    if spec.get("clusterIP") or spec.get("clusterIPs"):
+        raise KproxyError("spec.clusterIP: must not be set when spec.type is ExternalName")
+    ports = _service_ports(spec.get("ports"), "ExternalName", required=False)
+    return external_name_service_object(metadata(name, ns, labels, annotations), external, ports)
 
 
 def _unsupported(spec: dict[str, Any]) -> None:
@@ -203,13 +228,13 @@ def _unsupported(spec: dict[str, Any]) -> None:
 def _cluster_ip(spec: dict[str, Any]) -> str:
     ip = fields.as_str(spec.get("clusterIP"), "spec.clusterIP")
     ips = [fields.as_str(v, "spec.clusterIPs") for v in fields.as_list(spec.get("clusterIPs"), "spec.clusterIPs")]
-    if ip == "None" or ips[:1] == ["None"]:
-        raise KproxyError("spec.clusterIP: headless Services (clusterIP: None) are not supported")
     if len(ips) > 1:
         raise KproxyError("spec.clusterIPs: dual-stack Services are not supported")
     if ips and ip and ips[0] != ip:
         raise KproxyError(f"spec.clusterIPs[0]: {fields.show(ips[0])} must match spec.clusterIP {fields.show(ip)}")
     ip = ip or (ips[0] if ips else "")
+    if ip == HEADLESS:
+        return ip
     if ip:
         try:
             addr = ipaddress.ip_address(ip)
@@ -220,9 +245,10 @@ def _cluster_ip(spec: dict[str, Any]) -> str:
     return ip
 
 
-def _service_ports(raw: Any, type_: str) -> list[Obj]:
+def _service_ports(raw: Any, type_: str, required: bool = True) -> list[Obj]:
+    """spec.ports; a headless or ExternalName Service may have none."""
     items = fields.as_list(raw, "spec.ports")
-    if not items:
+    if not items and required:
         raise KproxyError("spec.ports: required (at least one port)")
     lo, hi = NODE_PORT_RANGE
     ports: list[Obj] = []
@@ -257,8 +283,8 @@ def _service_ports(raw: Any, type_: str) -> list[Obj]:
         node_port = 0
         if p.get("nodePort") is not None and not fields.is_zero(p["nodePort"]):
             node_port = fields.as_int(p["nodePort"], f"{at}.nodePort")
-            if type_ == "ClusterIP":
-                raise KproxyError(f"{at}.nodePort: may not be used when spec.type is ClusterIP")
+            if type_ != "NodePort":
+                raise KproxyError(f"{at}.nodePort: may not be used when spec.type is {type_}")
             if not lo <= node_port <= hi:
                 raise KproxyError(f"{at}.nodePort: {node_port} is outside the NodePort range {lo}-{hi}")
             if (node_port, protocol) in node_ports:
@@ -301,7 +327,13 @@ def _pod_spec(spec: dict[str, Any], at: str) -> Obj:
             number = fields.port_number(p.get("containerPort"), f"{pat}.containerPort")
             ports.append(container_port(number, pname, fields.protocol(p.get("protocol"), f"{pat}.protocol")))
         containers.append(container(cname, fields.as_str(c.get("image"), f"{cat}.image"), ports))
-    return pod_spec(containers, node_name, node_selector)
+    hostname = fields.as_str(spec.get("hostname"), f"{at}.hostname")
+    subdomain = fields.as_str(spec.get("subdomain"), f"{at}.subdomain")
+    if hostname:
+        fields.dns_name(hostname, fields.DNS1123_LABEL, 63, f"hostname: a {fields.LABEL_RULE}", f"{at}.hostname")
+    if subdomain:
+        fields.dns_name(subdomain, fields.DNS1123_LABEL, 63, f"subdomain: a {fields.LABEL_RULE}", f"{at}.subdomain")
+    return pod_spec(containers, node_name, node_selector, hostname, subdomain)
 
 
 def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],

@@ -226,6 +226,34 @@ spec:
     assert dep["status"] == {}
 
 
+def test_headless_external_name_and_a_pod_named_under_a_service() -> None:
+    [headless, alias, pod] = parse_manifests(
+        """\
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, selector: {app: db}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: search}
+spec: {type: ExternalName, externalName: search.example.com.}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, labels: {app: db}}
+spec: {hostname: db-0, subdomain: db, containers: [{name: c}]}
+""",
+        "dns.yaml",
+    )
+    assert headless["spec"] == {"clusterIP": "None", "clusterIPs": ["None"], "internalTrafficPolicy": "Cluster",
+                                "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack", "selector": {"app": "db"},
+                                "sessionAffinity": "None", "type": "ClusterIP"}
+    assert alias["spec"] == {"externalName": "search.example.com", "sessionAffinity": "None", "type": "ExternalName"}
+    assert pod["spec"] == {"containers": [{"name": "c"}], "hostname": "db-0", "subdomain": "db"}
+    assert parse_object(headless) == headless and parse_object(alias) == alias and parse_object(pod) == pod
+
+
 def test_list_and_empty_documents() -> None:
     text = "---\n" + DOCS_MULTI_PORT + "---\n---\n" + yaml.safe_dump(
         {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(DOCS_NODEPORT), yaml.safe_load(DOCS_NGINX_DEPLOYMENT)]}
@@ -282,17 +310,28 @@ SERVICE_ERRORS = [
      "alphanumeric characters or '-', starting and ending with an alphanumeric character, at most 63 characters)"),
     (ports({"port": 80, "nodeport": 30080}), 'Service default/web: spec.ports[0]: unknown field "nodeport"'),
     ({"selector": {"app": "web"}}, "Service default/web: spec.ports: required (at least one port)"),
-    (ports({"port": 80}, clusterIP="None"),
-     "Service default/web: spec.clusterIP: headless Services (clusterIP: None) are not supported"),
+    (ports({"port": 80}, clusterIP="None", type="NodePort"),
+     "Service default/web: spec.clusterIP: None (headless) requires spec.type ClusterIP, not NodePort"),
+    ({"type": "ExternalName"}, "Service default/web: spec.externalName: required when spec.type is ExternalName"),
+    ({"type": "ExternalName", "externalName": "DB.example.com"},
+     'Service default/web: spec.externalName: "DB.example.com" is not a valid externalName: a DNS-1123 subdomain '
+     "(lowercase alphanumeric characters, '-' or '.', starting and ending with an alphanumeric character, "
+     "at most 253 characters)"),
+    ({"type": "ExternalName", "externalName": "db.example.com", "clusterIP": "10.96.0.20"},
+     "Service default/web: spec.clusterIP: must not be set when spec.type is ExternalName"),
+    (ports({"port": 80, "nodePort": 30080}, type="ExternalName", externalName="db.example.com"),
+     "Service default/web: spec.ports[0].nodePort: may not be used when spec.type is ExternalName"),
+    (ports({"port": 80}, externalName="db.example.com"),
+     "Service default/web: spec.externalName: may only be set when spec.type is ExternalName"),
     (ports({"port": 80}, clusterIP="10.96.0.300"),
      'Service default/web: spec.clusterIP: "10.96.0.300" is not a valid IP address'),
     (ports({"port": 80}, clusterIP="fd00::1"), 'Service default/web: spec.clusterIP: "fd00::1": IPv6 is not supported'),
     (ports({"port": 80}, clusterIP="10.96.0.10", clusterIPs=["10.96.0.11"]),
      'Service default/web: spec.clusterIPs[0]: "10.96.0.11" must match spec.clusterIP "10.96.0.10"'),
     (ports({"port": 80}, type="LoadBalancer"),
-     'Service default/web: spec.type: unsupported Service type "LoadBalancer" (ClusterIP or NodePort)'),
+     'Service default/web: spec.type: unsupported Service type "LoadBalancer" (ClusterIP, NodePort or ExternalName)'),
     (ports({"port": 80}, type="Nodeport"),
-     'Service default/web: spec.type: "Nodeport" is not a valid Service type (ClusterIP or NodePort)'),
+     'Service default/web: spec.type: "Nodeport" is not a valid Service type (ClusterIP, NodePort or ExternalName)'),
     (ports({"port": 80}, sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 86401}}),
      "Service default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is outside the range 1-86400"),
     (ports({"port": 80}, sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}),

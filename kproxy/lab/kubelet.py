@@ -43,7 +43,7 @@ def pod_ports(pod: dict[str, Any], services: list[dict[str, Any]]) -> list[int]:
     for svc in services:
         if svc["metadata"]["namespace"] == pod["metadata"]["namespace"] and \
                 controllers.selects(svc["spec"].get("selector") or {}, labels):
-            for port in svc["spec"]["ports"]:
+            for port in svc["spec"].get("ports", []):
                 target = controllers.resolve_target_port(port, pod["spec"])
                 if target is not None:
                     ports.add(target)

@@ -11,10 +11,18 @@ ServiceInfo = Callable[[dict[str, Any]], Hashable]
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
+def has_cluster_ip(service: dict[str, Any]) -> bool:
+    """Whether the Service has an address of its own: not headless (clusterIP None), not ExternalName."""
+    return service["spec"].get("clusterIP") not in (None, "", "None")
+
+
 def service_ports(service: dict[str, Any], service_info: ServiceInfo | None = None) -> list[ServicePort]:
-    """The Service's ports; service_info: what the proxy mode reads from a Service of its own
-    (Mode.service_info), kept in each port's mode_info."""
+    """The Service's ports, none for a Service without a ClusterIP (kube-proxy skips those too);
+    service_info: what the proxy mode reads from a Service of its own (Mode.service_info), kept
+    in each port's mode_info."""
     meta, spec = service["metadata"], service["spec"]
+    if not has_cluster_ip(service):
+        return []
     affinity = 0
     if spec.get("sessionAffinity") == "ClientIP":
         affinity = int(spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"])
