@@ -37,7 +37,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     _need_root()
     started = time.monotonic()
     with lab_lock(topology.name):
-        state, report = build.up(topology, args.mode, dict(args.mode_opt))
+        state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns)
         cluster = Cluster(state.name)
         lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
@@ -156,7 +156,7 @@ def cmd_lab_remove_node(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from kproxy.lab.state import choose_lab, lab_namespaces, ns_name, ns_path
+    from kproxy.lab.state import choose_lab, lab_namespaces, ns_name
 
     lab = choose_lab(args.lab)
     if ns_name(lab, args.target) not in lab_namespaces(lab):
@@ -165,7 +165,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise KproxyError("no command given: kproxy exec TARGET -- CMD [ARGS...]")
     _need_root()
-    os.execvp("nsenter", ["nsenter", f"--net={ns_path(lab, args.target)}", "--", *command])
+    # ip netns exec, not nsenter: it bind-mounts the pod's /etc/netns/NAME/resolv.conf (cluster DNS).
+    os.execvp("ip", ["ip", "netns", "exec", ns_name(lab, args.target), *command])
     return 127  # not reached
 
 
@@ -360,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "or the running lab's); another mode than the running lab's "
                                                  "restarts its agents after removing the old mode's rules")
     _mode_option_argument(p, "kept for the running lab's mode; changing them restarts its agents. ")
+    p.add_argument("--dns", action=argparse.BooleanOptionalAction, default=None,
+                   help="cluster DNS: kube-dns at 10.96.0.10 with two coredns pods, pods resolving through it "
+                        "(default: on for a new lab, as it was for a running one; --no-dns leaves it out)")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", type=cliargs.LAB, help=lab_help)

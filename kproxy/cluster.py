@@ -72,6 +72,10 @@ class Cluster:
         return sorted(pending) + failed
 
     def apply(self, objects: list[Obj]) -> Outcome:
+        return self.settle(self.admit(objects))
+
+    def admit(self, objects: list[Obj]) -> Outcome:
+        """Validate and store the objects, and run the Deployments' controllers; settle() does the rest."""
         view = self.view()
         outcome = Outcome()
         changes: dict[str, Obj | None] = {}
@@ -104,7 +108,7 @@ class Cluster:
         for deployment in deployments:
             if obj_key(deployment) in changes:
                 self._reconcile_deployment(obj_key(deployment))
-        return self.settle(outcome)
+        return outcome
 
     @staticmethod
     def _keep_allocations(svc: Obj, old: Obj | None) -> None:
@@ -148,19 +152,21 @@ class Cluster:
                 load[pod["spec"]["nodeName"]] += 1
         return load
 
-    def _schedule(self, pod: Obj, load: dict[str, int]) -> None:
-        """nodeName, else the node kproxy.scheduler chooses."""
+    def _schedule(self, pod: Obj, load: dict[str, int], siblings: dict[str, int] | None = None) -> None:
+        """nodeName, else the node kproxy.scheduler chooses (siblings: pods of the same ReplicaSet per node)."""
         node = pod["spec"].get("nodeName")
         if node:
             if node not in self.state.nodes:
                 raise KproxyError(f"Pod {name_of(pod)}: spec.nodeName: node {node!r} is not in lab {self.state.name}")
         else:
             selector = pod["spec"].get("nodeSelector") or {}
-            node = choose_node({n: s.labels for n, s in self.state.nodes.items()}, load, selector)
+            node = choose_node({n: s.labels for n, s in self.state.nodes.items()}, load, selector, siblings)
             if node is None:
                 raise KproxyError(f"Pod {name_of(pod)}: no node matches spec.nodeSelector {selector}")
             pod["spec"]["nodeName"] = node
         load[node] += 1
+        if siblings is not None:
+            siblings[node] = siblings.get(node, 0) + 1
 
     @staticmethod
     def _stamp(obj: Obj, old: Obj | None) -> None:
@@ -235,11 +241,14 @@ class Cluster:
         view = self.view()
         names = {p["metadata"]["name"] for p in view.of_kind("Pod")}
         load = self._node_load(view)
+        siblings: dict[str, int] = {}
+        for pod in controllers.owned(replica_set, view.of_kind("Pod")):
+            siblings[pod["spec"]["nodeName"]] = siblings.get(pod["spec"]["nodeName"], 0) + 1
         created = []
         for _ in range(count):
             pod = controllers.new_pod_for(replica_set, names)
             names.add(pod["metadata"]["name"])
-            self._schedule(pod, load)
+            self._schedule(pod, load, siblings)
             created.append(pod)
         self.store.write({obj_key(p): p for p in created})
         return created

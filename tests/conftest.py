@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from tests.servicelab import lab  # noqa: F401 (one lab per proxy mode for every module that uses it)
+
 NETNS_DIR = Path("/var/run/netns")
 TEST_PREFIX = f"kpt{os.getpid() % 100000}"
 _counter = itertools.count()

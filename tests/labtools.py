@@ -84,5 +84,6 @@ class Lab:
     def ask(self, member: str, ip: str, port: int, timeout: float = 3) -> dict[str, str]:
         return parse_answer(probe_tcp(self.ns(member), ip, port, timeout=timeout))
 
-    def pods(self, selector: str) -> list[dict[str, Any]]:
-        return json.loads(kproxy("get", "pods", "--lab", self.name, "-l", selector, "-o", "json").stdout)["items"]
+    def pods(self, selector: str, namespace: str = "default") -> list[dict[str, Any]]:
+        return json.loads(kproxy("get", "pods", "--lab", self.name, "-n", namespace, "-l", selector,
+                                 "-o", "json").stdout)["items"]

@@ -12,6 +12,13 @@ def test_least_loaded_then_the_labs_order_not_the_names() -> None:
     assert choose_node(nodes, {"node2": 0, "node10": 0, "node1": 0}, {}) == "node2"
 
 
+def test_replicas_spread_over_the_nodes_before_load_counts() -> None:
+    nodes = {"node1": {}, "node2": {}}
+    load = {"node1": 3, "node2": 1}
+    assert choose_node(nodes, load, {}, {"node2": 1}) == "node1"  # coredns' second replica
+    assert choose_node(nodes, load, {}, {"node1": 1, "node2": 1}) == "node2"
+
+
 def test_node_selector_sees_the_registered_labels_too() -> None:
     nodes = {"a": {"zone": "x"}, "b": {"zone": "y"}}
     load = {"a": 0, "b": 0}

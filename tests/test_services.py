@@ -1,7 +1,8 @@
 """The Service behaviour suite, on the real kernel, for every proxy mode.
 
-Each mode gets its own lab (the default topology) with these Services applied
-through `kproxy apply`; every test is what a user would check by hand.
+Each mode gets its own lab (the default topology) with the Services of
+tests/servicelab.py applied through `kproxy apply` (the `lab` fixture, shared
+with the cluster DNS suite); every test is what a user would check by hand.
 """
 
 from __future__ import annotations
@@ -22,101 +23,10 @@ from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
 from kproxy.agent import status_path
 from kproxy.lab.state import lab_dir
 from tests.labtools import Lab, kproxy, running_lab, status
+from tests.servicelab import MANIFESTS
 from tests.runtime import in_ns
 
 pytestmark = pytest.mark.kernel
-
-# (mode, its options): nftables twice, with kube-proxy's numgen vmap and with the cascade that
-# large clusters get, which must behave the same.
-MODES = [("iptables",), ("userspace",),
-         pytest.param(("ipvs",), marks=pytest.mark.ipvs, id="ipvs"),  # in a QEMU guest where this kernel lacks IPVS
-         ("nftables",), ("nftables", "--mode-opt", "endpoint-choice=cascade")]
-
-MANIFESTS = """
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports:
-  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
----
-apiVersion: v1
-kind: Service
-metadata: {name: sticky}
-spec:
-  selector: {app: web}
-  sessionAffinity: ClientIP
-  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
-  ports:
-  - {port: 81, targetPort: 8080}
----
-apiVersion: v1
-kind: Service
-metadata: {name: dns-like}
-spec:
-  selector: {app: web}
-  ports:
-  - {name: dns, port: 53, targetPort: 8080, protocol: UDP}
----
-apiVersion: v1
-kind: Service
-metadata: {name: nobody}
-spec:
-  selector: {app: nothing-has-this-label}
-  ports:
-  - {port: 80, targetPort: 8080}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: solo, labels: {app: solo}}
-spec:
-  nodeName: node2
-  containers:
-  - name: c
-    ports: [{containerPort: 8080, name: http}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: solo}
-spec:
-  type: NodePort
-  selector: {app: solo}
-  ports:
-  - {port: 80, targetPort: http}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: api}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: api}}
-  template:
-    metadata: {labels: {app: api}}
-    spec:
-      containers:
-      - name: api
-        ports: [{containerPort: 9000}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: api}
-spec:
-  selector: {app: api}
-  ports:
-  - {port: 80, targetPort: 9000}
-"""
-
-
-@pytest.fixture(scope="module", params=MODES, ids=lambda mode: "-".join(mode).replace("--mode-opt-", ""))
-def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    manifests = tmp_path_factory.mktemp("svc") / "services.yaml"
-    manifests.write_text(MANIFESTS)
-    with running_lab("--mode", *request.param) as name:
-        kproxy("apply", "--lab", name, "-f", str(manifests))
-        yield Lab(name)
-
 
 def test_cluster_ip_from_a_pod_on_the_same_node_and_on_another(lab: Lab) -> None:
     for client in ("client", "web-3"):  # client sits on node1 with web-1; web-3 on node3

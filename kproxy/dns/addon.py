@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from kproxy.controllers import DNS_SERVICE_IP
 from kproxy.model import parse_manifests
+from kproxy.proxy.source import SERVICE_NAME_LABEL
 from kproxy.store import Obj
 
 NAMESPACE = "kube-system"
 DNS_SERVICE_KEY = f"Service/{NAMESPACE}/kube-dns"
 DNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.11.3"  # kubeadm's CoreDNS of Kubernetes 1.31
 DOMAIN = "cluster.local"
+READY_PORT = 8181  # CoreDNS's `ready` plugin: GET /ready answers 200 once the server serves
 
 MANIFEST = f"""\
 apiVersion: v1
@@ -63,6 +65,15 @@ spec:
 def objects() -> list[Obj]:
     """The addon's objects, validated as `kproxy apply` validates a manifest."""
     return parse_manifests(MANIFEST, "the cluster DNS addon")
+
+
+def is_part_of_addon(obj: Obj) -> bool:
+    """The addon's Service, Deployment, ReplicaSets, pods, EndpointSlices and Endpoints."""
+    meta = obj["metadata"]
+    labels = meta.get("labels") or {}
+    return meta.get("namespace") == NAMESPACE and (
+        meta["name"] in ("kube-dns", "coredns") or labels.get("k8s-app") == "kube-dns"
+        or labels.get(SERVICE_NAME_LABEL) == "kube-dns")
 
 
 def runs_dns(pod_spec: Obj) -> bool:

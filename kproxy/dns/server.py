@@ -11,7 +11,8 @@ POLL_SECONDS, so a change is served within a fraction of a second).
 One thread serves both transports from one selector; UDP datagrams are read
 in batches while they queue. TCP connections carry length-prefixed messages
 (RFC 1035 4.2.2, RFC 7766) and are closed after TCP_IDLE_SECONDS of silence.
-The pidfile is written once both sockets listen.
+The pidfile is written once both sockets listen; /ready on READY_PORT then
+answers 200, as CoreDNS's `ready` plugin does for the kubelet's probe.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
 
-from kproxy.dns.addon import DNS_SERVICE_KEY
+from kproxy.dns.addon import DNS_SERVICE_KEY, READY_PORT
 from kproxy.dns.metrics import DNSMetrics
 from kproxy.dns.responder import Responder
 from kproxy.dns.zone import Zone, ZoneConfig
@@ -41,6 +44,27 @@ UDP_BATCH = 256
 TCP_IDLE_SECONDS = 10.0
 MAX_TCP_BUFFER = 2 * 65537  # a client that sends more without reading our answers is dropped
 VERSION = "1.11.3-kproxy"  # the CoreDNS release whose behaviour it follows (kubeadm's image)
+
+
+class _Ready(BaseHTTPRequestHandler):
+    """CoreDNS's `ready` plugin: 200 "OK" on /ready (the kubelet's readiness probe), 404 elsewhere."""
+
+    def do_GET(self) -> None:
+        ready = self.path == "/ready"
+        body = b"OK" if ready else b"404 page not found\n"
+        self.send_response(200 if ready else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # the kubelet probes often: no log line each
+        pass
+
+
+def serve_ready(port: int) -> None:
+    server = ThreadingHTTPServer(("0.0.0.0", port), _Ready)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="ready", daemon=True).start()
 
 
 def build_zone(view: View, domain: str) -> Zone:
@@ -181,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain", default="cluster.local", help="the cluster domain (default cluster.local)")
     parser.add_argument("--port", type=int, default=DNS_PORT)
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
+    parser.add_argument("--ready-port", type=int, default=READY_PORT)
     parser.add_argument("--pidfile")
     args = parser.parse_args(argv)
     raise_fd_limit()
@@ -196,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     start_http_server(args.metrics_port, registry=server.metrics.registry)
+    serve_ready(args.ready_port)
     if args.pidfile:
         write_pidfile(args.pidfile)
     try:

@@ -17,14 +17,16 @@ from typing import Any, Callable
 
 from cni.netns import entered, iproute_in, write_sysctl
 from kproxy import kmod
+from kproxy.dns import addon
 from kproxy.agent import status_path
 from kproxy.errors import KproxyError
 from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
 from kproxy.lab import kubelet, overlay, processes, supervisor
-from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, save_state
+from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, ns_prefix, \
+    save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
-from kproxy.lab.wiring import EXTERNAL, UNDERLAY, cni_config, delete_namespaces, ensure_default_route, \
-    ensure_namespaces, ensure_uplink, random_mac
+from kproxy.lab.wiring import ETC_NETNS, EXTERNAL, UNDERLAY, cni_config, delete_namespaces, \
+    ensure_default_route, ensure_namespaces, ensure_uplink, random_mac, remove_resolv_conf
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
 from kproxy.scheduler import node_labels
@@ -34,9 +36,10 @@ TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
 
 
 def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
-         mode_options: dict[str, str] | None = None) -> LabState:
+         mode_options: dict[str, str] | None = None, dns: bool | None = None) -> LabState:
     """The state this topology asks for, keeping every assignment previous made. mode_options
-    are merged over the running lab's when the mode stays, and replace them when it changes."""
+    are merged over the running lab's when the mode stays, and replace them when it changes;
+    dns None keeps the running lab's cluster DNS (a new lab has it)."""
     mode = mode or (previous.mode if previous else DEFAULT_MODE)
     kept_options = previous.mode_options if previous is not None and previous.mode == mode else {}
     options = {**kept_options, **(mode_options or {})}
@@ -59,6 +62,7 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
         mode_options=options,
         generation=previous.generation if previous else 0,
         pods=dict(previous.pods) if previous else {},
+        dns=dns if dns is not None else previous.dns if previous else True,
     )
     wanted = {n.name for n in topology.nodes}
     kept = {name: n for name, n in (previous.nodes if previous else {}).items() if name in wanted}
@@ -125,12 +129,13 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
 
 
 def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str] | None = None,
-       say: Callable[[str], object] = print) -> tuple[LabState, kubelet.Report]:
-    """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded)."""
+       say: Callable[[str], object] = print, dns: bool | None = None) -> tuple[LabState, kubelet.Report]:
+    """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded);
+    dns: with cluster DNS or without (None: as the running lab, a new one with)."""
     previous = load_state(topology.name)
     if previous is None and lab_namespaces(topology.name):
         teardown(topology.name)  # leftovers of a crash before any state was written
-    state = plan(topology, previous, mode, mode_options)
+    state = plan(topology, previous, mode, mode_options, dns)
     chosen = proxy_mode(state.mode)
     options = chosen.options_of(state.mode_options)
     # Before anything is made: a kernel that lacks a module gets a refusal, not a half-built lab.
@@ -175,10 +180,23 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     # not theirs to have, exactly like a client outside a cluster.
     store = Store(directory / "store")
     _sync_store_topology(state, topology, store)
+    _sync_store_dns(state, store)
     report = kubelet.sync(state, store)
     save_state(state)
     kubelet.ensure_daemons(state)  # agents last: their first sync finds every pod wired, not one sync per pod
     return state, report
+
+
+def _sync_store_dns(state: LabState, store: Store) -> None:
+    """The cluster DNS addon's objects stored (its pods scheduled), or removed from a lab without DNS."""
+    if state.dns:
+        from kproxy.cluster import Cluster  # the API server's part needs the lab's state saved: it is
+
+        Cluster(state.name).admit(addon.objects())
+        return
+    gone = {key: None for key, obj in store.read().objects.items() if addon.is_part_of_addon(obj)}
+    if gone:
+        store.write(gone)
 
 
 def _stop_agents(previous: LabState, clean: bool) -> None:
@@ -210,6 +228,8 @@ def teardown(name: str) -> list[str]:
             processes.stop(daemon, directory, node)
     names = lab_namespaces(name)
     delete_namespaces(names)
+    for leftover in ETC_NETNS.glob(f"{ns_prefix(name)}*"):  # of namespaces a crash removed before their files
+        remove_resolv_conf(leftover.name)
     shutil.rmtree(directory, ignore_errors=True)
     return names
 

@@ -1,7 +1,8 @@
 """The kubelet of every node at once: pods in the store become pods in the kernel.
 
 For each Pod the store assigns to a node: a namespace, an interface and address
-from our CNI (in-process), the workload listening on its ports; then a
+from our CNI (in-process), the workload listening on its ports (a cluster DNS
+pod gets kproxy.dns.server instead), its resolv.conf (ClusterFirst); then a
 readiness probe (the pod is Ready once its workload answers), the Pod's
 status written back, and the EndpointSlices brought up to date. Pods gone
 from the store are unwired and their namespaces removed.
@@ -16,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy import controllers
+from kproxy.dns import addon
 from kproxy.proxy import mode as proxy_mode
 from kproxy.lab import processes, supervisor
-from kproxy.lab.probe import probe_tcp
+from kproxy.lab.probe import http_get, probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
 from kproxy.lab.workloadspec import DEFAULT_PORT
-from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, run_cni, wire_pod
+from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, remove_resolv_conf, run_cni, \
+    wire_pod, write_resolv_conf
 from kproxy.store import Store, View
 
 READY_TIMEOUT = 10.0
@@ -70,9 +73,12 @@ def _ready(state: LabState, member: str) -> bool:
     spec = state.pods[member]
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
+        timeout = max(0.1, min(2.0, deadline - time.monotonic()))
         try:
-            probe_tcp(ns_path(state.name, spec.node), spec.ip, spec.ports[0],
-                      timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            if spec.dns_server:  # CoreDNS's readinessProbe: httpGet /ready on 8181
+                http_get(ns_path(state.name, spec.node), spec.ip, addon.READY_PORT, "/ready", timeout)
+            else:
+                probe_tcp(ns_path(state.name, spec.node), spec.ip, spec.ports[0], timeout=timeout)
             return True
         except OSError:
             if time.monotonic() + READY_POLL >= deadline:
@@ -92,6 +98,7 @@ def sync(state: LabState, store: Store) -> Report:
         spec = state.pods.pop(member)
         if spec.node in state.nodes and ns_name(state.name, member) in present:
             run_cni(state, spec.node, member, "DEL")
+        remove_resolv_conf(ns_name(state.name, member))
         report.removed += 1
     delete_namespaces([ns_name(state.name, m) for m in gone if ns_name(state.name, m) in present])
 
@@ -103,15 +110,17 @@ def sync(state: LabState, store: Store) -> Report:
         old = state.pods.get(member)
         state.pods[member] = PodState(meta["name"], pod["spec"]["nodeName"], meta["namespace"],
                                       dict(meta.get("labels") or {}), pod_ports(pod, services),
-                                      old.ip if old and old.node == pod["spec"]["nodeName"] else "")
+                                      old.ip if old and old.node == pod["spec"]["nodeName"] else "",
+                                      addon.runs_dns(pod["spec"]))
         if wire_pod(state, member):
             report.wired += 1
             rewired_nodes.add(pod["spec"]["nodeName"])
             fresh.add(member)
+        _resolver(state, member)
     directory = lab_dir(state.name)
     for node in state.nodes:
         workload_pods = [{"name": spec.name, "netns": ns_path(state.name, m), "tcp": spec.ports, "udp": spec.ports}
-                         for m, spec in sorted(state.pods.items()) if spec.node == node]
+                         for m, spec in sorted(state.pods.items()) if spec.node == node and not spec.dns_server]
         processes.ensure_workload(directory, node, workload_pods, reload=node in rewired_nodes)
     ensure_workloads(state)  # those that were not running start with their spec
 
@@ -126,6 +135,16 @@ def sync(state: LabState, store: Store) -> Report:
     if changes:
         store.write(changes)
     return report
+
+
+def _resolver(state: LabState, member: str) -> None:
+    """dnsPolicy ClusterFirst: the pod resolves through kube-dns; a DNS pod (dnsPolicy Default) and
+    every pod of a lab without DNS keep the machine's resolver."""
+    spec = state.pods[member]
+    if state.dns and not spec.dns_server:
+        write_resolv_conf(ns_name(state.name, member), addon.resolv_conf(spec.namespace))
+    else:
+        remove_resolv_conf(ns_name(state.name, member))
 
 
 def _pod_statuses(state: LabState, desired: dict[str, dict[str, Any]], fresh: set[str]) -> dict[str, Any]:
@@ -151,11 +170,13 @@ def agent_args(state: LabState, node: str) -> list[str]:
 
 
 def _workloads(state: LabState) -> list[supervisor.Wanted]:
-    """Each node's workload that has a spec (the kubelet's sync writes it)."""
+    """Each node's workload that has a spec (the kubelet's sync writes it), and each wired DNS pod's server."""
     directory = lab_dir(state.name)
     return [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
                               ("--spec", str(processes.spec_path(directory, node))))
-            for node in sorted(state.nodes) if processes.spec_path(directory, node).exists()]
+            for node in sorted(state.nodes) if processes.spec_path(directory, node).exists()] + \
+        [supervisor.Wanted(processes.DNS.kind, member, ns_path(state.name, member), ("--lab-dir", str(directory)))
+         for member, spec in sorted(state.pods.items()) if spec.dns_server and spec.ip]
 
 
 def ensure_workloads(state: LabState) -> None:

@@ -31,11 +31,16 @@ def _socket(netns_path: str | None, kind: int) -> socket.socket:
 
 def probe_tcp(netns_path: str | None, ip: str, port: int = 8080, timeout: float = 2.0) -> str:
     """GET / from inside netns_path; the answer's body line ("pod=... client=...")."""
+    return _line(http_get(netns_path, ip, port, "/", timeout), f"tcp {ip}:{port}")
+
+
+def http_get(netns_path: str | None, ip: str, port: int, path: str = "/", timeout: float = 2.0) -> bytes:
+    """GET path from inside netns_path (a kubelet's httpGet probe); the body of a 200 answer."""
     deadline = time.monotonic() + timeout
     with _socket(netns_path, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect((ip, port))
-        sock.sendall(f"GET / HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: kproxy-probe\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: kproxy-probe\r\n\r\n".encode())
         chunks = []
         while True:
             remaining = deadline - time.monotonic()
@@ -51,7 +56,7 @@ def probe_tcp(netns_path: str | None, ip: str, port: int = 8080, timeout: float 
     status = head.split(b"\r\n", 1)[0].split()
     if not sep or len(status) < 2 or not status[0].startswith(b"HTTP/") or status[1] != b"200":
         raise ProbeError(f"tcp {ip}:{port}: not an HTTP 200 answer: {raw[:80]!r}")
-    return _line(body, f"tcp {ip}:{port}")
+    return body
 
 
 def probe_udp(netns_path: str | None, ip: str, port: int = 8080, timeout: float = 2.0, tries: int = 3) -> str:

@@ -1,4 +1,4 @@
-"""The lab's own per-node daemons (the pod workload, the node agent): start, find, stop.
+"""The lab's own daemons (per node the pod workload and the node agent, per DNS pod its server): start, find, stop.
 
 Each runs inside its node's namespace, detached, with a pidfile in the lab
 directory that the daemon writes once it is initialised. In a lab they are
@@ -37,7 +37,8 @@ class Daemon:
 
 WORKLOAD = Daemon("workload", "kproxy.lab.workload")
 AGENT = Daemon("agent", "kproxy.agent")
-DAEMONS = (AGENT, WORKLOAD)
+DNS = Daemon("dns", "kproxy.dns.server")  # one per cluster DNS pod: its "node" is the pod's member name
+DAEMONS = (AGENT, WORKLOAD, DNS)
 
 
 def spec_path(lab_dir: Path, node: str) -> Path:

@@ -56,6 +56,7 @@ class PodState:
     labels: dict[str, str] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
     ip: str = ""
+    dns_server: bool = False  # a cluster DNS pod: kproxy.dns.server runs for it instead of the workload
 
 
 def member_name(namespace: str, name: str) -> str:
@@ -76,6 +77,7 @@ class LabState:
     topology: dict[str, Any] = field(default_factory=dict)  # topology.to_raw() of what was applied
     generation: int = 0
     mode_options: dict[str, str] = field(default_factory=dict)  # the mode's, as given (Mode.options_of fills the rest)
+    dns: bool = False  # cluster DNS (kproxy.dns.addon) runs in the lab
 
     @property
     def dir(self) -> Path:

@@ -10,7 +10,9 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -29,6 +31,7 @@ UNDERLAY_BRIDGE = "br0"
 NODE_UPLINK = "eth0"
 CNI_NETWORK = "kproxy"
 POD_IFNAME = "eth0"
+ETC_NETNS = Path("/etc/netns")  # iproute2's per-namespace /etc overrides
 
 
 def underlay_port(member: str) -> str:
@@ -87,6 +90,23 @@ def ensure_namespaces(lab: str, members: list[str]) -> None:
 
 def delete_namespaces(names: list[str]) -> None:
     ip_batch([f"netns delete {name}" for name in names])
+    for name in names:
+        remove_resolv_conf(name)
+
+
+def write_resolv_conf(name: str, text: str) -> None:
+    """The namespace's own /etc/resolv.conf: `ip netns exec` bind-mounts /etc/netns/NAME/* over /etc."""
+    directory = ETC_NETNS / name
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "resolv.conf"
+    if not path.exists() or path.read_text() != text:
+        tmp = directory / ".resolv.conf.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def remove_resolv_conf(name: str) -> None:
+    shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:
