@@ -12,6 +12,7 @@ exactly as the test suite does.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -35,6 +36,14 @@ def run(*argv: str) -> None:
     print(f"$ kproxy {' '.join(argv)}", flush=True)
     status = kproxy_main(list(argv))
     sys.stdout.flush()
+    if status != 0:
+        raise SystemExit(status)
+
+
+def run_child(*argv: str) -> None:
+    """A kproxy command in a child process (exec replaces the process that runs it)."""
+    print(f"$ kproxy {' '.join(argv)}", flush=True)
+    status = subprocess.run([sys.executable, "-m", "kproxy.cli", *argv]).returncode
     if status != 0:
         raise SystemExit(status)
 
@@ -67,6 +76,9 @@ def scene(mode: str) -> None:
         for pod, count in sorted(Counter(a["pod"] for a in answers).items()):
             print(f"  {pod}: {count}")
         print(f"  (the pods saw the client as {answers[0]['client'].split(':')[0]})")
+        step("By name, as in a cluster: the client's resolv.conf points at kube-dns (10.96.0.10)")
+        run_child("exec", "--lab", lab, "client", "--", "dig", "+noall", "+answer", "web.default.svc.cluster.local")
+        run_child("exec", "--lab", lab, "client", "--", "curl", "-s", "-m", "5", "http://web/")
         node3 = state.nodes["node3"].ip
         step(f"From outside: the external namespace -> NodePort {node3}:{NODE_PORT}")
         print("  " + probe_tcp(ns_path(lab, "external"), node3, NODE_PORT, timeout=5))

@@ -27,9 +27,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 Obj = dict[str, Any]  # a stored object in its Kubernetes form (kproxy.k8sform), as JSON loads it
+# What a watcher keeps of an object (key, obj): a part of it, or None to drop it. A follower that
+# needs a few fields of a few kinds (cluster DNS) holds only those, not the whole cluster.
+Keep = Callable[[str, Obj], "Obj | None"]
 SNAPSHOT = "snapshot.json"
 JOURNAL = "journal.jsonl"
 VERSION = "version"  # the latest version, so a writer need not read the whole store
@@ -95,12 +98,15 @@ class Store:
         view, _, _ = self._load()
         return view
 
-    def _load(self) -> tuple[View, int, int]:
+    def _load(self, keep: Keep | None = None) -> tuple[View, int, int]:
         """Snapshot + journal: (view, journal inode, bytes of journal consumed)."""
         while True:
             try:
                 snap = json.loads((self.dir / SNAPSHOT).read_text())
-                view = View(snap["version"], snap["objects"])
+                objects = snap["objects"]
+                if keep is not None:
+                    objects = {k: kept for k, o in objects.items() if (kept := keep(k, o)) is not None}
+                view = View(snap["version"], objects)
             except FileNotFoundError:
                 view = View()
             try:
@@ -109,7 +115,7 @@ class Store:
                     data = journal.read()
             except FileNotFoundError:
                 return view, 0, 0
-            consumed = _apply_lines(view, data)
+            consumed = _apply_lines(view, data, keep=keep)
             if consumed is not None:
                 return view, inode, consumed
             # The journal belongs to a newer snapshot than the one read: read again.
@@ -149,11 +155,11 @@ class Store:
         os.replace(tmp, self.dir / SNAPSHOT)
         os.replace(empty, self.dir / JOURNAL)
 
-    def watch(self) -> Watcher:
-        return Watcher(self)
+    def watch(self, keep: Keep | None = None) -> Watcher:
+        return Watcher(self, keep)
 
 
-def _apply_lines(view: View, data: bytes, changed: set[str] | None = None) -> int | None:
+def _apply_lines(view: View, data: bytes, changed: set[str] | None = None, keep: Keep | None = None) -> int | None:
     """Apply complete journal lines newer than view, noting keys in changed;
     bytes consumed, None if the journal starts past the view (a compaction
     raced with our snapshot read)."""
@@ -171,6 +177,10 @@ def _apply_lines(view: View, data: bytes, changed: set[str] | None = None) -> in
         if entry["v"] <= view.version:
             continue
         for key, obj in entry["changes"].items():
+            if keep is not None and obj is not None:
+                obj = keep(key, obj)
+                if obj is None and key not in view.objects:
+                    continue
             if changed is not None:
                 changed.add(key)
             if obj is None:
@@ -183,9 +193,10 @@ def _apply_lines(view: View, data: bytes, changed: set[str] | None = None) -> in
 class Watcher:
     """Follows the store: poll() returns the keys that changed since the last call."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, keep: Keep | None = None) -> None:
         self.store = store
-        self.view, self._inode, self._offset = store._load()
+        self.keep = keep
+        self.view, self._inode, self._offset = store._load(keep)
 
     def poll(self) -> set[str]:
         path = self.store.dir / JOURNAL
@@ -198,7 +209,7 @@ class Watcher:
                     if not data:
                         return set()
                     changed: set[str] = set()
-                    consumed = _apply_lines(self.view, data, changed)
+                    consumed = _apply_lines(self.view, data, changed, self.keep)
                     if consumed is not None:
                         self._offset += consumed
                         return changed
@@ -206,7 +217,7 @@ class Watcher:
             if self._inode == 0:
                 return set()
         before = self.view.objects
-        self.view, self._inode, self._offset = self.store._load()
+        self.view, self._inode, self._offset = self.store._load(self.keep)
         return _changed(before, self.view.objects)
 
 

@@ -100,7 +100,7 @@ spec:
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     manifests = tmp_path_factory.mktemp("svc") / "services.yaml"
     manifests.write_text(MANIFESTS)
-    with running_lab("--mode", *request.param) as name:
+    with running_lab("--mode", *request.param, dns=True) as name:
         kproxy("apply", "--lab", name, "-f", str(manifests))
         yield Lab(name)
 

@@ -230,7 +230,7 @@ def test_lab_up_and_down_wait_for_the_labs_lock(tmp_path: Path) -> None:
             assert not lab_dir(lab).exists() and not list(NETNS_DIR.glob(f"kp_{lab}_*"))
         out, err = up.communicate(timeout=120)
         assert up.returncode == 0, err
-        assert out.startswith(f"lab {lab} is up (vxlan, iptables mode): 1 nodes, 1 pods")
+        assert out.startswith(f"lab {lab} is up (vxlan, iptables mode): 1 nodes, 3 pods")  # p1 and two coredns
         closed = closed_pipe_run("lab", "status", lab)
         assert (closed.returncode, closed.stderr) == (141, "")
         with lab_lock(lab):
@@ -239,7 +239,7 @@ def test_lab_up_and_down_wait_for_the_labs_lock(tmp_path: Path) -> None:
             wait_for("lab down waits for the lock", lambda: blocked_on_a_lock(down.pid))
             assert lab_dir(lab).exists()
         out, err = down.communicate(timeout=120)
-        assert (down.returncode, out, err) == (0, f"lab {lab} is down (4 namespaces removed)\n", "")
+        assert (down.returncode, out, err) == (0, f"lab {lab} is down (6 namespaces removed)\n", "")  # with the two coredns pods
         assert not lab_dir(lab).exists() and not lock_path(lab).exists()
     finally:
         kproxy("lab", "down", lab, check=False)

@@ -178,7 +178,7 @@ def test_pods_resolve_through_kube_dns_and_nodes_keep_the_machines_resolver(lab:
 
 
 def test_no_dns_leaves_it_out_and_down_removes_every_resolv_conf() -> None:
-    with running_lab("--no-dns") as name:
+    with running_lab() as name:  # --no-dns
         assert kproxy("get", "pods", "-A", "--lab", name, "-l", "k8s-app=kube-dns", "-o", "json").stdout.count(
             '"kind": "Pod"') == 0
         conf = kproxy("exec", "--lab", name, "client", "--", "cat", "/etc/resolv.conf").stdout

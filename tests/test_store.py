@@ -37,6 +37,25 @@ def test_a_watcher_sees_only_what_changed(tmp_path: Path) -> None:
     assert watcher.poll() == set()
 
 
+def test_a_watcher_keeps_only_what_it_is_told_from_snapshot_and_journal(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store_mod, "COMPACT_MIN_BYTES", 300)
+    store = Store(tmp_path)
+
+    def names_of_services(key: str, obj: dict) -> dict | None:
+        return {"name": obj["metadata"]["name"]} if key.startswith("Service/") else None
+
+    for i in range(6):  # folded into a snapshot on the way
+        store.write({f"Service/default/s{i}": svc(f"s{i}", f"10.96.0.{i + 1}")})
+    store.write({"Pod/default/p": {"metadata": {"name": "p", "namespace": "default"}}})
+    assert (tmp_path / store_mod.SNAPSHOT).exists()
+    watcher = store.watch(keep=names_of_services)
+    assert watcher.view.objects == {f"Service/default/s{i}": {"name": f"s{i}"} for i in range(6)}
+    store.write({"Pod/default/q": {"metadata": {"name": "q", "namespace": "default"}},
+                 "Service/default/s0": None, "Service/default/t": svc("t")})
+    assert watcher.poll() == {"Service/default/s0", "Service/default/t"}  # the pod is no change to it
+    assert watcher.view.objects["Service/default/t"] == {"name": "t"} and "Service/default/s0" not in watcher.view.objects
+
+
 def test_a_half_written_journal_line_is_not_read(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.write({"Service/default/a": svc("a")})

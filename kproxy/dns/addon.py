@@ -13,15 +13,13 @@ Default, as CoreDNS's pods have it).
 from __future__ import annotations
 
 from kproxy.controllers import DNS_SERVICE_IP
+from kproxy.dns import NAMESPACE, READY_PORT  # noqa: F401 (READY_PORT: for the kubelet's probe)
 from kproxy.model import parse_manifests
 from kproxy.proxy.source import SERVICE_NAME_LABEL
 from kproxy.store import Obj
 
-NAMESPACE = "kube-system"
-DNS_SERVICE_KEY = f"Service/{NAMESPACE}/kube-dns"
 DNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.11.3"  # kubeadm's CoreDNS of Kubernetes 1.31
 DOMAIN = "cluster.local"
-READY_PORT = 8181  # CoreDNS's `ready` plugin: GET /ready answers 200 once the server serves
 
 MANIFEST = f"""\
 apiVersion: v1

@@ -30,12 +30,13 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from kproxy.dns.addon import DNS_SERVICE_KEY, READY_PORT
+from kproxy.dns import DNS_SERVICE_KEY, READY_PORT
 from kproxy.dns.metrics import DNSMetrics
 from kproxy.dns.responder import Responder
-from kproxy.dns.zone import Zone, ZoneConfig
+from kproxy.dns.zone import SERVICE_NAME_LABEL, Zone, ZoneConfig
+from kproxy.memory import release_free_memory
 from kproxy.lab.workload import raise_fd_limit, remove_pidfile, write_pidfile
-from kproxy.store import Store, View
+from kproxy.store import Obj, Store, View
 
 DNS_PORT = 53
 METRICS_PORT = 9153
@@ -67,6 +68,24 @@ def serve_ready(port: int) -> None:
     threading.Thread(target=server.serve_forever, name="ready", daemon=True).start()
 
 
+def dns_fields(key: str, obj: Obj) -> Obj | None:
+    """What the zone is built from: a Service's and an EndpointSlice's DNS fields; nothing else is kept."""
+    meta = obj["metadata"]
+    if key.startswith("Service/"):
+        spec = obj["spec"]
+        return {"metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                "spec": {k: spec[k] for k in ("clusterIP", "type", "externalName") if k in spec}
+                | {"ports": [{k: p[k] for k in ("name", "port", "protocol") if k in p} for p in spec.get("ports", [])]}}
+    if key.startswith("EndpointSlice/"):
+        return {"metadata": {"name": meta["name"], "namespace": meta["namespace"],
+                             "labels": {SERVICE_NAME_LABEL: (meta.get("labels") or {}).get(SERVICE_NAME_LABEL, "")}},
+                "ports": obj.get("ports") or [],
+                "endpoints": [{"addresses": e["addresses"], "conditions": {"ready": e["conditions"].get("ready")}}
+                              | ({"hostname": e["hostname"]} if e.get("hostname") else {})
+                              for e in obj.get("endpoints") or []]}
+    return None
+
+
 def build_zone(view: View, domain: str) -> Zone:
     dns_service = view.objects.get(DNS_SERVICE_KEY)
     config = ZoneConfig(domain, dns_ip=dns_service["spec"]["clusterIP"] if dns_service else "")
@@ -83,10 +102,11 @@ class _Connection:
 
 class Server:
     def __init__(self, lab_dir: Path, domain: str, port: int = DNS_PORT) -> None:
-        self.watcher = Store(lab_dir / "store").watch()
+        self.watcher = Store(lab_dir / "store").watch(keep=dns_fields)
         self.domain = domain
         self.metrics = DNSMetrics(VERSION)
         self.responder = Responder(build_zone(self.watcher.view, domain), self.metrics)
+        release_free_memory()  # the whole snapshot was parsed before dns_fields slimmed it
         self.selector = selectors.DefaultSelector()
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # bursts wait here, not get dropped
@@ -122,6 +142,7 @@ class Server:
         changed = self.watcher.poll()
         if any(key.startswith(("Service/", "EndpointSlice/")) for key in changed):
             self.responder.set_zone(build_zone(self.watcher.view, self.domain))
+            release_free_memory()
 
     def _datagrams(self) -> None:
         for _ in range(UDP_BATCH):

@@ -10,11 +10,11 @@ text either way (docs/nftables.md).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from typing import Any, Protocol
 
+from kproxy.memory import release_free_memory
 from kproxy.proxy.nftables import names as n
 from kproxy.proxy.nftables.transaction import Existing
 
@@ -46,9 +46,8 @@ class Backend(Protocol):
 
 
 # The library frees its parse of a big transaction (~340 MiB at 10k services), but glibc keeps
-# the pages: malloc_trim hands them back (the agent's RSS at 10k: 466 MiB without it).
+# the pages: kproxy.memory hands them back (the agent's RSS at 10k: 466 MiB without it).
 TRIM_AFTER = 1 << 20  # bytes of transaction text
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def _netns() -> int:
@@ -85,8 +84,8 @@ class Libnftables:
 
     def run(self, text: str) -> None:
         rc, _, error = self._nft(text)
-        if len(text) > TRIM_AFTER and _malloc_trim is not None:
-            _malloc_trim(0)
+        if len(text) > TRIM_AFTER:
+            release_free_memory()
         if rc != 0:
             raise TransactionError(f"nft refused the transaction: {_refusal(error, rc)}")
 
