@@ -25,6 +25,16 @@ from tests.k8s_schema import KINDS, validate
 MANIFESTS = """
 apiVersion: v1
 kind: Service
+metadata: {name: search}
+spec: {type: ExternalName, externalName: search.example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, ports: [{name: pg, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: web, labels: {tier: front}}
 spec:
   type: NodePort
@@ -146,6 +156,11 @@ def test_tables_read_like_kubectl(view: View, monkeypatch: pytest.MonkeyPatch) -
         f"{pods[0]}  0/1  Running  0  5m  10.244.1.2  node1  <none>  <none>",
         f"{pods[1]}  1/1  Running  0  5m  10.244.2.2  node2  <none>  <none>",
         "client  1/1  Running  1 (5m ago)  5m  10.244.3.2  node1  <none>  <none>"]
+    assert table("svc") == ["NAME  TYPE  CLUSTER-IP  EXTERNAL-IP  PORT(S)  AGE",
+                            "db  ClusterIP  None  <none>  5432/TCP  5m",
+                            "empty  ClusterIP  10.96.0.12  <none>  81/TCP  5m",
+                            "search  ExternalName  <none>  search.example.com  <none>  5m",
+                            "web  NodePort  10.96.0.11  <none>  80:30000/TCP  5m"]
     assert table("rs") == ["NAME  DESIRED  CURRENT  READY  AGE", f"{name}  2  2  1  5m"]
     assert table("deploy") == ["NAME  READY  UP-TO-DATE  AVAILABLE  AGE", "api  1/2  2  1  5m"]
     assert table("ep") == ["NAME  ENDPOINTS  AGE", "empty  <none>  5m", "web  10.244.2.2:9000  5m"]
