@@ -59,7 +59,7 @@ MAX_BACKOFF = 300.0
 BACKOFF_RESET = 600.0  # a daemon that ran this long starts again at once
 STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL
 LAB_CHECK = 2.0  # how often it looks whether its lab still exists
-ENSURE_TIMEOUT = 20.0
+ENSURE_TIMEOUT = 60.0  # per daemon: a Python start in an emulated guest under load took over 20 s
 KINDS = {d.kind: d for d in processes.DAEMONS}
 
 
