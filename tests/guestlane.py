@@ -64,6 +64,9 @@ class GuestSide:
             if drop:
                 config.hook.pytest_deselected(items=drop)
             items[:] = keep
+        # The fresh-kernel checks first: they assert that nothing loaded a module before the first lab
+        # up, and a session-scoped lab (tests/servicelab.py) may be set up before them otherwise.
+        items.sort(key=lambda item: not item.nodeid.startswith("tests/test_fresh_kernel.py"))
 
     def pytest_runtest_logreport(self, report: TestReport) -> None:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)

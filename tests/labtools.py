@@ -44,7 +44,7 @@ def write_topology(path: Path, raw: dict[str, Any]) -> Path:
 @contextmanager
 def running_lab(*up_args: str, name: str | None = None, dns: bool = False) -> Iterator[str]:
     """A lab brought up with `kproxy lab up`; always `down` afterwards. Without cluster DNS unless
-    asked: the suites about DNS ask (tests/servicelab.py, tests/test_dns.py, the fresh-kernel tests
+    asked: the suites about DNS ask (tests/servicelab.py, tests/test_services_dns.py, the fresh-kernel tests
     bring up the default lab), the others need no two extra pods per lab in their counts and time."""
     name = name or unique_lab_name()
     try:

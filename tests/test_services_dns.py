@@ -51,7 +51,7 @@ spec: {type: ExternalName, externalName: search.example.com}
 
 def dig(lab: Lab, *args: str, pod: str = "client", check: bool = True) -> str:
     """dig's output, asked from a pod through its resolv.conf: `ip netns exec`, as `kproxy exec`
-    runs it (tests/test_dns.py's getent and curl go through kproxy exec itself), without a Python
+    runs it (tests/test_services_dns.py's getent and curl go through kproxy exec itself), without a Python
     start per query, which the emulated guest pays dearly while a DNS server restarts beside it."""
     done = subprocess.run(["ip", "netns", "exec", ns_name(lab.name, pod), "dig", "+time=2", "+tries=3", *args],
                           capture_output=True, text=True, timeout=60)
