@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -152,7 +153,7 @@ class Cluster:
                 load[pod["spec"]["nodeName"]] += 1
         return load
 
-    def _schedule(self, pod: Obj, load: dict[str, int], siblings: dict[str, int] | None = None) -> None:
+    def _schedule(self, pod: Obj, load: dict[str, int], siblings: Counter[str] | None = None) -> None:
         """nodeName, else the node kproxy.scheduler chooses (siblings: pods of the same ReplicaSet per node)."""
         node = pod["spec"].get("nodeName")
         if node:
@@ -166,7 +167,7 @@ class Cluster:
             pod["spec"]["nodeName"] = node
         load[node] += 1
         if siblings is not None:
-            siblings[node] = siblings.get(node, 0) + 1
+            siblings[node] += 1
 
     @staticmethod
     def _stamp(obj: Obj, old: Obj | None) -> None:
@@ -241,9 +242,7 @@ class Cluster:
         view = self.view()
         names = {p["metadata"]["name"] for p in view.of_kind("Pod")}
         load = self._node_load(view)
-        siblings: dict[str, int] = {}
-        for pod in controllers.owned(replica_set, view.of_kind("Pod")):
-            siblings[pod["spec"]["nodeName"]] = siblings.get(pod["spec"]["nodeName"], 0) + 1
+        siblings = Counter(p["spec"]["nodeName"] for p in controllers.owned(replica_set, view.of_kind("Pod")))
         created = []
         for _ in range(count):
             pod = controllers.new_pod_for(replica_set, names)

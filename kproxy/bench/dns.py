@@ -110,7 +110,6 @@ def run(services: int, mode: str, seconds: int, rate: int) -> dict[str, Any]:
             queries = Path(tmp) / "queries.txt"
             queries.write_text("".join(f"svc-{i % services}.default.svc.cluster.local A\n"
                                        for i in range(min(services, 5000))))
-            os.chmod(tmp, 0o755)
             full = summary(dnsperf(queries, seconds))
             paced_out = dnsperf(queries, seconds, rate=rate, verbose=True)
             paced = summary(paced_out)

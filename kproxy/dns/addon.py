@@ -13,7 +13,7 @@ Default, as CoreDNS's pods have it).
 from __future__ import annotations
 
 from kproxy.controllers import DNS_SERVICE_IP
-from kproxy.dns import NAMESPACE, READY_PORT  # noqa: F401 (READY_PORT: for the kubelet's probe)
+from kproxy.dns import NAMESPACE
 from kproxy.model import parse_manifests
 from kproxy.proxy.source import SERVICE_NAME_LABEL
 from kproxy.store import Obj

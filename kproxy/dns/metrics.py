@@ -37,10 +37,10 @@ class DNSMetrics:
         Gauge("coredns_build_info", "A metric with a constant '1' value labeled by version, revision, and goversion "
               "from which CoreDNS was built.", ["version", "revision", "goversion"],
               registry=self.registry).labels(version, "kproxy", "python").set(1)
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key = (metric, *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)

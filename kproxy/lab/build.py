@@ -182,6 +182,9 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     _sync_store_topology(state, topology, store)
     _sync_store_dns(state, store)
     report = kubelet.sync(state, store)
+    if previous is not None and previous.dns != state.dns:
+        for member in state.pods:
+            kubelet.write_resolver(state, member)
     save_state(state)
     kubelet.ensure_daemons(state)  # agents last: their first sync finds every pod wired, not one sync per pod
     return state, report

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy import controllers
-from kproxy.dns import addon
+from kproxy.dns import READY_PORT, addon
 from kproxy.proxy import mode as proxy_mode
 from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import http_get, probe_tcp
@@ -76,7 +76,7 @@ def _ready(state: LabState, member: str) -> bool:
         timeout = max(0.1, min(2.0, deadline - time.monotonic()))
         try:
             if spec.dns_server:  # CoreDNS's readinessProbe: httpGet /ready on 8181
-                http_get(ns_path(state.name, spec.node), spec.ip, addon.READY_PORT, "/ready", timeout)
+                http_get(ns_path(state.name, spec.node), spec.ip, READY_PORT, "/ready", timeout)
             else:
                 probe_tcp(ns_path(state.name, spec.node), spec.ip, spec.ports[0], timeout=timeout)
             return True
@@ -98,7 +98,6 @@ def sync(state: LabState, store: Store) -> Report:
         spec = state.pods.pop(member)
         if spec.node in state.nodes and ns_name(state.name, member) in present:
             run_cni(state, spec.node, member, "DEL")
-        remove_resolv_conf(ns_name(state.name, member))
         report.removed += 1
     delete_namespaces([ns_name(state.name, m) for m in gone if ns_name(state.name, m) in present])
 
@@ -116,7 +115,7 @@ def sync(state: LabState, store: Store) -> Report:
             report.wired += 1
             rewired_nodes.add(pod["spec"]["nodeName"])
             fresh.add(member)
-        _resolver(state, member)
+            write_resolver(state, member)
     directory = lab_dir(state.name)
     for node in state.nodes:
         workload_pods = [{"name": spec.name, "netns": ns_path(state.name, m), "tcp": spec.ports, "udp": spec.ports}
@@ -137,9 +136,10 @@ def sync(state: LabState, store: Store) -> Report:
     return report
 
 
-def _resolver(state: LabState, member: str) -> None:
+def write_resolver(state: LabState, member: str) -> None:
     """dnsPolicy ClusterFirst: the pod resolves through kube-dns; a DNS pod (dnsPolicy Default) and
-    every pod of a lab without DNS keep the machine's resolver."""
+    every pod of a lab without DNS keep the machine's resolver. Written when a pod is wired, and
+    for every pod when a lab's DNS is turned on or off (kproxy.lab.build.up)."""
     spec = state.pods[member]
     if state.dns and not spec.dns_server:
         write_resolv_conf(ns_name(state.name, member), addon.resolv_conf(spec.namespace))
