@@ -3,8 +3,9 @@
 Runs inside the node's network namespace. Watches the lab's store; on every
 change of Services or EndpointSlices it hands the proxy mode the desired
 state; after each sync it reports the store version it reached (apply waits
-for that). Serves /healthz on :10256 and Prometheus /metrics on
-127.0.0.1:10249, with kube-proxy's metric names.
+for that). Serves /healthz on :10256, Prometheus /metrics on
+127.0.0.1:10249 with kube-proxy's metric names, and the service health check
+on every healthCheckNodePort (kproxy.healthcheck).
 
     python -m kproxy.agent --lab-dir /run/kproxy/LAB --node node1 --mode iptables
 """
@@ -27,6 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 from kproxy.controllers import SERVICE_CIDR
+from kproxy.healthcheck import HealthServer
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 from kproxy.proxy.mode import Proxier, parse_option_pairs
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
@@ -85,6 +87,11 @@ class Agent:
         self.last_ok = 0.0
         self.last_error = ""
         self.full_syncs = 0  # a restarted agent's first sync is full: the report shows it
+        self.health = HealthServer(self.healthy)
+
+    def healthy(self) -> bool:
+        """kube-proxy's healthz: a sync succeeded lately (within two sync periods)."""
+        return self.last_ok > 0 and time.time() - self.last_ok < 2 * SYNC_PERIOD + 5
 
     def _proxier(self, view: View) -> Proxier:
         if self.proxier is None:
@@ -131,6 +138,7 @@ class Agent:
         self.last_ok = now
         self.last_error = ""
         self.full_syncs += result.full
+        self.health.sync(state, self.node)
         self._report(view.version, ok=True, full=result.full, seconds=took, tracker_seconds=started - tracking)
 
     def _report(self, version: int, ok: bool, **extra: Any) -> None:
@@ -170,11 +178,9 @@ def serve_healthz(agent: Agent) -> None:
             if self.path.split("?")[0] not in ("/healthz", "/livez"):
                 self.send_error(404)
                 return
-            now = time.time()
-            healthy = agent.last_ok > 0 and now - agent.last_ok < 2 * SYNC_PERIOD + 5
-            body = json.dumps({"lastUpdated": _iso(agent.last_ok), "currentTime": _iso(now),
+            body = json.dumps({"lastUpdated": _iso(agent.last_ok), "currentTime": _iso(time.time()),
                                "nodeEligible": True}).encode()
-            self.send_response(200 if healthy else 503)
+            self.send_response(200 if agent.healthy() else 503)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

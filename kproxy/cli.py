@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from kproxy import cliargs
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
-from kproxy.lab.topology import SERVICE_CIDR as LAB_SERVICE_CIDR
+from kproxy.lab.topology import DEFAULT_LOAD_BALANCER_CIDR, SERVICE_CIDR as LAB_SERVICE_CIDR
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 
 PROG = "kproxy"
@@ -233,7 +233,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     lab = choose_lab(args.lab)
     _need_root()
     with lab_lock(lab):
-        return _report(Cluster(lab).delete(targets))
+        return _report(Cluster(lab).delete(targets, None if args.grace_period < 0 else args.grace_period))
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -319,12 +319,17 @@ def cmd_render(args: argparse.Namespace) -> int:
     mode = proxy_mode(args.mode)
     options = mode.options_of(dict(args.mode_opt))
     services, pods, slices = render_objects(read_manifest_files(args.file))
-    controllers.allocate_cluster_ips(services, [], ipaddress.IPv4Network(args.service_cidr))
+    # kube-proxy takes any ClusterIP it is given; only the ones to allocate come from the service CIDR.
+    controllers.allocate_cluster_ips(services, [], ipaddress.IPv4Network(args.service_cidr), given_anywhere=True)
     controllers.allocate_node_ports(services, [])
+    unassigned = [svc for svc in services if not controllers.load_balancer_ips(svc)]
+    controllers.allocate_load_balancer_ips(unassigned, services, ipaddress.IPv4Network(args.load_balancer_cidr))
+    mode.refuse_unsupported(services)
     for svc in services:
         slices += controllers.endpoint_slices(svc, pods, {}).values()
     desired = proxy_state(services, slices, mode.service_info)
-    node = NodeInfo(args.node, args.node_ip, args.cluster_cidr, args.service_cidr, args.node_port_addresses)
+    node = NodeInfo(args.node, args.node_ip, args.cluster_cidr, args.service_cidr, args.node_port_addresses,
+                    args.masquerade_all)
     print(mode.render_text(desired, node, options), end="")
     return 0
 
@@ -393,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", help="svc, pod, deploy, rs")
     p.add_argument("names", nargs="*", type=cliargs.OBJECT_NAME, help="object names")
     p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
+    p.add_argument("--grace-period", type=cliargs.GRACE_PERIOD, default=-1, metavar="SECONDS",
+                   help="seconds a deleted pod keeps serving as a terminating endpoint before it stops, "
+                        f"0-{cliargs.MAX_GRACE_SECONDS} (default -1: the pod's terminationGracePeriodSeconds, "
+                        "else a short drain)")
     p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_delete)
     p = sub.add_parser("get", help="list nodes, pods, svc, endpoints, endpointslices, deployments or rs")
@@ -440,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-port-addresses", type=cliargs.NODE_PORT_ADDRESSES, default=(), metavar="CIDR[,CIDR...]",
                    help="kube-proxy's --nodeport-addresses: CIDRs, or 'primary' for the node IP, where NodePorts "
                         "answer (nftables mode: the nodeport-ips set; default: every local address)")
+    p.add_argument("--masquerade-all", action="store_true",
+                   help="kube-proxy's --masquerade-all: SNAT every packet to a ClusterIP, not only off-cluster ones")
+    p.add_argument("--load-balancer-cidr", type=cliargs.IPV4_NETWORK, default=DEFAULT_LOAD_BALANCER_CIDR,
+                   help="where a LoadBalancer Service without status.loadBalancer.ingress gets its address, as "
+                        f"in a lab (default {DEFAULT_LOAD_BALANCER_CIDR})")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("exec", help="run a command in a pod, node, external or underlay namespace")

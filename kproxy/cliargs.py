@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 from kproxy.errors import KproxyError
 from kproxy.lab.topology import lab_name, valid_node_name
 # The rules manifests' metadata follows, so -n and names on the command line mean the same.
-from kproxy.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN
+from kproxy.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, MAX_GRACE_SECONDS
 from kproxy.selectors import label_key_error, label_value_error
 from kproxy.proxy.mode import parse_option
 
@@ -84,6 +84,14 @@ def _replicas(text: str) -> int:
     return int(text)
 
 
+def _grace_period(text: str) -> int:
+    if text == "-1":
+        return -1
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_GRACE_SECONDS:
+        raise KproxyError(f"{text!r} is not -1 or a whole number of seconds 0-{MAX_GRACE_SECONDS}")
+    return int(text)
+
+
 def _label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -109,6 +117,7 @@ IPV4_ADDRESS = _argument("IPv4 address", _ipv4_address)
 IPV4_NETWORK = _argument("IPv4 CIDR", _ipv4_network)
 NODE_PORT_ADDRESSES = _argument("node port addresses", _node_port_addresses)
 REPLICAS = _argument("replicas", _replicas)
+GRACE_PERIOD = _argument("grace period", _grace_period)
 LABEL = _argument("label", _label)
 MODE_OPTION = _argument("mode option", parse_option)
 DEPLOYMENT = _argument("deploy/NAME", _deployment)

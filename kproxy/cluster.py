@@ -18,14 +18,17 @@ from kproxy import controllers
 from kproxy.agent import status_path
 from kproxy.controllers import name_of, obj_key
 from kproxy.errors import KproxyError
-from kproxy.lab import kubelet
+from kproxy.lab import announce, kubelet
 from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
+from kproxy.proxy import mode as proxy_mode
 from kproxy.scheduler import choose_node
 from kproxy.store import IDENTITY, Obj, Store, View, carry_identity, timestamp
 
 SYNC_TIMEOUT = 15.0
-GRACE_SECONDS = 0.3  # between a pod leaving every node's rules and its workload stopping
+# Between a pod leaving every node's rules and its workload stopping, when neither the pod's
+# terminationGracePeriodSeconds nor `delete --grace-period` says: kproxy's workload drains that long.
+GRACE_SECONDS = 0.3
 REVISION_HISTORY_LIMIT = 10  # old ReplicaSets a Deployment keeps (scaled to 0), Kubernetes' default
 
 
@@ -49,6 +52,7 @@ class Cluster:
     def settle(self, outcome: Outcome) -> Outcome:
         """Wire pods, wait for them to be ready, update endpoints, then wait for every agent."""
         outcome.unready = kubelet.sync(self.state, self.store).unready
+        announce.sync(self.state, self.store.read())
         save_state(self.state)
         outcome.lagging = self.wait_synced(self.store.version())
         return outcome
@@ -86,6 +90,8 @@ class Cluster:
         others = [s for s in view.of_kind("Service") if obj_key(s) not in {obj_key(x) for x in services}]
         controllers.allocate_cluster_ips(services, others)
         controllers.allocate_node_ports(services, others)
+        controllers.allocate_load_balancer_ips(services, others, self.state.load_balancer_pool)
+        proxy_mode(self.state.mode).refuse_unsupported(services)
         pods = [o for o in objects if o["kind"] == "Pod"]
         deployments = [o for o in objects if o["kind"] == "Deployment"]
         self._check_target_ports(services, pods, deployments, view)
@@ -122,12 +128,19 @@ class Cluster:
                               f"(is {old['spec']['clusterIP']})")
         svc["spec"]["clusterIP"] = old["spec"]["clusterIP"]
         svc["spec"]["clusterIPs"] = [old["spec"]["clusterIP"]]
+        spec = svc["spec"]
         before = {(p.get("name") or "", p["protocol"]): p.get("nodePort") for p in old["spec"].get("ports", [])}
-        if svc["spec"]["type"] != "NodePort":
-            return
-        for port in svc["spec"].get("ports", []):
-            if not port.get("nodePort") and (kept := before.get((port.get("name") or "", port["protocol"]))):
-                port["nodePort"] = kept
+        if controllers.wants_node_ports(spec):
+            for port in spec.get("ports", []):
+                if not port.get("nodePort") and (kept := before.get((port.get("name") or "", port["protocol"]))):
+                    port["nodePort"] = kept
+        if controllers.wants_health_check_node_port(spec) and not spec.get("healthCheckNodePort"):
+            if kept := old["spec"].get("healthCheckNodePort"):
+                spec["healthCheckNodePort"] = kept
+        if spec["type"] == "LoadBalancer" and not spec.get("loadBalancerClass"):
+            ips = controllers.load_balancer_ips(old)
+            if ips and spec.get("loadBalancerIP", ips[0]) == ips[0]:
+                svc["status"] = {**svc.get("status", {}), "loadBalancer": old["status"]["loadBalancer"]}
 
     def _check_target_ports(self, services: list[Obj], pods: list[Obj], deployments: list[Obj], view: View) -> None:
         """A named targetPort must be declared by some pod the Service selects (or will: a Deployment's template)."""
@@ -252,13 +265,18 @@ class Cluster:
         self.store.write({obj_key(p): p for p in created})
         return created
 
-    def _remove_pod(self, pod: Obj) -> None:
-        """Graceful: out of every node's rules first, then stopped and unwired."""
+    def _remove_pod(self, pod: Obj, grace: float | None = None) -> None:
+        """Graceful, as a kubelet deletes: the pod terminating (its endpoint ready: false, serving,
+        terminating in every node's rules) while its workload keeps answering for the grace period
+        (grace, else the pod's terminationGracePeriodSeconds, else GRACE_SECONDS), then stopped and unwired."""
         pod = json.loads(json.dumps(pod))
+        if grace is None:
+            grace = pod["spec"].get("terminationGracePeriodSeconds", GRACE_SECONDS)
         pod["metadata"]["deletionTimestamp"] = timestamp()
+        pod["metadata"]["deletionGracePeriodSeconds"] = int(grace)
         self.store.write({obj_key(pod): pod})
         self.settle(Outcome())
-        time.sleep(GRACE_SECONDS)
+        time.sleep(grace)
         self.store.write({obj_key(pod): None})
         kubelet.sync(self.state, self.store)
         save_state(self.state)
@@ -305,9 +323,10 @@ class Cluster:
         self._reconcile_deployment(key, on_step)
         return self.settle(Outcome([f"deployment.apps/{name} restarted"]))
 
-    def delete(self, targets: list[tuple[str, str, str]]) -> Outcome:
+    def delete(self, targets: list[tuple[str, str, str]], grace: float | None = None) -> Outcome:
         """targets: (kind, namespace, name); a missing one is an error naming it. What a deleted
-        object owned goes with it; a controller replaces a pod or ReplicaSet it still wants."""
+        object owned goes with it; a controller replaces a pod or ReplicaSet it still wants.
+        grace: seconds a deleted pod terminates (kubectl's --grace-period), None: its own."""
         view = self.view()
         outcome = Outcome()
         for kind, namespace, name in targets:
@@ -321,7 +340,7 @@ class Cluster:
             if obj is None:
                 continue
             if kind == "Pod":
-                self._remove_pod(obj)
+                self._remove_pod(obj, grace)
                 owner = self._owner(obj, "ReplicaSet")
                 if owner is not None:
                     self._scale_replica_set(owner, self._replicas(owner))

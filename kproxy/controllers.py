@@ -51,14 +51,15 @@ def obj_key(obj: Obj) -> str:
 # Allocation ----------------------------------------------------------------
 
 def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj],
-                         cidr: ipaddress.IPv4Network | ipaddress.IPv6Network = SERVICE_CIDR) -> None:
-    """Give every new Service a ClusterIP from cidr; refuse one that is taken or outside it
-    (that a given one is an IPv4 address, kproxy.model checked when it parsed the Service)."""
+                         cidr: ipaddress.IPv4Network | ipaddress.IPv6Network = SERVICE_CIDR,
+                         given_anywhere: bool = False) -> None:
+    """Give every new Service a ClusterIP from cidr; refuse one that is taken or (unless
+    given_anywhere) outside it (that a given one is an IPv4 address, kproxy.model checked)."""
     owners = {s["spec"]["clusterIP"]: name_of(s) for s in existing if has_cluster_ip(s)}
     for svc in services:
         ip = svc["spec"].get("clusterIP") or ""
         if ip and has_cluster_ip(svc):
-            if ipaddress.ip_address(ip) not in cidr:
+            if not given_anywhere and ipaddress.ip_address(ip) not in cidr:
                 raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is not in the service CIDR {cidr}")
             if owners.get(ip, name_of(svc)) != name_of(svc):
                 raise KproxyError(f"Service {name_of(svc)}: spec.clusterIP {ip} is already allocated to {owners[ip]}")
@@ -76,33 +77,100 @@ def allocate_cluster_ips(services: list[Obj], existing: Iterable[Obj],
         owners[str(candidate)] = name_of(svc)
 
 
-def allocate_node_ports(services: list[Obj], existing: Iterable[Obj]) -> None:
+def _node_port_owners(existing: Iterable[Obj]) -> dict[tuple[int, str], str]:
+    """The NodePorts and health-check node ports (TCP) that existing Services hold."""
     owners: dict[tuple[int, str], str] = {}
     for svc in existing:
         for port in svc["spec"].get("ports", []):
             if port.get("nodePort"):
                 owners[(int(port["nodePort"]), port["protocol"])] = name_of(svc)
+        if svc["spec"].get("healthCheckNodePort"):
+            owners[(int(svc["spec"]["healthCheckNodePort"]), "TCP")] = name_of(svc)
+    return owners
+
+
+def wants_node_ports(spec: Obj) -> bool:
+    """NodePort Services get NodePorts allocated, and LoadBalancers unless allocateLoadBalancerNodePorts is false."""
+    return spec.get("type") == "NodePort" or (
+        spec.get("type") == "LoadBalancer" and spec.get("allocateLoadBalancerNodePorts", True))
+
+
+def wants_health_check_node_port(spec: Obj) -> bool:
+    """A LoadBalancer with Local external policy: load balancers ask its nodes whether they have endpoints."""
+    return spec.get("type") == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local"
+
+
+def allocate_node_ports(services: list[Obj], existing: Iterable[Obj]) -> None:
+    """Give every new NodePort (and LoadBalancer) port a NodePort, and a Local-policy LoadBalancer its
+    healthCheckNodePort, from the range; refuse a given one that another Service holds."""
+    owners = _node_port_owners(existing)
+
+    def claim(number: int, protocol: str, svc: Obj, where: str) -> None:
+        if owners.get((number, protocol), name_of(svc)) != name_of(svc):
+            raise KproxyError(f"Service {name_of(svc)}: {where}: {number} is already allocated to "
+                              f"{owners[(number, protocol)]}")
+        owners[(number, protocol)] = name_of(svc)
+
+    def free(svc: Obj, protocol: str) -> int:
+        low, high = model.NODE_PORT_RANGE
+        number = next((p for p in range(low, high + 1) if (p, protocol) not in owners), None)
+        if number is None:
+            raise KproxyError(f"Service {name_of(svc)}: no NodePort left in {low}-{high}")
+        owners[(number, protocol)] = name_of(svc)
+        return number
+
     for svc in services:
         for i, port in enumerate(svc["spec"].get("ports", [])):
             if port.get("nodePort"):
-                node_port = (int(port["nodePort"]), port["protocol"])
-                if owners.get(node_port, name_of(svc)) != name_of(svc):
-                    raise KproxyError(f"Service {name_of(svc)}: spec.ports[{i}].nodePort: {node_port[0]} is already "
-                                      f"allocated to {owners[node_port]}")
-                owners[node_port] = name_of(svc)
+                claim(int(port["nodePort"]), port["protocol"], svc, f"spec.ports[{i}].nodePort")
+        if svc["spec"].get("healthCheckNodePort"):
+            claim(int(svc["spec"]["healthCheckNodePort"]), "TCP", svc, "spec.healthCheckNodePort")
     for svc in services:
-        if svc["spec"].get("type") != "NodePort":
+        spec = svc["spec"]
+        if wants_node_ports(spec):
+            for port in spec.get("ports", []):
+                if not port.get("nodePort"):
+                    port["nodePort"] = free(svc, port["protocol"])
+        if wants_health_check_node_port(spec) and not spec.get("healthCheckNodePort"):
+            spec["healthCheckNodePort"] = free(svc, "TCP")
+
+
+def load_balancer_ips(svc: Obj) -> list[str]:
+    """The addresses in a Service's status.loadBalancer.ingress."""
+    return [i["ip"] for i in svc.get("status", {}).get("loadBalancer", {}).get("ingress") or () if i.get("ip")]
+
+
+def allocate_load_balancer_ips(services: list[Obj], existing: Iterable[Obj],
+                               pool: ipaddress.IPv4Network | None) -> None:
+    """The lab's load balancer (like MetalLB): every LoadBalancer Service without a loadBalancerClass
+    gets an address from pool in status.loadBalancer.ingress, spec.loadBalancerIP when it names one
+    (refused when outside the pool or taken). A Service that had an address keeps it. pool None:
+    no load balancer, the ingress stays empty (pending), as in a cluster without one."""
+    owners = {ip: name_of(s) for s in existing for ip in load_balancer_ips(s)}
+    for svc in services:
+        if svc["spec"]["type"] != "LoadBalancer" or svc["spec"].get("loadBalancerClass") or pool is None:
+            svc["status"] = {**svc.get("status", {}), "loadBalancer": {}}
             continue
-        for port in svc["spec"].get("ports", []):
-            if port.get("nodePort"):
-                continue
-            proto = port["protocol"]
-            low, high = model.NODE_PORT_RANGE
-            free = next((p for p in range(low, high + 1) if (p, proto) not in owners), None)
-            if free is None:
-                raise KproxyError(f"Service {name_of(svc)}: no NodePort left in {low}-{high}")
-            port["nodePort"] = free
-            owners[(free, proto)] = name_of(svc)
+        wanted = svc["spec"].get("loadBalancerIP") or ""
+        if wanted:
+            if ipaddress.ip_address(wanted) not in pool:
+                raise KproxyError(f"Service {name_of(svc)}: spec.loadBalancerIP {wanted} is not in the lab's "
+                                  f"load-balancer pool {pool}")
+            if owners.get(wanted, name_of(svc)) != name_of(svc):
+                raise KproxyError(f"Service {name_of(svc)}: spec.loadBalancerIP {wanted} is already assigned "
+                                  f"to {owners[wanted]}")
+            owners[wanted] = name_of(svc)
+    for svc in services:
+        spec = svc["spec"]
+        if spec["type"] != "LoadBalancer" or spec.get("loadBalancerClass") or pool is None:
+            continue
+        ip = spec.get("loadBalancerIP") or next(iter(load_balancer_ips(svc)), "")
+        if not ip:
+            ip = next((str(a) for a in pool.hosts() if str(a) not in owners), "")
+            if not ip:
+                raise KproxyError(f"Service {name_of(svc)}: the load-balancer pool {pool} is full")
+        owners[ip] = name_of(svc)
+        svc["status"] = {**svc.get("status", {}), "loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}}
 
 
 # Endpoints -----------------------------------------------------------------

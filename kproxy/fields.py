@@ -19,6 +19,7 @@ from typing import Any
 from kproxy.errors import KproxyError
 
 PROTOCOLS = ("TCP", "UDP")
+MAX_GRACE_SECONDS = 300  # a pod's termination grace period: kproxy's delete waits it out
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -92,7 +92,7 @@ def _more(shown: list[str], count: int, empty: str) -> str:
 def _service_ports(svc: Obj) -> str:
     out = []
     for p in svc["spec"].get("ports", []):
-        node_port = f":{p['nodePort']}" if p.get("nodePort") and svc["spec"].get("type") == "NodePort" else ""
+        node_port = f":{p['nodePort']}" if p.get("nodePort") else ""
         out.append(f"{p['port']}{node_port}/{p['protocol']}")
     return ",".join(out) or NONE
 
@@ -135,6 +135,18 @@ def _selector(spec: Obj) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or NONE
 
 
+def _external_ip(svc: Obj) -> str:
+    """kubectl's EXTERNAL-IP: the load balancer's addresses and the externalIPs, or the external name."""
+    spec = svc["spec"]
+    if spec.get("type") == "ExternalName":
+        return spec["externalName"]
+    addresses = [*(controllers.load_balancer_ips(svc) if spec.get("type") == "LoadBalancer" else ()),
+                 *(spec.get("externalIPs") or ())]
+    if addresses:
+        return ",".join(addresses)
+    return "<pending>" if spec.get("type") == "LoadBalancer" else NONE
+
+
 def rows(kind: str, items: list[Obj], wide: bool, all_namespaces: bool) -> list[list[str]]:
     ns = ["NAMESPACE"] if all_namespaces and kind != "Node" else []
 
@@ -157,7 +169,7 @@ def rows(kind: str, items: list[Obj], wide: bool, all_namespaces: bool) -> list[
             selector = ",".join(f"{k}={v}" for k, v in sorted((o["spec"].get("selector") or {}).items())) or NONE
             spec = o["spec"]
             table.append(nsv(o) + [o["metadata"]["name"], spec.get("type", "ClusterIP"), spec.get("clusterIP") or NONE,
-                                   spec.get("externalName") or NONE, _service_ports(o), age(o)]
+                                   _external_ip(o), _service_ports(o), age(o)]
                          + ([selector] if wide else []))
     elif kind == "Endpoints":
         table = [ns + ["NAME", "ENDPOINTS", "AGE"]]

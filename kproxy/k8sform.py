@@ -16,6 +16,7 @@ allocations and status.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from kproxy.store import Obj
@@ -49,8 +50,9 @@ def container(name: str, image: str = "", ports: Iterable[Obj] = ()) -> Obj:
 
 
 def pod_spec(containers: Iterable[Obj], node_name: str = "", node_selector: Mapping[str, str] | None = None,
-             hostname: str = "", subdomain: str = "") -> Obj:
-    """hostname and subdomain: the pod's DNS name <hostname>.<subdomain>.<ns>.svc under a headless Service."""
+             hostname: str = "", subdomain: str = "", grace_seconds: int | None = None) -> Obj:
+    """hostname and subdomain: the pod's DNS name <hostname>.<subdomain>.<ns>.svc under a headless Service;
+    grace_seconds: terminationGracePeriodSeconds, when given."""
     out: Obj = {"containers": list(containers)}
     if hostname:
         out["hostname"] = hostname
@@ -60,6 +62,8 @@ def pod_spec(containers: Iterable[Obj], node_name: str = "", node_selector: Mapp
         out["nodeSelector"] = dict(node_selector)
     if subdomain:
         out["subdomain"] = subdomain
+    if grace_seconds is not None:
+        out["terminationGracePeriodSeconds"] = grace_seconds
     return out
 
 
@@ -84,18 +88,46 @@ def service_port(port: int, target_port: int | str, protocol: str = "TCP", name:
     return out
 
 
+@dataclass(frozen=True)
+class ExternalAccess:
+    """How a Service is reached from outside the cluster, beyond its NodePorts (spec fields)."""
+
+    external_ips: tuple[str, ...] = ()
+    external_policy: str = ""  # spec.externalTrafficPolicy: "" (not externally accessible), Cluster, Local
+    internal_policy: str = "Cluster"
+    health_check_node_port: int = 0  # 0: to allocate (a LoadBalancer with Local policy) or none
+    load_balancer_ip: str = ""
+    source_ranges: tuple[str, ...] = ()
+    allocate_node_ports: bool = True  # spec.allocateLoadBalancerNodePorts (LoadBalancer only)
+    load_balancer_class: str = ""
+
+
 def service_object(metadata: Obj, ports: Iterable[Obj], *, type_: str = "ClusterIP", cluster_ip: str = "",
                    selector: Mapping[str, str] | None = None, session_affinity: str = "None",
-                   affinity_timeout_seconds: int = 0) -> Obj:
-    """A v1 Service (ClusterIP or NodePort; headless with cluster_ip "None"). cluster_ip "" is to allocate; an empty selector
-    leaves its endpoints unmanaged; the timeout is written with ClientIP affinity only."""
+                   affinity_timeout_seconds: int = 0, access: ExternalAccess = ExternalAccess()) -> Obj:
+    """A v1 Service (ClusterIP, NodePort or LoadBalancer; headless with cluster_ip "None"). cluster_ip ""
+    is to allocate; an empty selector leaves its endpoints unmanaged; the timeout is written with
+    ClientIP affinity only; status.loadBalancer stays empty until kproxy.controllers assigns an address."""
     spec: Obj = {}
     ports = list(ports)
     if cluster_ip:
         spec |= {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip]}
-    if type_ == "NodePort":
-        spec["externalTrafficPolicy"] = "Cluster"
-    spec |= {"internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}
+    if access.external_ips:
+        spec["externalIPs"] = list(access.external_ips)
+    if access.external_policy:
+        spec["externalTrafficPolicy"] = access.external_policy
+    if access.health_check_node_port:
+        spec["healthCheckNodePort"] = access.health_check_node_port
+    if type_ == "LoadBalancer":
+        if access.load_balancer_ip:
+            spec["loadBalancerIP"] = access.load_balancer_ip
+        if access.source_ranges:
+            spec["loadBalancerSourceRanges"] = list(access.source_ranges)
+        spec["allocateLoadBalancerNodePorts"] = access.allocate_node_ports
+        if access.load_balancer_class:
+            spec["loadBalancerClass"] = access.load_balancer_class
+    spec |= {"internalTrafficPolicy": access.internal_policy, "ipFamilies": ["IPv4"],
+             "ipFamilyPolicy": "SingleStack"}
     if ports:  # a headless Service may have none
         spec["ports"] = list(ports)
     if selector:

@@ -5,7 +5,7 @@
 Each object comes out in its stored Kubernetes form (kproxy.store.Obj, built by
 kproxy.k8sform), every default written out, so nothing after this fills one again.
 
-Objects: v1 Service (ClusterIP, NodePort, headless, ExternalName), v1 Pod, apps/v1 Deployment, and the
+Objects: v1 Service (ClusterIP, NodePort, LoadBalancer, headless, ExternalName), v1 Pod, apps/v1 Deployment, and the
 v1 List (plus ServiceList, PodList, DeploymentList) wrappers kubectl accepts.
 Validation follows the API server's where a user would notice; messages name
 the object and the field:
@@ -20,8 +20,8 @@ Unknown fields are refused (as `kubectl apply --validate=strict`) at the top
 level of an object, in Service .spec, .spec.ports[], label selectors and
 container ports; metadata, pod specs and containers are read leniently (only
 the fields below are kept). Features kproxy does not emulate (dual stack,
-LoadBalancer, externalIPs, traffic policy Local, SCTP) are refused as
-unsupported instead of being silently ignored. Headless Services
+publishNotReadyAddresses, SCTP) are refused as unsupported instead of being
+silently ignored. Headless Services
 (clusterIP: None) and ExternalName Services get no proxy rules, as in
 Kubernetes; cluster DNS (kproxy.dns) serves them.
 
@@ -44,7 +44,7 @@ import yaml
 
 from kproxy import fields
 from kproxy.errors import KproxyError
-from kproxy.k8sform import container, container_port, deployment_object, external_name_service_object, \
+from kproxy.k8sform import ExternalAccess, container, container_port, deployment_object, external_name_service_object, \
     metadata, pod_object, pod_spec, service_object, service_port
 from kproxy.selectors import selector_from_match, validate_labels
 from kproxy.store import Obj
@@ -54,7 +54,8 @@ from kproxy.store import Obj
 NODE_PORT_RANGE: tuple[int, int] = (30000, 32767)  # read at use: patch it to change the range
 DEFAULT_AFFINITY_SECONDS = 10800
 MAX_AFFINITY_SECONDS = 86400
-SERVICE_TYPES = ("ClusterIP", "NodePort", "ExternalName")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+NODE_PORT_TYPES = ("NodePort", "LoadBalancer")
 HEADLESS = "None"  # spec.clusterIP of a headless Service
 
 
@@ -158,12 +159,9 @@ def _service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, 
              spec: dict[str, Any]) -> Obj:
     fields.known(spec, _SERVICE_SPEC, "spec")
     type_ = fields.as_str(spec.get("type"), "spec.type") or "ClusterIP"
-    if type_ == "LoadBalancer":
-        raise KproxyError(f"spec.type: unsupported Service type {fields.show(type_)} "
-                          "(ClusterIP, NodePort or ExternalName)")
     if type_ not in SERVICE_TYPES:
         raise KproxyError(f"spec.type: {fields.show(type_)} is not a valid Service type "
-                          "(ClusterIP, NodePort or ExternalName)")
+                          "(ClusterIP, NodePort, LoadBalancer or ExternalName)")
     _unsupported(spec)
     if type_ == "ExternalName":
         return _external_name_service(name, ns, labels, annotations, spec)
@@ -190,8 +188,75 @@ def _service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, 
         timeout = DEFAULT_AFFINITY_SECONDS if raw is None else fields.as_int(raw, where)
         if not 1 <= timeout <= MAX_AFFINITY_SECONDS:
             raise KproxyError(f"{where}: {timeout} is outside the range 1-{MAX_AFFINITY_SECONDS}")
+    access = _external_access(spec, type_, cluster_ip)
     return service_object(metadata(name, ns, labels, annotations), ports, type_=type_, cluster_ip=cluster_ip,
-                          selector=selector, session_affinity=affinity, affinity_timeout_seconds=timeout)
+                          selector=selector, session_affinity=affinity, affinity_timeout_seconds=timeout,
+                          access=access)
+
+
+def _ipv4(v: Any, where: str) -> str:
+    text = fields.as_str(v, where)
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise KproxyError(f"{where}: {fields.show(text)} is not a valid IP address") from None
+    if addr.version != 4:
+        raise KproxyError(f"{where}: {fields.show(text)}: IPv6 is not supported")
+    return text
+
+
+def _only_for_load_balancer(spec: dict[str, Any], type_: str) -> None:
+    for name in ("loadBalancerIP", "loadBalancerSourceRanges", "allocateLoadBalancerNodePorts", "loadBalancerClass"):
+        if spec.get(name) not in (None, "", []) and type_ != "LoadBalancer":
+            raise KproxyError(f"spec.{name}: may only be used when spec.type is LoadBalancer")
+
+
+def _external_access(spec: dict[str, Any], type_: str, cluster_ip: str) -> ExternalAccess:
+    """The fields of how the Service is reached from outside, checked and defaulted as the API server does."""
+    _only_for_load_balancer(spec, type_)
+    external_ips = tuple(_ipv4(v, f"spec.externalIPs[{i}]")
+                         for i, v in enumerate(fields.as_list(spec.get("externalIPs"), "spec.externalIPs")))
+    if external_ips and cluster_ip == HEADLESS:
+        raise KproxyError("spec.externalIPs: may not be set for a headless Service")
+    accessible = type_ in NODE_PORT_TYPES or bool(external_ips)
+    external_policy = fields.as_str(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy")
+    if external_policy and not accessible:
+        raise KproxyError("spec.externalTrafficPolicy: may only be set for externally-accessible Services "
+                          "(NodePort, LoadBalancer, or externalIPs)")
+    external_policy = external_policy or ("Cluster" if accessible else "")
+    internal_policy = fields.as_str(spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy") or "Cluster"
+    for where, policy in (("externalTrafficPolicy", external_policy), ("internalTrafficPolicy", internal_policy)):
+        if policy not in ("", "Cluster", "Local"):
+            raise KproxyError(f"spec.{where}: {fields.show(policy)} is not valid (Cluster or Local)")
+    health = 0
+    if spec.get("healthCheckNodePort") is not None and not fields.is_zero(spec["healthCheckNodePort"]):
+        health = fields.as_int(spec["healthCheckNodePort"], "spec.healthCheckNodePort")
+        if type_ != "LoadBalancer" or external_policy != "Local":
+            raise KproxyError("spec.healthCheckNodePort: may only be set when spec.type is LoadBalancer "
+                              "and spec.externalTrafficPolicy is Local")
+        lo, hi = NODE_PORT_RANGE
+        if not lo <= health <= hi:
+            raise KproxyError(f"spec.healthCheckNodePort: {health} is outside the NodePort range {lo}-{hi}")
+    load_balancer_ip = _ipv4(spec["loadBalancerIP"], "spec.loadBalancerIP") if spec.get("loadBalancerIP") else ""
+    ranges = []
+    for i, raw in enumerate(fields.as_list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
+        where = f"spec.loadBalancerSourceRanges[{i}]"
+        text = fields.as_str(raw, where).strip()
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise KproxyError(f"{where}: {fields.show(text)} is not a valid CIDR (e.g. 192.168.0.0/24)") from None
+        if network.version != 4:
+            raise KproxyError(f"{where}: {fields.show(text)}: IPv6 is not supported")
+        ranges.append(text)
+    allocate = spec.get("allocateLoadBalancerNodePorts")
+    if allocate is not None and not isinstance(allocate, bool):
+        raise KproxyError(f"spec.allocateLoadBalancerNodePorts: must be true or false, got {fields.show(allocate)}")
+    return ExternalAccess(
+        external_ips=external_ips, external_policy=external_policy, internal_policy=internal_policy,
+        health_check_node_port=health, load_balancer_ip=load_balancer_ip, source_ranges=tuple(ranges),
+        allocate_node_ports=True if allocate is None else allocate,
+        load_balancer_class=fields.as_str(spec.get("loadBalancerClass"), "spec.loadBalancerClass"))
 
 
 def _external_name_service(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],
@@ -209,12 +274,6 @@ def _external_name_service(name: str, ns: str, labels: dict[str, str], annotatio
 
 
 def _unsupported(spec: dict[str, Any]) -> None:
-    if spec.get("externalIPs"):
-        raise KproxyError("spec.externalIPs: unsupported (kproxy emulates ClusterIP and NodePort only)")
-    for f in ("externalTrafficPolicy", "internalTrafficPolicy"):
-        v = spec.get(f)
-        if v not in (None, "", "Cluster"):
-            raise KproxyError(f"spec.{f}: {fields.show(v)} is unsupported (kproxy implements Cluster)")
     if spec.get("publishNotReadyAddresses"):
         raise KproxyError("spec.publishNotReadyAddresses: unsupported")
     families = fields.as_list(spec.get("ipFamilies"), "spec.ipFamilies")
@@ -235,14 +294,7 @@ def _cluster_ip(spec: dict[str, Any]) -> str:
     ip = ip or (ips[0] if ips else "")
     if ip == HEADLESS:
         return ip
-    if ip:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            raise KproxyError(f"spec.clusterIP: {fields.show(ip)} is not a valid IP address") from None
-        if addr.version != 4:
-            raise KproxyError(f"spec.clusterIP: {fields.show(ip)}: IPv6 is not supported")
-    return ip
+    return _ipv4(ip, "spec.clusterIP") if ip else ip
 
 
 def _service_ports(raw: Any, type_: str, required: bool = True) -> list[Obj]:
@@ -283,7 +335,7 @@ def _service_ports(raw: Any, type_: str, required: bool = True) -> list[Obj]:
         node_port = 0
         if p.get("nodePort") is not None and not fields.is_zero(p["nodePort"]):
             node_port = fields.as_int(p["nodePort"], f"{at}.nodePort")
-            if type_ != "NodePort":
+            if type_ not in NODE_PORT_TYPES:
                 raise KproxyError(f"{at}.nodePort: may not be used when spec.type is {type_}")
             if not lo <= node_port <= hi:
                 raise KproxyError(f"{at}.nodePort: {node_port} is outside the NodePort range {lo}-{hi}")
@@ -333,7 +385,13 @@ def _pod_spec(spec: dict[str, Any], at: str) -> Obj:
         fields.dns_name(hostname, fields.DNS1123_LABEL, 63, f"hostname: a {fields.LABEL_RULE}", f"{at}.hostname")
     if subdomain:
         fields.dns_name(subdomain, fields.DNS1123_LABEL, 63, f"subdomain: a {fields.LABEL_RULE}", f"{at}.subdomain")
-    return pod_spec(containers, node_name, node_selector, hostname, subdomain)
+    grace = None
+    if spec.get("terminationGracePeriodSeconds") is not None:
+        grace = fields.as_int(spec["terminationGracePeriodSeconds"], f"{at}.terminationGracePeriodSeconds")
+        if not 0 <= grace <= fields.MAX_GRACE_SECONDS:
+            raise KproxyError(f"{at}.terminationGracePeriodSeconds: {grace} is outside the range "
+                              f"0-{fields.MAX_GRACE_SECONDS} (kproxy waits it out)")
+    return pod_spec(containers, node_name, node_selector, hostname, subdomain, grace)
 
 
 def _deployment(name: str, ns: str, labels: dict[str, str], annotations: dict[str, str],

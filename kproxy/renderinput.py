@@ -50,6 +50,10 @@ def render_objects(texts: list[tuple[str, str]]) -> tuple[list[Doc], list[Doc], 
                         obj["status"] = status
                         pods.append(obj)
                 elif obj["kind"] == "Service":
+                    ingress = load_balancer_ingress(item.get("status"), f"{at} (Service/{obj['metadata']['name']}): "
+                                                                        "status")
+                    if ingress and obj["spec"]["type"] == "LoadBalancer":
+                        obj["status"] = {"loadBalancer": {"ingress": ingress}}
                     services.append(obj)
     return services, pods, slices
 
@@ -65,6 +69,18 @@ def pod_status(raw: Any, where: str) -> Doc:
             as_str(_entry(condition, f"{where}.conditions[{i}]").get(field), f"{where}.conditions[{i}].{field}")
     return {"podIP": _ipv4(status["podIP"], f"{where}.podIP"),
             "conditions": conditions or [{"type": "Ready", "status": "True"}]}
+
+
+def load_balancer_ingress(raw: Any, where: str) -> list[Doc]:
+    """A Service's status.loadBalancer.ingress[].ip, as a load-balancer controller wrote it."""
+    status = as_map(raw, where)
+    balancer = as_map(status.get("loadBalancer"), f"{where}.loadBalancer")
+    out = []
+    for i, entry in enumerate(as_list(balancer.get("ingress"), f"{where}.loadBalancer.ingress")):
+        entry = _entry(entry, f"{where}.loadBalancer.ingress[{i}]")
+        if entry.get("ip") is not None:
+            out.append({"ip": _ipv4(entry["ip"], f"{where}.loadBalancer.ingress[{i}].ip"), "ipMode": "VIP"})
+    return out
 
 
 def endpoint_slice(raw: Doc, where: str) -> Doc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -61,6 +62,47 @@ def test_node_ports_come_from_the_one_node_port_range(monkeypatch: pytest.Monkey
     assert first[0]["spec"]["ports"][0]["nodePort"] == 31000
     with pytest.raises(KproxyError, match="^Service default/b: no NodePort left in 31000-31000$"):
         controllers.allocate_node_ports([svc("b", node_port=0)], first)
+
+
+def test_load_balancers_get_node_ports_a_health_check_port_and_an_address_from_the_pool() -> None:
+    pool = ipaddress.IPv4Network("172.18.255.0/29")
+    held = svc("old", "10.96.0.10", node_port=30000, type="LoadBalancer")
+    held["status"] = {"loadBalancer": {"ingress": [{"ip": "172.18.255.1", "ipMode": "VIP"}]}}
+    local = svc("local", type="LoadBalancer", externalTrafficPolicy="Local")
+    asked = svc("asked", type="LoadBalancer", loadBalancerIP="172.18.255.5", allocateLoadBalancerNodePorts=False)
+    classed = svc("classed", type="LoadBalancer", loadBalancerClass="example.com/other")
+    plain = svc("plain")
+    new = [local, asked, classed, plain]
+    controllers.allocate_node_ports(new, [held])
+    controllers.allocate_load_balancer_ips(new, [held], pool)
+    assert local["spec"]["ports"][0]["nodePort"] == 30001 and local["spec"]["healthCheckNodePort"] == 30002
+    assert "nodePort" not in asked["spec"]["ports"][0] and "healthCheckNodePort" not in asked["spec"]
+    assert [s["status"] for s in new] == [
+        {"loadBalancer": {"ingress": [{"ip": "172.18.255.2", "ipMode": "VIP"}]}},
+        {"loadBalancer": {"ingress": [{"ip": "172.18.255.5", "ipMode": "VIP"}]}},
+        {"loadBalancer": {}},  # another load balancer's to serve: pending here
+        {"loadBalancer": {}},
+    ]
+
+
+@pytest.mark.parametrize("wanted, message", [
+    ("172.18.255.1", "spec.loadBalancerIP 172.18.255.1 is already assigned to default/old"),
+    ("172.18.0.9", "spec.loadBalancerIP 172.18.0.9 is not in the lab's load-balancer pool 172.18.255.0/30"),
+])
+def test_a_load_balancer_ip_outside_the_pool_or_taken_is_refused(wanted: str, message: str) -> None:
+    held = svc("old", "10.96.0.10", type="LoadBalancer")
+    held["status"] = {"loadBalancer": {"ingress": [{"ip": "172.18.255.1"}]}}
+    with pytest.raises(KproxyError) as err:
+        controllers.allocate_load_balancer_ips([svc("new", type="LoadBalancer", loadBalancerIP=wanted)], [held],
+                                               ipaddress.IPv4Network("172.18.255.0/30"))
+    assert str(err.value) == f"Service default/new: {message}"
+
+
+def test_the_load_balancer_pool_runs_out_with_a_clear_error() -> None:
+    pool = ipaddress.IPv4Network("172.18.255.0/30")  # two addresses
+    services = [svc(name, type="LoadBalancer") for name in ("a", "b", "c")]
+    with pytest.raises(KproxyError, match="^Service default/c: the load-balancer pool 172.18.255.0/30 is full$"):
+        controllers.allocate_load_balancer_ips(services, [], pool)
 
 
 def test_endpoints_are_the_ready_selected_pods_with_resolved_ports() -> None:

@@ -254,6 +254,45 @@ spec: {hostname: db-0, subdomain: db, containers: [{name: c}]}
     assert parse_object(headless) == headless and parse_object(alias) == alias and parse_object(pod) == pod
 
 
+def test_load_balancer_and_external_ips_are_defaulted_as_the_api_server_does() -> None:
+    [lb, external] = parse_manifests(
+        """\
+apiVersion: v1
+kind: Service
+metadata: {name: shop}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  loadBalancerIP: 172.18.255.20
+  loadBalancerSourceRanges: [" 172.18.0.254/32"]
+  selector: {app: shop}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy}
+spec:
+  externalIPs: [192.168.50.10]
+  internalTrafficPolicy: Local
+  selector: {app: legacy}
+  ports: [{port: 80}]
+""",
+        "lb.yaml",
+    )
+    assert lb["spec"] == {"externalTrafficPolicy": "Local", "loadBalancerIP": "172.18.255.20",
+                          "loadBalancerSourceRanges": ["172.18.0.254/32"], "allocateLoadBalancerNodePorts": True,
+                          "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                          "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "shop"},
+                          "sessionAffinity": "None", "type": "LoadBalancer"}
+    assert lb["status"] == {"loadBalancer": {}}  # the lab's load balancer fills it (kproxy.controllers)
+    assert external["spec"] == {"externalIPs": ["192.168.50.10"], "externalTrafficPolicy": "Cluster",
+                                "internalTrafficPolicy": "Local", "ipFamilies": ["IPv4"],
+                                "ipFamilyPolicy": "SingleStack", "ports": [{"port": 80, "protocol": "TCP",
+                                                                            "targetPort": 80}],
+                                "selector": {"app": "legacy"}, "sessionAffinity": "None", "type": "ClusterIP"}
+    assert parse_object(lb) == lb and parse_object(external) == external
+
+
 def test_list_and_empty_documents() -> None:
     text = "---\n" + DOCS_MULTI_PORT + "---\n---\n" + yaml.safe_dump(
         {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(DOCS_NODEPORT), yaml.safe_load(DOCS_NGINX_DEPLOYMENT)]}
@@ -328,10 +367,37 @@ SERVICE_ERRORS = [
     (ports({"port": 80}, clusterIP="fd00::1"), 'Service default/web: spec.clusterIP: "fd00::1": IPv6 is not supported'),
     (ports({"port": 80}, clusterIP="10.96.0.10", clusterIPs=["10.96.0.11"]),
      'Service default/web: spec.clusterIPs[0]: "10.96.0.11" must match spec.clusterIP "10.96.0.10"'),
-    (ports({"port": 80}, type="LoadBalancer"),
-     'Service default/web: spec.type: unsupported Service type "LoadBalancer" (ClusterIP, NodePort or ExternalName)'),
     (ports({"port": 80}, type="Nodeport"),
-     'Service default/web: spec.type: "Nodeport" is not a valid Service type (ClusterIP, NodePort or ExternalName)'),
+     'Service default/web: spec.type: "Nodeport" is not a valid Service type '
+     '(ClusterIP, NodePort, LoadBalancer or ExternalName)'),
+    (ports({"port": 80}, externalIPs=["192.168.1.300"]),
+     'Service default/web: spec.externalIPs[0]: "192.168.1.300" is not a valid IP address'),
+    (ports({"port": 80}, externalIPs=["fd00::1"]),
+     'Service default/web: spec.externalIPs[0]: "fd00::1": IPv6 is not supported'),
+    (ports({"port": 80}, clusterIP="None", externalIPs=["192.168.1.10"]),
+     "Service default/web: spec.externalIPs: may not be set for a headless Service"),
+    (ports({"port": 80}, externalTrafficPolicy="Local"),
+     "Service default/web: spec.externalTrafficPolicy: may only be set for externally-accessible Services "
+     "(NodePort, LoadBalancer, or externalIPs)"),
+    (ports({"port": 80}, externalTrafficPolicy="local", type="NodePort"),
+     'Service default/web: spec.externalTrafficPolicy: "local" is not valid (Cluster or Local)'),
+    (ports({"port": 80}, internalTrafficPolicy="Node"),
+     'Service default/web: spec.internalTrafficPolicy: "Node" is not valid (Cluster or Local)'),
+    (ports({"port": 80}, type="NodePort", externalTrafficPolicy="Local", healthCheckNodePort=30100),
+     "Service default/web: spec.healthCheckNodePort: may only be set when spec.type is LoadBalancer "
+     "and spec.externalTrafficPolicy is Local"),
+    (ports({"port": 80}, type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=100),
+     "Service default/web: spec.healthCheckNodePort: 100 is outside the NodePort range 30000-32767"),
+    (ports({"port": 80}, type="NodePort", loadBalancerSourceRanges=["10.0.0.0/8"]),
+     "Service default/web: spec.loadBalancerSourceRanges: may only be used when spec.type is LoadBalancer"),
+    (ports({"port": 80}, loadBalancerIP="172.18.255.7"),
+     "Service default/web: spec.loadBalancerIP: may only be used when spec.type is LoadBalancer"),
+    (ports({"port": 80}, type="LoadBalancer", loadBalancerSourceRanges=["10.0.0.0/33"]),
+     'Service default/web: spec.loadBalancerSourceRanges[0]: "10.0.0.0/33" is not a valid CIDR (e.g. 192.168.0.0/24)'),
+    (ports({"port": 80}, type="LoadBalancer", loadBalancerIP="172.18.255.x"),
+     'Service default/web: spec.loadBalancerIP: "172.18.255.x" is not a valid IP address'),
+    (ports({"port": 80}, type="LoadBalancer", allocateLoadBalancerNodePorts="no"),
+     'Service default/web: spec.allocateLoadBalancerNodePorts: must be true or false, got "no"'),
     (ports({"port": 80}, sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 86401}}),
      "Service default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is outside the range 1-86400"),
     (ports({"port": 80}, sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}),
@@ -340,8 +406,6 @@ SERVICE_ERRORS = [
      "Service default/web: spec.sessionAffinityConfig: must not be set when spec.sessionAffinity is None"),
     (ports({"port": 80}, sessionAffinity="Sticky"),
      'Service default/web: spec.sessionAffinity: "Sticky" is not valid (None or ClientIP)'),
-    (ports({"port": 80}, externalTrafficPolicy="Local", type="NodePort"),
-     'Service default/web: spec.externalTrafficPolicy: "Local" is unsupported (kproxy implements Cluster)'),
     (ports({"port": 80}, selectr={"app": "web"}), 'Service default/web: spec: unknown field "selectr"'),
     ({"selector": {"version": 1}, "ports": [{"port": 80}]},
      "Service default/web: spec.selector.version: label value must be a string, got 1 (quote it)"),

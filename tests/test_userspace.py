@@ -6,6 +6,7 @@ rule syncs against a fake iptables (tests/fakes/iptables.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -23,7 +24,8 @@ from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 from kproxy.proxy.userspace.balancer import Balancer
-from kproxy.proxy.userspace.listener import ServiceProxy
+from kproxy.proxy.userspace import MODE
+from kproxy.proxy.userspace.listener import ServiceProxy, ready_addresses
 from kproxy.proxy.userspace.loop import ProxyLoop
 from kproxy.proxy.userspace.proxier import UserspaceProxier
 from kproxy.proxy.userspace.rules import JUMPS, is_own_chain, placeholder_ports, render
@@ -113,10 +115,37 @@ def test_node_ports_get_container_host_and_non_local_rules() -> None:
     }
 
 
-def test_a_service_without_ready_endpoints_is_rejected_not_redirected() -> None:
+def test_external_and_load_balancer_ips_get_the_cluster_ips_portals() -> None:
+    web = dataclasses.replace(svc(), external_ips=("192.168.77.10",), load_balancer_ips=("172.18.255.1",))
+    rules = render(state((web, [Endpoint("10.244.1.2", 8080, "node1")])), NODE, {web.key: 40000})
+    assert rules.tables["nat"]["KUBE-PORTALS-CONTAINER"] == [
+        f"-A KUBE-PORTALS-CONTAINER -d {ip}/32 -p tcp -m comment --comment default/web:http -m tcp --dport 80 "
+        "-j REDIRECT --to-ports 40000" for ip in ("10.96.0.10", "192.168.77.10", "172.18.255.1")]
+    assert rules.tables["nat"]["KUBE-PORTALS-HOST"] == [
+        f"-A KUBE-PORTALS-HOST -d {ip}/32 -p tcp -m comment --comment default/web:http -m tcp --dport 80 "
+        "-j DNAT --to-destination 172.18.0.2:40000" for ip in ("10.96.0.10", "192.168.77.10", "172.18.255.1")]
+
+
+def test_traffic_policies_and_source_ranges_are_what_userspace_mode_refuses() -> None:
+    assert [MODE.unsupported(dataclasses.replace(svc(node_port=30080), **change)) for change in (
+        {}, {"external_policy_local": True}, {"internal_policy_local": True},
+        {"load_balancer_ips": ("172.18.255.1",), "source_ranges": ("10.0.0.0/8",)})] == [
+        "", "externalTrafficPolicy Local", "internalTrafficPolicy Local", "loadBalancerSourceRanges"]
+
+
+def test_a_terminating_endpoint_still_serving_is_used_only_while_none_is_ready() -> None:
+    web = svc()
+    draining = Endpoint("10.244.1.2", 8080, "node1", ready=False, terminating=True)
+    ports = {web.key: 40000}
+    assert render(state((web, [draining])), NODE, ports).tables["nat"]["KUBE-PORTALS-CONTAINER"]
+    assert ready_addresses(web, [draining]) == ["10.244.1.2:8080"]
+    assert ready_addresses(web, [draining, Endpoint("10.244.2.2", 8080, "node2")]) == ["10.244.2.2:8080"]
+
+
+def test_a_service_without_serving_endpoints_is_rejected_not_redirected() -> None:
     web = svc(node_port=30080)
-    rules = render(state((web, [Endpoint("10.244.1.2", 8080, "node1", ready=False, terminating=True)])), NODE,
-                   {web.key: 40000})
+    rules = render(state((web, [Endpoint("10.244.1.2", 8080, "node1", ready=False, terminating=True,
+                                         serving=False)])), NODE, {web.key: 40000})
     assert rules.tables == {
         "filter": {
             "KUBE-NODEPORT-NON-LOCAL": [],

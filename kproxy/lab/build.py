@@ -21,7 +21,7 @@ from kproxy.dns import addon
 from kproxy.agent import status_path
 from kproxy.errors import KproxyError
 from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
-from kproxy.lab import kubelet, overlay, processes, supervisor
+from kproxy.lab import announce, kubelet, overlay, processes, supervisor
 from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, ns_prefix, \
     save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
@@ -47,7 +47,9 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
     if previous is not None:
         for what, old, new in (("overlay", previous.overlay, topology.overlay),
                                ("podCIDR", previous.pod_cidr, str(topology.pod_cidr)),
-                               ("nodeCIDR", previous.node_cidr, str(topology.node_cidr))):
+                               ("nodeCIDR", previous.node_cidr, str(topology.node_cidr)),
+                               ("loadBalancerCIDR", previous.load_balancer_cidr or str(topology.load_balancer_cidr),
+                                str(topology.load_balancer_cidr))):
             if old != new:
                 raise KproxyError(f"lab {topology.name} runs with {what} {old}, not {new}; "
                                   f"take it down first ('kproxy lab down {topology.name}')")
@@ -58,6 +60,7 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
         pod_cidr=str(topology.pod_cidr),
         node_cidr=str(topology.node_cidr),
         external_ip=str(hosts[-1]),
+        load_balancer_cidr=str(topology.load_balancer_cidr),
         mode=mode,
         mode_options=options,
         generation=previous.generation if previous else 0,
@@ -138,6 +141,8 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     state = plan(topology, previous, mode, mode_options, dns)
     chosen = proxy_mode(state.mode)
     options = chosen.options_of(state.mode_options)
+    if previous is not None and previous.mode != state.mode:  # the Services stored must suit the new mode
+        chosen.refuse_unsupported(Store(lab_dir(state.name) / "store").read().of_kind("Service"))
     # Before anything is made: a kernel that lacks a module gets a refusal, not a half-built lab.
     loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(options)])
     if loaded:
@@ -182,6 +187,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     _sync_store_topology(state, topology, store)
     _sync_store_dns(state, store)
     report = kubelet.sync(state, store)
+    announce.sync(state, store.read())
     if previous is not None and previous.dns != state.dns:
         for member in state.pods:
             kubelet.write_resolver(state, member)
@@ -293,5 +299,6 @@ def status(lab: str) -> dict[str, Any]:
                      "present": ns_name(lab, member) in have, "wired": kubelet.pod_is_wired(state, member)})
     return {"name": lab, "overlay": state.overlay, "mode": state.mode, "modeOptions": state.mode_options, "podCIDR": state.pod_cidr,
             "supervisorPid": supervisor.supervisor_pid(directory),
-            "nodeCIDR": state.node_cidr, "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
+            "nodeCIDR": state.node_cidr, "loadBalancerCIDR": state.load_balancer_cidr,
+            "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
             "nodes": nodes, "pods": pods}

@@ -8,6 +8,7 @@ everything even when the state file is lost.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -78,6 +79,11 @@ class LabState:
     generation: int = 0
     mode_options: dict[str, str] = field(default_factory=dict)  # the mode's, as given (Mode.options_of fills the rest)
     dns: bool = False  # cluster DNS (kproxy.dns.addon) runs in the lab
+    load_balancer_cidr: str = ""  # the pool LoadBalancer Services get addresses from; "": none (an older lab)
+
+    @property
+    def load_balancer_pool(self) -> ipaddress.IPv4Network | None:
+        return ipaddress.IPv4Network(self.load_balancer_cidr) if self.load_balancer_cidr else None
 
     @property
     def dir(self) -> Path:

@@ -1,7 +1,8 @@
 """Lab topology files: parsing, validation and pod placement (pure, no root).
 
 A topology names the lab, its nodes (with labels), the cluster pod CIDR (a /24
-per node), the node network, the overlay, and pods with labels and placement.
+per node), the node network, the load-balancer pool, the overlay, and pods with
+labels and placement.
 Everything is checked here, before anything is created.
 """
 
@@ -25,6 +26,9 @@ OVERLAYS = ("vxlan", "host-gw")
 DEFAULT_POD_CIDR = "10.244.0.0/16"
 DEFAULT_NODE_CIDR = "172.18.0.0/24"  # the underlay: node IPs, like kind's docker network
 SERVICE_CIDR = "10.96.0.0/12"
+# LoadBalancer Services' addresses (kproxy.controllers hands them out, as MetalLB would); routed to
+# the nodes from the underlay's clients (kproxy.lab.announce), so apart from the node range.
+DEFAULT_LOAD_BALANCER_CIDR = "172.18.255.0/24"
 # Namespace names are kp_<lab>_<name>; link names on the underlay are to-<node>.
 LAB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 OBJECT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -56,6 +60,7 @@ class Topology:
     pod_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network(DEFAULT_POD_CIDR)
     node_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network(DEFAULT_NODE_CIDR)
     overlay: str = "vxlan"
+    load_balancer_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network(DEFAULT_LOAD_BALANCER_CIDR)
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -127,7 +132,7 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
     """Validate a topology mapping; name/overlay override the file's."""
     if not isinstance(raw, dict):
         raise KproxyError("a topology must be a YAML mapping with nodes and pods")
-    unknown = set(raw) - {"name", "podCIDR", "nodeCIDR", "overlay", "nodes", "pods"}
+    unknown = set(raw) - {"name", "podCIDR", "nodeCIDR", "loadBalancerCIDR", "overlay", "nodes", "pods"}
     if unknown:
         raise KproxyError(f"unknown topology field(s): {', '.join(sorted(map(str, unknown)))}")
     lab = lab_name(name or raw.get("name") or "kproxy")
@@ -136,11 +141,14 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
         raise KproxyError(f"overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
     pod_cidr = _network(raw.get("podCIDR", DEFAULT_POD_CIDR), "podCIDR")
     node_cidr = _network(raw.get("nodeCIDR", DEFAULT_NODE_CIDR), "nodeCIDR")
-    service_cidr = ipaddress.IPv4Network(SERVICE_CIDR)
-    for a, b, what in ((pod_cidr, node_cidr, "podCIDR and nodeCIDR"), (pod_cidr, service_cidr, "podCIDR and the service CIDR"),
-                       (node_cidr, service_cidr, "nodeCIDR and the service CIDR")):
-        if a.overlaps(b):
-            raise KproxyError(f"{what} overlap ({a}, {b})")
+    lb_cidr = _network(raw.get("loadBalancerCIDR", DEFAULT_LOAD_BALANCER_CIDR), "loadBalancerCIDR")
+    networks = {"podCIDR": pod_cidr, "nodeCIDR": node_cidr, "the service CIDR": ipaddress.IPv4Network(SERVICE_CIDR),
+                "loadBalancerCIDR": lb_cidr}
+    names = list(networks)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if networks[a].overlaps(networks[b]):
+                raise KproxyError(f"{a} and {b} overlap ({networks[a]}, {networks[b]})")
     if pod_cidr.prefixlen > 24:
         raise KproxyError(f"podCIDR {pod_cidr} is smaller than one /24 per node")
 
@@ -182,7 +190,7 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
         if obj.name in seen or obj.name in RESERVED_NAMES:
             raise KproxyError(f"duplicate or reserved name {obj.name!r} (names of nodes and pods must be unique)")
         seen.add(obj.name)
-    topology = Topology(lab, tuple(nodes), tuple(pods), pod_cidr, node_cidr, overlay)
+    topology = Topology(lab, tuple(nodes), tuple(pods), pod_cidr, node_cidr, overlay, lb_cidr)
     place_pods(topology)  # refuses unschedulable pods and full nodes now
     return topology
 
@@ -246,6 +254,7 @@ def to_raw(topology: Topology) -> dict[str, Any]:
         "overlay": topology.overlay,
         "podCIDR": str(topology.pod_cidr),
         "nodeCIDR": str(topology.node_cidr),
+        "loadBalancerCIDR": str(topology.load_balancer_cidr),
         "nodes": [{"name": n.name, "labels": dict(n.labels)} for n in topology.nodes],
         "pods": pods,
     }

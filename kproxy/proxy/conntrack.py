@@ -21,7 +21,7 @@ from kproxy.proxy.types import Endpoint, ProxyState, ServicePort
 @dataclass(frozen=True)
 class _Applied:
     service: ServicePort
-    endpoints: frozenset[tuple[str, str]]  # ("ip:port", ip) of the usable endpoints
+    endpoints: frozenset[tuple[str, str]]  # ("ip:port", ip) of the reachable endpoints
 
 
 class StaleUdpCleaner:
@@ -37,9 +37,9 @@ class StaleUdpCleaner:
         self._applied, self._generation = {}, -1
 
     def sync(self, state: ProxyState, by_key: Mapping[str, ServicePort],
-             usable: Callable[[list[Endpoint]], Iterable[Endpoint]]) -> None:
-        """After the kernel got state: by_key maps every service port of state by key; usable
-        picks the endpoints a mode sends traffic to."""
+             reachable: Callable[[ServicePort, list[Endpoint]], Iterable[Endpoint]]) -> None:
+        """After the kernel got state: by_key maps every service port of state by key; reachable
+        picks the endpoints of a service port the mode sends traffic to on this node."""
         if state.changed is not None and state.generation == self._generation + 1:
             keys: Iterable[str] = state.changed  # the others are as they were
         else:
@@ -50,7 +50,7 @@ class StaleUdpCleaner:
             svc = by_key.get(key)
             new = None
             if svc is not None and svc.protocol.upper() == "UDP":
-                new = _Applied(svc, frozenset((ep.address, ep.ip) for ep in usable(state.endpoints_of(svc))))
+                new = _Applied(svc, frozenset((ep.address, ep.ip) for ep in reachable(svc, state.endpoints_of(svc))))
             old = self._applied.pop(key, None)
             if new is not None:
                 self._applied[key] = new
@@ -67,20 +67,25 @@ class StaleUdpCleaner:
                 print(f"kproxy {self.mode}: conntrack {' '.join(argv)}: {done.stderr.strip()}", file=sys.stderr)
 
 
+def _addresses(svc: ServicePort) -> tuple[str, ...]:
+    """The service port's own addresses: ClusterIP, external IPs, load-balancer IPs."""
+    return (svc.cluster_ip, *svc.external_ips, *svc.load_balancer_ips)
+
+
 def stale_entries(old: _Applied | None, new: _Applied | None) -> list[list[str]]:
     """conntrack arguments for the entries one UDP service port's change left stale."""
     commands: list[list[str]] = []
-    if old is not None and new is None:  # service port deleted: its ClusterIP may have stale entries
-        commands.append(["-D", "--orig-dst", old.service.cluster_ip, "-p", "udp"])
+    if old is not None and new is None:  # service port deleted: its addresses may have stale entries
+        commands += [["-D", "--orig-dst", ip, "-p", "udp"] for ip in _addresses(old.service)]
     if old is not None and new is not None:
         svc = new.service
         addresses = {address for address, _ in new.endpoints}
         for ip in sorted({ip for address, ip in old.endpoints if address not in addresses}):
             if svc.node_port:
                 commands.append(["-D", "-p", "udp", "--dport", str(svc.node_port), "--dst-nat", ip])
-            commands.append(["-D", "--orig-dst", svc.cluster_ip, "--dst-nat", ip, "-p", "udp"])
+            commands += [["-D", "--orig-dst", own, "--dst-nat", ip, "-p", "udp"] for own in _addresses(svc)]
     if new is not None and new.endpoints and (old is None or not old.endpoints):
-        commands.append(["-D", "--orig-dst", new.service.cluster_ip, "-p", "udp"])
+        commands += [["-D", "--orig-dst", ip, "-p", "udp"] for ip in _addresses(new.service)]
         if new.service.node_port:
             commands.append(["-D", "-p", "udp", "--dport", str(new.service.node_port)])
     return commands

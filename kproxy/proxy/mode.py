@@ -9,12 +9,13 @@ scheduler=sh``) until the mode itself reads them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol
 
 from kproxy.errors import KproxyError
 from kproxy import kmod
 from kproxy.kmod import Module
-from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
+from kproxy.proxy.source import service_ports
+from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
 
 Options = Mapping[str, str]  # a mode's options, checked and with its defaults filled (Mode.options_of)
 Service = Mapping[str, Any]  # a Service as the store holds it
@@ -67,10 +68,21 @@ class Mode:
     # The benchmarks' baseline: the kernel's own tool loading, in the calling thread's namespace,
     # what the mode's first sync of state writes (None: the mode writes no such text).
     load_alone: Callable[[ProxyState, NodeInfo, Options], None] | None = None
+    # What of a service port the mode cannot program ("" when nothing), e.g. a traffic
+    # policy the old userspace proxier never had: such Services are refused, not half-served.
+    unsupported: Callable[[ServicePort], str] = lambda svc: ""
 
     def runs_here(self) -> bool:
         """Whether this kernel has (loaded, or to load) every module the mode needs. Only looks."""
         return kmod.loadable(self.kernel_modules(self.options_of({})))
+
+    def refuse_unsupported(self, services: Iterable[Service]) -> None:
+        """Raise, naming the first Service with a feature this mode cannot program."""
+        for service in services:
+            for svc in service_ports(service):
+                if what := self.unsupported(svc):
+                    raise KproxyError(f"Service {svc.namespace}/{svc.name}: {what} is not supported in "
+                                      f"{self.name} mode")
 
     def options_of(self, given: Mapping[str, str]) -> dict[str, str]:
         """given, checked against the mode's options, with the defaults of the others."""

@@ -9,6 +9,7 @@ from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ServiceInfo = Callable[[dict[str, Any]], Hashable]
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+EXTERNAL_TYPES = ("NodePort", "LoadBalancer")  # the types with NodePorts (and an external traffic policy)
 
 
 def has_cluster_ip(service: dict[str, Any]) -> bool:
@@ -27,20 +28,33 @@ def service_ports(service: dict[str, Any], service_info: ServiceInfo | None = No
     if spec.get("sessionAffinity") == "ClientIP":
         affinity = int(spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"])
     mode_info = service_info(service) if service_info is not None else None
-    return [
-        ServicePort(
+    external = spec.get("type") in EXTERNAL_TYPES
+    load_balancer_ips = tuple(ingress["ip"] for ingress in
+                              (service.get("status", {}).get("loadBalancer", {}).get("ingress") or ())
+                              if ingress.get("ip")) if spec.get("type") == "LoadBalancer" else ()
+    external_ips = tuple(spec.get("externalIPs") or ())
+    ports = []
+    for port in spec.get("ports", []):
+        node_port = int(port.get("nodePort") or 0) if external else 0
+        ports.append(ServicePort(
             namespace=meta["namespace"],
             name=meta["name"],
             port_name=port.get("name") or "",
             protocol=port["protocol"],
             cluster_ip=spec["clusterIP"],
             port=int(port["port"]),
-            node_port=int(port.get("nodePort") or 0) if spec.get("type") == "NodePort" else 0,
+            node_port=node_port,
             affinity_seconds=affinity,
+            external_ips=external_ips,
+            load_balancer_ips=load_balancer_ips,
+            source_ranges=tuple(spec.get("loadBalancerSourceRanges") or ()) if load_balancer_ips else (),
+            external_policy_local=(spec.get("externalTrafficPolicy") == "Local"
+                                   and bool(node_port or external_ips or load_balancer_ips)),
+            internal_policy_local=spec.get("internalTrafficPolicy") == "Local",
+            health_check_node_port=int(spec.get("healthCheckNodePort") or 0),
             mode_info=mode_info,
-        )
-        for port in spec.get("ports", [])
-    ]
+        ))
+    return ports
 
 
 def _owner(slice_: dict[str, Any]) -> tuple[str, str] | None:
@@ -66,9 +80,10 @@ def _service_state(service: dict[str, Any], slices: Iterable[dict[str, Any]],
                 conditions = ep.get("conditions") or {}
                 ready = bool(conditions.get("ready", True))
                 terminating = bool(conditions.get("terminating", False))
+                serving = bool(conditions.get("serving", ready))  # unset: as ready (the API's rule)
                 node = ep.get("nodeName", "")
                 for ip in ep.get("addresses") or ():
-                    endpoint = Endpoint(ip, target, node, ready, terminating)
+                    endpoint = Endpoint(ip, target, node, ready, terminating, serving)
                     endpoints[endpoint.address] = endpoint
         out.append((svc, sorted(endpoints.values(), key=_endpoint_order)))
     return out

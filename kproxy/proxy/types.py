@@ -21,6 +21,16 @@ class ServicePort:
     port: int
     node_port: int = 0  # 0: not a NodePort service
     affinity_seconds: int = 0  # ClientIP session affinity timeout; 0: no affinity
+    # Where else the Service answers: spec.externalIPs, and status.loadBalancer.ingress[].ip.
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    # spec.loadBalancerSourceRanges as CIDRs ("a.b.c.d/n"): who may reach the load-balancer IPs; (): anyone.
+    source_ranges: tuple[str, ...] = ()
+    # Traffic policies, as kube-proxy reads them: external Local only for an externally
+    # accessible port (NodePort, externalIPs or load-balancer IPs).
+    external_policy_local: bool = False
+    internal_policy_local: bool = False
+    health_check_node_port: int = 0  # spec.healthCheckNodePort (a LoadBalancer with Local external policy)
     # What the mode read from the Service beyond these fields (its Mode.service_info), e.g.
     # IPVS mode's scheduler annotation; None for modes that read nothing more.
     mode_info: Hashable = None
@@ -34,6 +44,22 @@ class ServicePort:
         name = f"{base}:{self.port_name}" if self.port_name else base
         object.__setattr__(self, "service_port_name", name)
         object.__setattr__(self, "key", f"{name}/{self.protocol}")
+
+    @property
+    def externally_accessible(self) -> bool:
+        """Reachable from outside the cluster: a NodePort, an external IP or a load-balancer IP."""
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+    @property
+    def uses_cluster_endpoints(self) -> bool:
+        """kube-proxy's UsesClusterEndpoints: Cluster internal policy, or any external traffic
+        (a Local external policy still short-circuits in-cluster clients to every endpoint)."""
+        return not self.internal_policy_local or self.externally_accessible
+
+    @property
+    def uses_local_endpoints(self) -> bool:
+        """kube-proxy's UsesLocalEndpoints: a Local policy applies to some of its traffic."""
+        return self.internal_policy_local or self.external_policy_local
 
 
 def names_service_port(service: str, service_port_name: str) -> bool:
@@ -49,6 +75,7 @@ class Endpoint:
     node: str  # the node the pod runs on
     ready: bool = True
     terminating: bool = False
+    serving: bool = True  # answers (ready, or terminating but still serving)
     address: str = field(init=False, compare=False, repr=False)  # "ip:port", derived once
 
     def __post_init__(self) -> None:
@@ -64,6 +91,8 @@ class NodeInfo:
     service_cidr: str = ""
     # kube-proxy's --nodeport-addresses (CIDRs, or "primary"): where NodePorts answer; (): every local address.
     node_port_addresses: tuple[str, ...] = ()
+    # kube-proxy's --masquerade-all: SNAT all traffic to a ClusterIP, not only off-cluster traffic.
+    masquerade_all: bool = False
 
 
 @dataclass

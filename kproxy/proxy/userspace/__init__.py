@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from kproxy.proxy.mode import Mode, Option
 from kproxy.proxy.userspace.proxier import COPY_MODES, DEFAULT_COPY, UserspaceProxier
-from kproxy.proxy.userspace.rules import JUMPS, Ruleset, is_own_chain, render, render_text
+from kproxy.proxy.userspace.rules import JUMPS, Ruleset, is_own_chain, render, render_text, unsupported
 from kproxy.proxy.userspace.status import live_rules
 
 __all__ = ["JUMPS", "MODE", "Ruleset", "UserspaceProxier", "is_own_chain", "live_rules", "render"]
@@ -35,4 +35,5 @@ MODE = Mode(
     make_proxier=lambda node, options: UserspaceProxier(node, copy=options["copy"]),
     render_text=lambda state, node, options: render_text(state, node),
     rules_excerpt=lambda state, node, options, service: live_rules(service),
+    unsupported=unsupported,
 )

@@ -12,7 +12,7 @@ import socket
 import sys
 from typing import Any, Iterable
 
-from kproxy.proxy.netfilter import usable_endpoints
+from kproxy.proxy.topology import categorize
 from kproxy.proxy.types import Endpoint, ServicePort
 from kproxy.proxy.userspace.balancer import Balancer
 from kproxy.proxy.userspace.loop import ProxyLoop, R
@@ -22,9 +22,10 @@ from kproxy.proxy.userspace.udp import IP_PKTINFO, UdpAssociation
 LISTEN_BACKLOG = 1024
 
 
-def ready_addresses(endpoints: Iterable[Endpoint]) -> list[str]:
-    """The usable endpoints' "ip:port", in the order round robin walks."""
-    return [ep.address for ep in usable_endpoints(endpoints)]
+def ready_addresses(svc: ServicePort, endpoints: Iterable[Endpoint]) -> list[str]:
+    """The endpoints new connections go to (the ready ones, or while none is, the serving
+    terminating ones), "ip:port", in the order round robin walks."""
+    return [ep.address for ep in categorize(endpoints, svc, "").cluster]
 
 
 def kept_endpoints(endpoints: Iterable[Endpoint]) -> set[str]:
@@ -70,7 +71,7 @@ class ServiceProxy:
         before = self._programming()
         self.svc = svc
         self.balancer.set_affinity(svc.affinity_seconds)
-        self.balancer.update(ready_addresses(endpoints))
+        self.balancer.update(ready_addresses(self.svc, endpoints))
         self.keep = kept_endpoints(endpoints)
         for conn in [c for c in self.conns if c.ways is not None and c.endpoint not in self.keep]:
             conn.close()

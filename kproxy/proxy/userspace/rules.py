@@ -9,7 +9,9 @@ locally generated packet goes to 127.0.0.1, whose replies do not match the NAT
 (the upstream comments say so, and it is so). NodePorts likewise in
 KUBE-NODEPORT-CONTAINER / KUBE-NODEPORT-HOST (jumped to for ``--dst-type
 LOCAL`` only, after everything else), and filter KUBE-NODEPORT-NON-LOCAL
-accepts new connections to the proxy ports. One addition: a service port
+accepts new connections to the proxy ports. A service port's externalIPs and
+load-balancer IPs get the same portals as its ClusterIP (the old proxier opened
+one portal per address too). One addition: a service port
 without endpoints gets no portal but a REJECT in filter KUBE-USERSPACE-REJECT,
 so clients get "connection refused" as with today's kube-proxy (the old
 proxier accepted and closed).
@@ -20,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from kproxy.proxy.netfilter import Jump, OwnedChains, comment, restore_tables, usable_endpoints
+from kproxy.proxy.netfilter import Jump, OwnedChains, comment, restore_tables
+from kproxy.proxy.topology import categorize
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort
 
 PORTALS_CONTAINER = "KUBE-PORTALS-CONTAINER"
@@ -74,19 +77,36 @@ def render(state: ProxyState, node: NodeInfo, ports: ProxyPorts) -> Ruleset:
     filter_: dict[str, list[str]] = {c: [] for c in FILTER_CHAINS}
     services = sorted(state.services, key=lambda s: (s.service_port_name, s.protocol, s.cluster_ip, s.port))
     for svc in services:
-        if usable_endpoints(state.endpoints_of(svc)):
+        if categorize(state.endpoints_of(svc), svc, node.name).cluster:
             _portals(svc, node, ports[svc.key], nat, filter_)
         else:
             filter_[REJECT_CHAIN] += _rejects(svc)
     return Ruleset({"filter": filter_, "nat": nat})
 
 
+def _addresses(svc: ServicePort) -> tuple[str, ...]:
+    """Where the service port answers: its ClusterIP, then its external and load-balancer IPs."""
+    return (svc.cluster_ip, *svc.external_ips, *svc.load_balancer_ips)
+
+
+def unsupported(svc: ServicePort) -> str:
+    """What of svc the old userspace proxier never implemented ("" when nothing): it had no
+    traffic policies and no load-balancer firewall."""
+    if svc.external_policy_local:
+        return "externalTrafficPolicy Local"
+    if svc.internal_policy_local:
+        return "internalTrafficPolicy Local"
+    if svc.source_ranges:
+        return "loadBalancerSourceRanges"
+    return ""
+
+
 def _rejects(svc: ServicePort) -> list[str]:
     """A service port without endpoints: refuse new connections to its ClusterIP (and NodePort)."""
     proto = svc.protocol.lower()
     none = comment(f"{svc.service_port_name} has no endpoints")
-    rules = [f"-A {REJECT_CHAIN} -d {svc.cluster_ip}/32 -p {proto} -m comment --comment {none} "
-             f"-m {proto} --dport {svc.port} -j REJECT --reject-with icmp-port-unreachable"]
+    rules = [f"-A {REJECT_CHAIN} -d {ip}/32 -p {proto} -m comment --comment {none} "
+             f"-m {proto} --dport {svc.port} -j REJECT --reject-with icmp-port-unreachable" for ip in _addresses(svc)]
     if svc.node_port:
         rules.append(f"-A {REJECT_CHAIN} -p {proto} -m comment --comment {none} -m addrtype --dst-type LOCAL "
                      f"-m {proto} --dport {svc.node_port} -j REJECT --reject-with icmp-port-unreachable")
@@ -99,9 +119,10 @@ def _portals(svc: ServicePort, node: NodeInfo, port: int | str,
     proto = svc.protocol.lower()
     name = comment(svc.service_port_name)
     host = f"DNAT --to-destination {node.ip}:{port}" if node.ip else f"REDIRECT --to-ports {port}"
-    portal = f"-d {svc.cluster_ip}/32 -p {proto} -m comment --comment {name} -m {proto} --dport {svc.port}"
-    nat[PORTALS_CONTAINER].append(f"-A {PORTALS_CONTAINER} {portal} -j REDIRECT --to-ports {port}")
-    nat[PORTALS_HOST].append(f"-A {PORTALS_HOST} {portal} -j {host}")
+    for ip in _addresses(svc):
+        portal = f"-d {ip}/32 -p {proto} -m comment --comment {name} -m {proto} --dport {svc.port}"
+        nat[PORTALS_CONTAINER].append(f"-A {PORTALS_CONTAINER} {portal} -j REDIRECT --to-ports {port}")
+        nat[PORTALS_HOST].append(f"-A {PORTALS_HOST} {portal} -j {host}")
     if not svc.node_port:
         return
     public = f"-p {proto} -m comment --comment {name} -m {proto} --dport {svc.node_port}"
