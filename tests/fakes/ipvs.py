@@ -185,15 +185,19 @@ class FakeIpvs:
 
 
 class FakeConntrack(StaleUdpCleaner):
-    """Runs no conntrack: records which service ports each sync handed over."""
+    """Runs no conntrack: records which service ports each sync handed over, and the endpoints
+    the mode said it sends each one's traffic to."""
 
     def __init__(self) -> None:
         super().__init__("ipvs")
         self.synced: list[list[str]] = []
+        self.reachable: dict[str, list[str]] = {}  # of the last sync, by key: "ip:port"s
 
     def sync(self, state: ProxyState, by_key: Mapping[str, ServicePort],
-             usable: Callable[[list[Endpoint]], Iterable[Endpoint]]) -> None:
+             reachable: Callable[[ServicePort, list[Endpoint]], Iterable[Endpoint]]) -> None:
         self.synced.append(sorted(by_key))
+        self.reachable = {key: [ep.address for ep in reachable(svc, state.endpoints_of(svc))]
+                          for key, svc in by_key.items()}
 
 
 if TYPE_CHECKING:  # FakeIpvs is a Backend, checked by a type checker

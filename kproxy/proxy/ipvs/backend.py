@@ -151,7 +151,10 @@ class NetlinkBackend:
         self._ifindex = 0
 
     def link_addresses(self) -> set[str]:
-        return {msg.get("IFA_ADDRESS") for msg in self._ipr.get_addr(index=self._ifindex, family=socket.AF_INET)}
+        links = self._ipr.link_lookup(ifname=DUMMY)  # by name: `kproxy rules` asks before any ensure_link
+        if not links:
+            return set()
+        return {msg.get("IFA_ADDRESS") for msg in self._ipr.get_addr(index=links[0], family=socket.AF_INET)}
 
     def add_address(self, ip: str) -> None:
         self._ipr.addr("add", index=self._ifindex, address=ip, prefixlen=32)

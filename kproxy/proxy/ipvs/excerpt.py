@@ -5,14 +5,15 @@ from __future__ import annotations
 import ipaddress
 
 from kproxy.proxy.ipvs.backend import Backend
-from kproxy.proxy.ipvs.render import IPSETS, VirtualServer, VsKey, vs_order
+from kproxy.proxy.ipvs.render import DUMMY, VirtualServer, VsKey, vs_order
+from kproxy.proxy.ipvs.sets import IPSETS
 from kproxy.proxy.types import names_service_port
 
 
 def live_excerpt(backend: Backend, owners: dict[VsKey, str], service: str | None = None) -> str:
     """The live virtual servers (of one service, "ns/name" or "ns/name:port", or all) with their
-    real servers' weights and connection counts, then (for all) our ipsets' sizes. owners: which
-    service port each virtual server belongs to."""
+    real servers' weights and connection counts, then (for all) how many addresses kube-ipvs0
+    holds and our ipsets' sizes. owners: which service port each virtual server belongs to."""
     lines = ["IP Virtual Server (kube-proxy IPVS mode)",
              "Prot LocalAddress:Port Scheduler Flags",
              "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"]
@@ -27,6 +28,7 @@ def live_excerpt(backend: Backend, owners: dict[VsKey, str], service: str | None
                                        key=lambda d: (int(ipaddress.ip_address(d[0][0])), d[0][1])):
             lines.append(f"  -> {f'{ip}:{port}':<28} Masq    {dest.weight:<6} {dest.active:<10} {dest.inactive}")
     if service is None:
+        lines.append(f"{DUMMY}: {len(backend.link_addresses())} addresses")
         for name in IPSETS:
             size = backend.ipset_size(name)
             lines.append(f"ipset {name}: {'?' if size is None else size} entries")

@@ -2,10 +2,12 @@
 
 Each sync renders only the service ports whose Service or endpoints changed
 (render.render_service) and changes in the kernel only what they change, in
-named steps: diff, shares (ipset entries and addresses several service ports
-hold), ipsets, iptables, addresses, virtual servers, terminating real servers,
-removals. A full sync (the first, one after an error, one per full_sync_period)
-reads what the kernel holds first, so it repairs whatever drifted.
+named steps: diff, shares (ipset entries, addresses and blocked load-balancer
+IPs several service ports may hold), ipsets, iptables (rewritten when the sets
+that have entries, or the blocked IPs, change), addresses, virtual servers,
+terminating real servers, removals. A full sync (the first, one after an error,
+one per full_sync_period) reads what the kernel holds first, so it repairs
+whatever drifted.
 
 Endpoint removal is graceful, as kube-proxy's graceful_termination.go: a TCP
 real server that leaves gets weight 0 (no new connections, established ones go
@@ -22,13 +24,15 @@ from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.fullsync import FULL_SYNC_PERIOD, FullSyncs
 from kproxy.proxy.ipvs.backend import Backend, NetlinkBackend, RealServer
 from kproxy.proxy.ipvs.excerpt import live_excerpt, vs_name
-from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, IPSETS, JUMPS, SCHEDULERS, Dest, Piece, VirtualServer,
-                                      VsKey, iptables_rules, ipset_swap_text, is_own_chain, kernel_modules,
-                                      render_service, tmp_set)
-from kproxy.proxy.ipvs.tracking import Diff, Entry, Programmed, ShareChanges, Shares, Signature
-from kproxy.proxy.netfilter import restore_tables, usable_endpoints
+from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, SCHEDULERS, Dest, Piece, VirtualServer, VsKey,
+                                      kernel_modules, render_service)
+from kproxy.proxy.ipvs.rules import JUMPS, Blocked, iptables_rules, is_own_chain
+from kproxy.proxy.ipvs.sets import IPSETS, ipset_swap_text, tmp_set
+from kproxy.proxy.ipvs.tracking import Diff, EntryShares, Programmed, ShareChanges, Shares, Signature
+from kproxy.proxy.netfilter import restore_tables
 from kproxy.proxy.tables import missing_jumps, remove_chains
-from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort, SyncResult
+from kproxy.proxy.topology import categorize
+from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 SYSCTLS = {
     "net/ipv4/vs/conntrack": "1",  # netfilter NAT and masquerade see IPVS traffic
@@ -61,10 +65,18 @@ class IpvsProxier:
         self._services: Sequence[ServicePort] | None = None  # the last state's services, and them by key
         self._by_key: dict[str, ServicePort] = {}
         self._generation = -1
-        self._entries: Shares[Entry] = Shares()
+        self._entries = EntryShares()
         self._addresses: Shares[str] = Shares()
+        self._blocked: Shares[Blocked] = Shares()
         # virtual servers with weight-0 real servers -> the real servers they want
         self._terminating: dict[VsKey, tuple[Dest, ...]] = {}
+
+    def _forget_shares(self) -> None:
+        """Start counting holders afresh (the next sync is a full one, which takes them all again)."""
+        self._entries = EntryShares()
+        self._addresses = Shares()
+        self._blocked = Shares()
+        self._terminating = {}
 
     def close(self) -> None:
         self.backend.close()
@@ -89,8 +101,12 @@ class IpvsProxier:
             self.full_syncs.needed = True
             raise
         self.full_syncs.done(full, started)
-        self.conntrack.sync(state, self._by_key, usable_endpoints)
+        self.conntrack.sync(state, self._by_key, self._reachable)
         return SyncResult(full=full, changed_services=changed, seconds=time.monotonic() - started)
+
+    def _reachable(self, svc: ServicePort, endpoints: list[Endpoint]) -> tuple[Endpoint, ...]:
+        """The endpoints some virtual server of svc sends to on this node (for conntrack cleanup)."""
+        return categorize(endpoints, svc, self.node.name).reachable
 
     def _apply(self, state: ProxyState, full: bool) -> int:
         """Change in the kernel what the service ports that changed since the last sync change (at
@@ -149,15 +165,21 @@ class IpvsProxier:
             for item in before[1].entries:
                 if self._entries.drop(item):
                     out.deleted_entries[item] = key
-            if before[1].address and self._addresses.drop(before[1].address):
-                out.deleted_addresses[before[1].address] = key
+            for ip in before[1].addresses:
+                if self._addresses.drop(ip):
+                    out.deleted_addresses[ip] = key
+            for blocked in before[1].blocked:
+                self._blocked.drop(blocked)
         for key in diff.changed:
             piece = diff.pieces[key][1]
             for item in piece.entries:
                 if self._entries.take(item):
                     out.added_entries[item] = key
-            if piece.address and self._addresses.take(piece.address):
-                out.added_addresses[piece.address] = key
+            for ip in piece.addresses:
+                if self._addresses.take(ip):
+                    out.added_addresses[ip] = key
+            for blocked in piece.blocked:
+                self._blocked.take(blocked)
         return out
 
     def _sync_ipsets(self, shares: ShareChanges, full: bool, touched: set[str]) -> None:
@@ -179,8 +201,9 @@ class IpvsProxier:
             touched.update(key for _, key in deleted + added)
 
     def _sync_iptables(self) -> None:
-        """The rules that use the ipsets (the same for every state of a node), when they changed."""
-        iptables = iptables_rules(self.node)
+        """The rules that use the ipsets, when they changed: with the sets that have entries, or
+        the load-balancer IPs the node may not reach."""
+        iptables = iptables_rules(self.node, self._entries.sizes, self._blocked.counts)
         if iptables != self.programmed.iptables:
             self.backend.netfilter.restore(iptables + self._missing_jumps())
             self.programmed.iptables = iptables
@@ -191,11 +214,12 @@ class IpvsProxier:
         return restore_tables(tables, missing) if tables else ""
 
     def _add_addresses(self, diff: Diff, shares: ShareChanges, full: bool, touched: set[str]) -> None:
-        """The ClusterIPs that came onto kube-ipvs0 (at a full sync: every one it lacks)."""
+        """The addresses that came onto kube-ipvs0 (at a full sync: every one it lacks)."""
         wanted = self._addresses.counts
         if full:
             missing = sorted(wanted.keys() - self.programmed.addresses)
-            holders = {piece.address: key for key, (_, piece) in diff.pieces.items()} if missing else {}
+            holders = ({ip: key for key, (_, piece) in diff.pieces.items() for ip in piece.addresses}
+                       if missing else {})
             adding = {ip: holders[ip] for ip in missing}
         else:
             adding = shares.added_addresses
@@ -209,10 +233,10 @@ class IpvsProxier:
         """Add or update the virtual servers of the changed service ports (at a full sync: of
         every one) and their real servers; returns the keys of those virtual servers."""
         keys = diff.pieces if full else diff.changed
-        wanted = {vs.key for key in keys for vs in diff.pieces[key][1].services}
+        wanted = {vs.key for key in keys for vs, _ in diff.pieces[key][1].services}
         for key in keys:
             piece = diff.pieces[key][1]
-            for vs in piece.services:
+            for vs, dests in piece.services:
                 current = self.programmed.services.get(vs.key)
                 if current is None:
                     self.backend.add_virtual_server(vs)
@@ -223,7 +247,7 @@ class IpvsProxier:
                     self.backend.set_virtual_server(vs)
                     self.programmed.services[vs.key] = vs
                     touched.add(key)
-                if self._sync_dests(vs, piece.dests):
+                if self._sync_dests(vs, dests):
                     touched.add(key)
         return wanted
 
@@ -236,7 +260,7 @@ class IpvsProxier:
                 continue
             if self._sync_dests(vs, wanted):
                 if owners is None:
-                    owners = {v.key: key for key, (_, piece) in diff.pieces.items() for v in piece.services}
+                    owners = {v.key: key for key, (_, piece) in diff.pieces.items() for v, _ in piece.services}
                 touched.add(owners.get(vs_key, vs_name(vs)))
 
     def _remove_virtual_servers(self, diff: Diff, full: bool, wanted: set[VsKey], touched: set[str]) -> None:
@@ -245,7 +269,7 @@ class IpvsProxier:
             gone = {k: vs_name(self.programmed.services[k]) for k in self.programmed.services if k not in wanted}
         else:
             gone = {vs.key: key for key in diff.removed + diff.changed if key in diff.old
-                    for vs in diff.old[key][1].services if vs.key not in wanted}
+                    for vs, _ in diff.old[key][1].services if vs.key not in wanted}
         for vs_key, owner in gone.items():
             if vs_key in self.programmed.services:
                 self.backend.delete_virtual_server(self.programmed.services[vs_key])
@@ -255,7 +279,7 @@ class IpvsProxier:
                 touched.add(owner)
 
     def _remove_addresses(self, shares: ShareChanges, full: bool, touched: set[str]) -> None:
-        """The ClusterIPs whose last service port went (at a full sync: every one not wanted)."""
+        """The addresses whose last service port went (at a full sync: every one not wanted)."""
         wanted = self._addresses.counts
         if full:
             removing = {ip: f"address {ip}" for ip in sorted(self.programmed.addresses - wanted.keys())}
@@ -322,16 +346,14 @@ class IpvsProxier:
             programmed.dests[key] = self.backend.real_servers(vs)
         programmed.addresses = self.backend.link_addresses()
         self.programmed = programmed
-        self._entries = Shares()
-        self._addresses = Shares()
-        self._terminating = {}
+        self._forget_shares()
 
     # looking ---------------------------------------------------------------
 
     @property
     def owners(self) -> dict[VsKey, str]:
         """Which service port each virtual server of the last sync belongs to."""
-        return {vs.key: piece.owner for _, piece in self._pieces.values() for vs in piece.services}
+        return {vs.key: piece.owner for _, piece in self._pieces.values() for vs, _ in piece.services}
 
     def terminating(self) -> dict[str, list[str]]:
         """Real servers kept at weight 0 until their connections end, by virtual server ("TCP ip:port")."""
@@ -369,7 +391,5 @@ class IpvsProxier:
         self.full_syncs.needed = True
         self.conntrack.reset()
         self._pieces = {}
-        self._entries = Shares()
-        self._addresses = Shares()
-        self._terminating = {}
+        self._forget_shares()
 

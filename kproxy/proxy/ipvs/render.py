@@ -1,23 +1,34 @@
 """IPVS mode's rendered state, pure (no root): what kube-proxy's IPVS mode programs on a node.
 
-``render(state, node)`` is the whole Ruleset: the ClusterIPs on kube-ipvs0, the
-IPVS table in ``ipvsadm -Sn`` spelling, the ``ipset restore`` input and the
-``iptables-restore`` input. ``render_service`` is one service port's share of
-it (a Piece), which the proxier renders alone at a partial sync.
+``render(state, node)`` is the whole Ruleset: the addresses on kube-ipvs0, the IPVS table in
+``ipvsadm -Sn`` spelling, the ``ipset restore`` input and the ``iptables-restore`` input.
+``render_service`` is one service port's share of it (a Piece), which the proxier renders
+alone at a partial sync.
+
+One service port, as kube-proxy's syncProxyRules builds it: a virtual server on its ClusterIP,
+on each external IP, on each load-balancer IP and on each node IP at its NodePort. Their real
+servers are syncEndpoint's choice: the ClusterIP's follow internalTrafficPolicy, the others
+externalTrafficPolicy; a Local policy takes this node's endpoints, or when it has none the
+cluster's (kube-proxy PR 97081: in-cluster clients still get an answer; outside clients' replies
+come back from the pod, unmasqueraded, and are dropped), and a Cluster policy the cluster's.
+Either kind is the ready endpoints, or when none is ready the serving terminating ones
+(kproxy.proxy.topology.categorize). kube-ipvs0 holds the ClusterIP and the external and
+load-balancer IPs that are not the node's own address.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 from kproxy import kmod
+from kproxy.proxy.ipvs import sets as s
+from kproxy.proxy.ipvs.rules import Blocked, iptables_rules
 from kproxy.proxy.mode import Service
-from kproxy.proxy.netfilter import (KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING, Jump, OwnedChains,
-                                    forward_rules, mark_masq_rules, postrouting_rules, restore_tables,
-                                    usable_endpoints)
+from kproxy.proxy.topology import categorize
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
 DUMMY = "kube-ipvs0"
@@ -34,36 +45,9 @@ def kernel_modules(scheduler: str = DEFAULT_SCHEDULER) -> tuple[kmod.Module, ...
             kmod.Module("dummy", f"the {DUMMY} link"))
 
 
-KUBE_CLUSTER_IP = "KUBE-CLUSTER-IP"
-KUBE_LOOP_BACK = "KUBE-LOOP-BACK"
-KUBE_NODE_PORT_TCP = "KUBE-NODE-PORT-TCP"
-KUBE_NODE_PORT_UDP = "KUBE-NODE-PORT-UDP"
-# name -> (type, create options, kube-proxy's comment)
-IPSETS = {
-    KUBE_LOOP_BACK: ("hash:ip,port,ip", "family inet hashsize 1024 maxelem 65536",
-                     "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose"),
-    KUBE_CLUSTER_IP: ("hash:ip,port", "family inet hashsize 1024 maxelem 65536",
-                      "Kubernetes service cluster ip + port for masquerade purpose"),
-    KUBE_NODE_PORT_TCP: ("bitmap:port", "range 0-65535", "Kubernetes nodeport TCP port for masquerade purpose"),
-    KUBE_NODE_PORT_UDP: ("bitmap:port", "range 0-65535", "Kubernetes nodeport UDP port for masquerade purpose"),
-}
-
-KUBE_SERVICES = "KUBE-SERVICES"
-KUBE_NODE_PORT = "KUBE-NODE-PORT"
-NAT_CHAINS = (KUBE_SERVICES, KUBE_POSTROUTING, KUBE_NODE_PORT, KUBE_MARK_MASQ)
-FILTER_CHAINS = (KUBE_FORWARD,)
-# The jumps kube-proxy inserts first in the built-in chains.
-JUMPS = (
-    Jump("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
-    Jump("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
-    Jump("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
-    Jump("filter", "FORWARD", KUBE_FORWARD, "kubernetes forwarding rules"),
-)
-
-is_own_chain = OwnedChains({"nat": NAT_CHAINS, "filter": FILTER_CHAINS})
-
 VsKey = tuple[str, str, int]  # a virtual server's (protocol, ip, port): what IPVS tells them apart by
 Dest = tuple[str, int]  # a real server's (ip, port)
+Entry = tuple[str, str]  # (ipset, entry)
 
 
 @dataclass(frozen=True)
@@ -109,7 +93,7 @@ class Ruleset:
 
     def ipset_restore(self) -> str:
         """``ipset restore`` input: each set built under a temporary name and swapped in (atomic per set)."""
-        return ipset_swap_text(self.ipsets)
+        return s.ipset_swap_text(self.ipsets)
 
     def text(self) -> str:
         addresses = "".join(f"ip address add {ip}/32 dev {DUMMY}\n" for ip in self.addresses)
@@ -119,29 +103,10 @@ class Ruleset:
                 f"# iptables (iptables-restore --noflush)\n{self.iptables}")
 
 
-def ipset_swap_text(sets: dict[str, list[str]]) -> str:
-    """Each set built under a temporary name and swapped in: one ``ipset restore``, atomic per set."""
-    out = []
-    for name, (kind, options, comment) in IPSETS.items():
-        tmp = tmp_set(name)
-        out.append(f"create {name} {kind} {options} comment -exist")
-        out.append(f"create {tmp} {kind} {options} comment -exist")
-        out.append(f"flush {tmp}")
-        out += [f"add {tmp} {entry}" for entry in sets.get(name, [])]
-        out.append(f"swap {tmp} {name}")
-        out.append(f"destroy {tmp}")
-    return "\n".join(out) + "\n"
-
-
 def vs_order(key: VsKey) -> tuple[bytes, str, int]:
     """ipvsadm's order: by address, then protocol and port."""
     protocol, ip, port = key
     return (socket.inet_aton(ip), protocol, port)
-
-
-def tmp_set(name: str) -> str:
-    """The set a full sync builds aside before swapping it in (ipset names have at most 31 bytes)."""
-    return f"{name}-TMP"[:31]
 
 
 def service_scheduler(service: Service) -> str:
@@ -161,36 +126,93 @@ def scheduler_of(svc: ServicePort, default: str) -> str:
     return default
 
 
+def node_port_ips(node: NodeInfo) -> tuple[str, ...]:
+    """The node IPs NodePorts get virtual servers on: kube-proxy's --nodeport-addresses (CIDRs, or
+    "primary" for the node IP) matched against the node IP; without it, the node IP (kube-proxy
+    takes every local address but kube-ipvs0's and loopback, and a lab node has only that one)."""
+    if not node.ip:
+        return ()
+    ip = ipaddress.IPv4Address(node.ip)
+    if not node.node_port_addresses or any(
+            given == "primary" or ip in ipaddress.IPv4Network(given, strict=False)
+            for given in node.node_port_addresses):
+        return (node.ip,)
+    return ()
+
+
 @dataclass(frozen=True)
 class Piece:
-    """What one service port contributes: its virtual servers, their real servers, its ClusterIP
-    on kube-ipvs0 and its ipset entries."""
+    """What one service port contributes: its virtual servers with their real servers, its
+    addresses on kube-ipvs0, its ipset entries and the load-balancer IPs it keeps from the node."""
 
     owner: str  # the service port name
-    services: tuple[VirtualServer, ...]
-    dests: tuple[Dest, ...]
-    address: str
-    entries: tuple[tuple[str, str], ...]  # (set, entry)
+    services: tuple[tuple[VirtualServer, tuple[Dest, ...]], ...]
+    addresses: tuple[str, ...]
+    entries: tuple[Entry, ...]
+    blocked: tuple[Blocked, ...] = ()
 
 
 def render_service(svc: ServicePort, endpoints: Iterable[Endpoint], node: NodeInfo, scheduler: str) -> Piece:
     """One service port's Piece on node; scheduler: the lab's."""
     protocol = svc.protocol.upper()
     proto = protocol.lower()
-    usable = usable_endpoints(endpoints)
+    endpoints = list(endpoints)
+    picked = categorize(endpoints, svc, node.name)
+    cluster = tuple((ep.ip, ep.port) for ep in picked.cluster)
+    local = tuple((ep.ip, ep.port) for ep in picked.local) or cluster  # none here: the cluster's
+    internal = local if svc.internal_policy_local else cluster
+    external = local if svc.external_policy_local else cluster
     sched = scheduler_of(svc, scheduler)
-    services = []
-    entries = []
-    if svc.cluster_ip:
-        services.append(VirtualServer(protocol, svc.cluster_ip, svc.port, sched, svc.affinity_seconds))
-        entries.append((KUBE_CLUSTER_IP, f"{svc.cluster_ip},{proto}:{svc.port}"))
-    if svc.node_port:
-        if node.ip:
-            services.append(VirtualServer(protocol, node.ip, svc.node_port, sched, svc.affinity_seconds))
-        entries.append((KUBE_NODE_PORT_TCP if protocol == "TCP" else KUBE_NODE_PORT_UDP, str(svc.node_port)))
-    entries += [(KUBE_LOOP_BACK, f"{ep.ip},{proto}:{ep.port},{ep.ip}") for ep in usable if ep.node == node.name]
-    return Piece(svc.service_port_name, tuple(services), tuple((ep.ip, ep.port) for ep in usable),
-                 svc.cluster_ip, tuple(entries))
+    servers: list[tuple[VirtualServer, tuple[Dest, ...]]] = []
+    addresses: list[str] = []
+    entries: list[Entry] = []
+    blocked: list[Blocked] = []
+
+    def serve(ip: str, port: int, dests: tuple[Dest, ...], bind: bool) -> None:
+        servers.append((VirtualServer(protocol, ip, port, sched, svc.affinity_seconds), dests))
+        if bind:
+            addresses.append(ip)
+            entries.append((s.KUBE_IPVS_IPS, ip))
+
+    # Hairpin: every endpoint of this node, whatever its conditions (kube-proxy walks them all).
+    entries += [(s.KUBE_LOOP_BACK, f"{address},{proto}:{port},{address}")
+                for address, port in sorted({(ep.ip, ep.port) for ep in endpoints if ep.node == node.name})]
+    entries.append((s.KUBE_CLUSTER_IP, f"{svc.cluster_ip},{proto}:{svc.port}"))
+    serve(svc.cluster_ip, svc.port, internal, True)
+    for ip in svc.external_ips:
+        entries.append((s.KUBE_EXTERNAL_IP_LOCAL if svc.external_policy_local else s.KUBE_EXTERNAL_IP,
+                        f"{ip},{proto}:{svc.port}"))
+        serve(ip, svc.port, external, ip != node.ip)  # an address the node has stays off kube-ipvs0
+    for ip in svc.load_balancer_ips:
+        entry = f"{ip},{proto}:{svc.port}"
+        entries.append((s.KUBE_LOAD_BALANCER, entry))
+        if svc.external_policy_local:
+            entries.append((s.KUBE_LOAD_BALANCER_LOCAL, entry))
+        if svc.source_ranges:
+            entries.append((s.KUBE_LOAD_BALANCER_FW, entry))
+            ranges = [ipaddress.IPv4Network(cidr.strip(), strict=False) for cidr in svc.source_ranges]
+            entries += [(s.KUBE_LOAD_BALANCER_SOURCE_CIDR, f"{entry},{cidr}") for cidr in ranges]
+            if node.ip and any(ipaddress.IPv4Address(node.ip) in cidr for cidr in ranges):
+                # The node's own connections to the address leave from it (it is on kube-ipvs0).
+                entries.append((s.KUBE_LOAD_BALANCER_SOURCE_IP, f"{entry},{ip}"))
+            else:
+                blocked.append((ip, proto, svc.port))
+        serve(ip, svc.port, external, ip != node.ip)
+    node_ips = node_port_ips(node) if svc.node_port else ()
+    if node_ips:
+        entry = str(svc.node_port)
+        tcp = protocol == "TCP"
+        entries.append((s.KUBE_NODE_PORT_TCP if tcp else s.KUBE_NODE_PORT_UDP, entry))
+        if svc.external_policy_local:
+            entries.append((s.KUBE_NODE_PORT_LOCAL_TCP if tcp else s.KUBE_NODE_PORT_LOCAL_UDP, entry))
+        for ip in node_ips:
+            serve(ip, svc.node_port, external, False)
+    # kube-proxy reads the health check port of a Local policy only (a LoadBalancer's), and skips
+    # the rest of a NodePort service port that has no node IPs, this port too.
+    if svc.health_check_node_port and svc.external_policy_local and (node_ips or not svc.node_port):
+        entries.append((s.KUBE_HEALTH_CHECK_NODE_PORT, str(svc.health_check_node_port)))
+    return Piece(svc.service_port_name, tuple(servers), tuple(dict.fromkeys(addresses)),
+                 tuple(dict.fromkeys(entries)), tuple(blocked))
 
 
 def render(state: ProxyState, node: NodeInfo, *, scheduler: str = DEFAULT_SCHEDULER) -> Ruleset:
@@ -201,47 +223,18 @@ def render(state: ProxyState, node: NodeInfo, *, scheduler: str = DEFAULT_SCHEDU
     dests: dict[VsKey, list[Dest]] = {}
     owners: dict[VsKey, str] = {}
     addresses: set[str] = set()
-    sets: dict[str, set[str]] = {name: set() for name in IPSETS}
+    sets: dict[str, set[str]] = {name: set() for name in s.IPSETS}
+    blocked: set[Blocked] = set()
     for svc in state.services:
         piece = render_service(svc, state.endpoints_of(svc), node, scheduler)
-        for vs in piece.services:
+        for vs, wanted in piece.services:
             services[vs.key] = vs
-            dests[vs.key] = list(piece.dests)
+            dests[vs.key] = list(wanted)
             owners[vs.key] = piece.owner
-        if piece.address:
-            addresses.add(piece.address)
+        addresses.update(piece.addresses)
         for name, entry in piece.entries:
             sets[name].add(entry)
-    ordered_sets = {name: sorted(entries, key=_entry_order) for name, entries in sets.items()}
-    return Ruleset(sorted(addresses, key=_ip_key), services, dests, owners, ordered_sets, iptables_rules(node))
-
-
-def _ip_key(ip: str) -> bytes:
-    return socket.inet_aton(ip)
-
-
-def _entry_order(entry: str) -> tuple[Any, ...]:
-    head = entry.split(",")[0]
-    if head.isdigit():
-        return (1, int(head), b"", entry)
-    return (0, 0, socket.inet_aton(head), entry)
-
-
-def iptables_rules(node: NodeInfo) -> str:
-    """The iptables-restore input of IPVS mode (it does not depend on the services: the ipsets do)."""
-    cidr = f"! -s {node.cluster_cidr} " if node.cluster_cidr else ""
-    nat = [
-        f'-A {KUBE_POSTROUTING} -m comment --comment "{IPSETS[KUBE_LOOP_BACK][2]}" '
-        f"-m set --match-set {KUBE_LOOP_BACK} dst,dst,src -j MASQUERADE",
-        *postrouting_rules(),
-        *mark_masq_rules(),
-        f'-A {KUBE_SERVICES} {cidr}-m comment --comment "{IPSETS[KUBE_CLUSTER_IP][2]}" '
-        f"-m set --match-set {KUBE_CLUSTER_IP} dst,dst -j {KUBE_MARK_MASQ}",
-        f"-A {KUBE_SERVICES} -m addrtype --dst-type LOCAL -j {KUBE_NODE_PORT}",
-        f"-A {KUBE_SERVICES} -m set --match-set {KUBE_CLUSTER_IP} dst,dst -j ACCEPT",
-        f'-A {KUBE_NODE_PORT} -p tcp -m comment --comment "{IPSETS[KUBE_NODE_PORT_TCP][2]}" '
-        f"-m set --match-set {KUBE_NODE_PORT_TCP} dst -j {KUBE_MARK_MASQ}",
-        f'-A {KUBE_NODE_PORT} -p udp -m comment --comment "{IPSETS[KUBE_NODE_PORT_UDP][2]}" '
-        f"-m set --match-set {KUBE_NODE_PORT_UDP} dst -j {KUBE_MARK_MASQ}",
-    ]
-    return restore_tables({"nat": (NAT_CHAINS, nat), "filter": (FILTER_CHAINS, forward_rules())})
+        blocked.update(piece.blocked)
+    ordered_sets = {name: sorted(entries, key=s.entry_order) for name, entries in sets.items()}
+    iptables = iptables_rules(node, {name for name, entries in sets.items() if entries}, blocked)
+    return Ruleset(sorted(addresses, key=socket.inet_aton), services, dests, owners, ordered_sets, iptables)

@@ -1,5 +1,5 @@
-"""What IpvsProxier keeps between syncs: what it has programmed, the shares of ipset entries
-and addresses, and the diff of one sync."""
+"""What IpvsProxier keeps between syncs: what it has programmed, the shares of ipset entries,
+addresses and blocked load-balancer IPs, and the diff of one sync."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from typing import Generic, Hashable, TypeVar
 
 from kproxy.proxy.ipvs.backend import RealServer
-from kproxy.proxy.ipvs.render import Dest, Piece, VirtualServer, VsKey
+from kproxy.proxy.ipvs.render import Dest, Entry, Piece, VirtualServer, VsKey
 from kproxy.proxy.types import Endpoint, ServicePort
 
-Entry = tuple[str, str]  # (ipset, entry)
 Signature = tuple[ServicePort, tuple[Endpoint, ...]]  # what a Piece is rendered from
 T = TypeVar("T", bound=Hashable)
 
@@ -28,9 +27,9 @@ class Programmed:
 
 
 class Shares(Generic[T]):
-    """How many service ports hold each item (an ipset entry, a ClusterIP on kube-ipvs0): two
-    ports of one Service share a ClusterIP, two Services may share a hairpin entry. An item goes
-    into the kernel with its first holder and out with its last."""
+    """How many service ports hold each item (an ipset entry, an address on kube-ipvs0, a blocked
+    load-balancer IP): two ports of one Service share a ClusterIP, two Services may share a
+    hairpin entry. An item goes into the kernel with its first holder and out with its last."""
 
     def __init__(self) -> None:
         self.counts: Counter[T] = Counter()
@@ -47,6 +46,29 @@ class Shares(Generic[T]):
             del self.counts[item]
             return True
         return False
+
+
+class EntryShares(Shares[Entry]):
+    """Shares of ipset entries that also know which sets have any: kube-proxy writes the
+    iptables rule matching a set only while the set has entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: Counter[str] = Counter()  # entries per set, only sets that have some
+
+    def take(self, item: Entry) -> bool:
+        first = super().take(item)
+        if first:
+            self.sizes[item[0]] += 1
+        return first
+
+    def drop(self, item: Entry) -> bool:
+        last = super().drop(item)
+        if last:
+            self.sizes[item[0]] -= 1
+            if not self.sizes[item[0]]:
+                del self.sizes[item[0]]
+        return last
 
 
 @dataclass
