@@ -1,10 +1,23 @@
 """The iptables mode's rendering, without root: names, rules and restore text as kube-proxy writes them.
 
-Expected values come from kube-proxy's own pkg/proxy/iptables/proxier_test.go
-(TestOverallIPTablesRules): its services ns1..ns6, cluster IPs 172.30.0.4x,
-endpoints 10.180.0.x and cluster CIDR 10.0.0.0/8, so the chain hashes below are
-kube-proxy's, not ours recomputed. Its expected text is grouped per chain
-(KUBE-NODEPORTS, KUBE-SERVICES first, then sorted), which is our order too.
+Expected texts come from kube-proxy's own pkg/proxy/iptables/proxier_test.go, so the chain
+hashes below are kube-proxy's, not ours recomputed, and its conventions hold: the node
+test-node at 192.168.0.2, pods (and the cluster CIDR) in 10.0.0.0/8, ClusterIPs 172.30.x.x,
+external IPs 192.168.99.x, load-balancer IPs 1.2.3.4 and 5.6.7.8. Its expected texts are
+grouped per chain (KUBE-NODEPORTS, KUBE-SERVICES first, then sorted), which is our order too.
+
+- TestOverallIPTablesRules as of 1.31/1.32 (with svc5's session affinity; klog ktesting,
+  nfacct counters): EXPECTED.
+- As of 1.28, when more tests still asserted whole texts (pointer.*, testHostname, no
+  nfacct): TestLoadBalancer, TestExternalTrafficPolicyLocal, TestNonLocalExternalIPs,
+  TestEnableLocalhostNodePortsIPv4 / TestDisableLocalhostNodePortsIPv4,
+  TestInternalTrafficPolicyE2E, TestTerminatingEndpointsTrafficPolicyLocal / Cluster.
+  (Later versions check these services with packet-flow traces only; the rules are the same.)
+
+Two differences from kube-proxy's fake proxier, both as a real kube-proxy writes the rules
+without nfacct and with an iptables that has --random-fully: KUBE-FORWARD drops INVALID
+without "-m nfacct" and there are no nfacct-counted 127.0.0.0/8 NodePort rules, and
+MASQUERADE has --random-fully (kube-proxy's fake iptables says it lacks it: ``real_node``).
 """
 
 from __future__ import annotations
@@ -25,69 +38,96 @@ from kproxy.proxy.iptables import (
     probability,
     render,
     restore_input,
-    service_external_chain_name,
-    service_port_chain_name,
+    service_chain_names,
     write_full_restore,
 )
-from kproxy.proxy.netfilter import usable_endpoints
 from kproxy.proxy.saved import parse_save, removal_input
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
-NODE = NodeInfo(name="node1", ip="192.168.0.2", cluster_cidr="10.0.0.0/8")
+NODE = NodeInfo(name="test-node", ip="192.168.0.2", cluster_cidr="10.0.0.0/8")
 
 
-@pytest.mark.parametrize(("make", "args", "expected"), [
-    # All from proxier_test.go's TestOverallIPTablesRules.
-    (service_port_chain_name, ("ns1/svc1:p80", "tcp"), "KUBE-SVC-XPGD46QRK7WJZT7O"),
-    (service_port_chain_name, ("ns2/svc2:p80", "tcp"), "KUBE-SVC-GNZBNJ2PO5MGZ6GT"),
-    (service_port_chain_name, ("ns3/svc3:p80", "tcp"), "KUBE-SVC-X27LE4BHSL4DOUIK"),
-    (service_port_chain_name, ("ns4/svc4:p80", "tcp"), "KUBE-SVC-4SW47YFZTEDKD3PK"),
-    (service_port_chain_name, ("ns5/svc5:p80", "tcp"), "KUBE-SVC-NUKIZ6OKUXPJNT4C"),
-    (service_external_chain_name, ("ns3/svc3:p80", "tcp"), "KUBE-EXT-X27LE4BHSL4DOUIK"),
-    (endpoint_chain_name, ("ns1/svc1:p80", "tcp", "10.180.0.1:80"), "KUBE-SEP-SXIVWICOYRO3J4NJ"),
-    (endpoint_chain_name, ("ns2/svc2:p80", "tcp", "10.180.0.2:80"), "KUBE-SEP-RS4RBKLTHTF2IUXJ"),
-    (endpoint_chain_name, ("ns3/svc3:p80", "tcp", "10.180.0.3:80"), "KUBE-SEP-OYPFS5VJICHGATKP"),
-    (endpoint_chain_name, ("ns4/svc4:p80", "tcp", "10.180.0.4:80"), "KUBE-SEP-UKSFD7AGPMPPLUHC"),
-    (endpoint_chain_name, ("ns4/svc4:p80", "tcp", "10.180.0.5:80"), "KUBE-SEP-C6EBXVWJJZMIWKLZ"),
-    (endpoint_chain_name, ("ns5/svc5:p80", "tcp", "10.180.0.3:80"), "KUBE-SEP-I77PXRDZVX7PMWMN"),
+def real_node(text: str) -> str:
+    """A kube-proxy expectation as a real node has it: MASQUERADE --random-fully."""
+    return textwrap.dedent(text).replace(" -j MASQUERADE\n", " -j MASQUERADE --random-fully\n")
+
+
+@pytest.mark.parametrize(("name", "protocol", "kind", "expected"), [
+    # From TestOverallIPTablesRules.
+    ("ns1/svc1:p80", "tcp", "cluster", "KUBE-SVC-XPGD46QRK7WJZT7O"),
+    ("ns2/svc2:p80", "tcp", "cluster", "KUBE-SVC-GNZBNJ2PO5MGZ6GT"),
+    ("ns3/svc3:p80", "tcp", "cluster", "KUBE-SVC-X27LE4BHSL4DOUIK"),
+    ("ns4/svc4:p80", "tcp", "cluster", "KUBE-SVC-4SW47YFZTEDKD3PK"),
+    ("ns5/svc5:p80", "tcp", "cluster", "KUBE-SVC-NUKIZ6OKUXPJNT4C"),
+    ("ns3/svc3:p80", "tcp", "external", "KUBE-EXT-X27LE4BHSL4DOUIK"),
+    ("ns2/svc2:p80", "tcp", "external", "KUBE-EXT-GNZBNJ2PO5MGZ6GT"),
+    ("ns5/svc5:p80", "tcp", "firewall", "KUBE-FW-NUKIZ6OKUXPJNT4C"),
+    # From TestExternalTrafficPolicyLocal, TestLoadBalancer, TestInternalTrafficPolicyE2E.
+    ("ns1/svc1:p80", "tcp", "local", "KUBE-SVL-XPGD46QRK7WJZT7O"),
+    ("ns1/svc1:p80", "tcp", "firewall", "KUBE-FW-XPGD46QRK7WJZT7O"),
+    ("ns1/svc1", "tcp", "local", "KUBE-SVL-AQI2S6QIMU7PVVRP"),
+    ("ns1/svc1", "TCP", "external", "KUBE-EXT-AQI2S6QIMU7PVVRP"),  # the protocol is lowercased
 ])
-def test_chain_names_are_kube_proxys(make, args, expected) -> None:
-    assert make(*args) == expected
+def test_service_chain_names_are_kube_proxys(name, protocol, kind, expected) -> None:
+    assert getattr(service_chain_names(name, protocol), kind) == expected
+
+
+@pytest.mark.parametrize(("name", "endpoint", "expected"), [
+    ("ns1/svc1:p80", "10.180.0.1:80", "KUBE-SEP-SXIVWICOYRO3J4NJ"),
+    ("ns2/svc2:p80", "10.180.0.2:80", "KUBE-SEP-RS4RBKLTHTF2IUXJ"),
+    ("ns3/svc3:p80", "10.180.0.3:80", "KUBE-SEP-OYPFS5VJICHGATKP"),
+    ("ns4/svc4:p80", "10.180.0.4:80", "KUBE-SEP-UKSFD7AGPMPPLUHC"),
+    ("ns4/svc4:p80", "10.180.0.5:80", "KUBE-SEP-C6EBXVWJJZMIWKLZ"),
+    ("ns5/svc5:p80", "10.180.0.3:80", "KUBE-SEP-I77PXRDZVX7PMWMN"),
+    ("ns1/svc1:p80", "10.180.2.1:80", "KUBE-SEP-ZX7GRIZKSNUQ3LAJ"),
+    ("ns1/svc1", "10.0.1.1:80", "KUBE-SEP-3JOIVZTXZZRGORX4"),
+])
+def test_endpoint_chain_names_are_kube_proxys(name, endpoint, expected) -> None:
+    assert endpoint_chain_name(name, "tcp", endpoint) == expected
 
 
 def test_protocol_case_and_port_name_enter_the_hash() -> None:
-    assert service_port_chain_name("ns1/svc1:p80", "TCP") == "KUBE-SVC-XPGD46QRK7WJZT7O"  # lowercased
-    assert service_port_chain_name("ns1/svc1:p80", "udp") != "KUBE-SVC-XPGD46QRK7WJZT7O"
-    assert service_port_chain_name("ns1/svc1", "tcp") != "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert service_chain_names("ns1/svc1:p80", "udp").cluster != "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert service_chain_names("ns1/svc1", "tcp").cluster != "KUBE-SVC-XPGD46QRK7WJZT7O"
     assert ServicePort("ns1", "svc1", "", "TCP", "10.96.0.1", 80).service_port_name == "ns1/svc1"
 
 
+def ep(ip: str, node: str = "", *, ready: bool = True, serving: bool = True, terminating: bool = False,
+       port: int = 80) -> Endpoint:
+    """An endpoint as kube-proxy's tests give them: on no node unless told (NodeName unset)."""
+    return Endpoint(ip, port, node, ready=ready, terminating=terminating, serving=serving)
+
+
+LOCAL = NODE.name
+
+
 def small_state() -> ProxyState:
+    """TestOverallIPTablesRules' services and endpoints."""
     services = [
-        ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80),  # ClusterIP, 1 endpoint
+        ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80),  # ClusterIP
+        ServicePort("ns2", "svc2", "p80", "TCP", "172.30.0.42", 80, node_port=3001,  # LoadBalancer, Local
+                    external_ips=("192.168.99.22",), load_balancer_ips=("1.2.3.4",), external_policy_local=True,
+                    health_check_node_port=30000),
         ServicePort("ns3", "svc3", "p80", "TCP", "172.30.0.43", 80, node_port=3003),  # NodePort
-        ServicePort("ns4", "svc4", "p80", "TCP", "172.30.0.44", 80),  # ClusterIP, 2 endpoints
-        ServicePort("ns5", "svc5", "p80", "TCP", "172.30.0.45", 80, node_port=3002, affinity_seconds=10800),
-        ServicePort("ns6", "svc6", "p80", "TCP", "172.30.0.46", 80),  # no endpoints
+        ServicePort("ns4", "svc4", "p80", "TCP", "172.30.0.44", 80, external_ips=("192.168.99.33",)),  # external IP
+        ServicePort("ns5", "svc5", "p80", "TCP", "172.30.0.45", 80, node_port=3002,  # LoadBalancer, Cluster,
+                    load_balancer_ips=("5.6.7.8",), source_ranges=(" 203.0.113.0/25",),  # (sic: a blank)
+                    affinity_seconds=10800),
+        ServicePort("ns6", "svc6", "p80", "TCP", "172.30.0.46", 80),  # no (usable) endpoints
     ]
     endpoints = {
-        services[0].key: [Endpoint("10.180.0.1", 80, "node1")],
-        services[1].key: [Endpoint("10.180.0.3", 80, "node1")],
+        services[0].key: [ep("10.180.0.1")],
+        services[1].key: [ep("10.180.0.2")],  # on no node: not local, so svc2 has no local endpoint
+        services[2].key: [ep("10.180.0.3")],
         # given out of order, and with a not-ready one: kube-proxy sorts and skips it
-        services[2].key: [Endpoint("10.180.0.5", 80, "node1"), Endpoint("10.180.0.9", 80, "node2", ready=False),
-                          Endpoint("10.180.0.4", 80, "node2")],
-        services[3].key: [Endpoint("10.180.0.3", 80, "node1")],
-        services[4].key: [Endpoint("10.180.0.6", 80, "node1", ready=False, terminating=True)],
+        services[3].key: [ep("10.180.0.5", LOCAL), ep("10.180.0.9", "node2", ready=False), ep("10.180.0.4")],
+        services[4].key: [ep("10.180.0.3")],
+        # terminating and no longer serving: not even a fallback
+        services[5].key: [ep("10.180.0.6", LOCAL, ready=False, serving=False, terminating=True)],
     }
     return ProxyState(services=services, endpoints=endpoints)
 
 
-# kube-proxy's TestOverallIPTablesRules lines for these services, as it writes them (its
-# svc5 is a LoadBalancer; here the same service port is a plain NodePort, so its KUBE-FW
-# chain, loadbalancer IP and health check node port lines are not there). Differences
-# from that test's fake proxier, both as a real kube-proxy without nfacct writes them:
-# KUBE-FORWARD drops INVALID without "-m nfacct", and there are no 127.0.0.0/8 NodePort
-# rules (kube-proxy writes those only when the nfacct counter exists).
 EXPECTED = textwrap.dedent("""\
     *filter
     :KUBE-NODEPORTS - [0:0]
@@ -96,39 +136,62 @@ EXPECTED = textwrap.dedent("""\
     :KUBE-FIREWALL - [0:0]
     :KUBE-FORWARD - [0:0]
     :KUBE-PROXY-FIREWALL - [0:0]
+    -A KUBE-NODEPORTS -m comment --comment "ns2/svc2:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
     -A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j DROP
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001 -j DROP
     -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
     -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
     -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
     -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    -A KUBE-PROXY-FIREWALL -m comment --comment "ns5/svc5:p80 traffic not accepted by KUBE-FW-NUKIZ6OKUXPJNT4C" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j DROP
     COMMIT
     *nat
     :KUBE-NODEPORTS - [0:0]
     :KUBE-SERVICES - [0:0]
+    :KUBE-EXT-4SW47YFZTEDKD3PK - [0:0]
+    :KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
     :KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]
     :KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
+    :KUBE-FW-NUKIZ6OKUXPJNT4C - [0:0]
     :KUBE-MARK-MASQ - [0:0]
     :KUBE-POSTROUTING - [0:0]
     :KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
     :KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]
     :KUBE-SEP-OYPFS5VJICHGATKP - [0:0]
+    :KUBE-SEP-RS4RBKLTHTF2IUXJ - [0:0]
     :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
     :KUBE-SEP-UKSFD7AGPMPPLUHC - [0:0]
     :KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
+    :KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
     :KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]
     :KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]
     :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+    -A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
     -A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK
     -A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
     -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
     -A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
     -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+    -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 external IP" -m tcp -p tcp -d 192.168.99.33 --dport 80 -j KUBE-EXT-4SW47YFZTEDKD3PK
     -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 loadbalancer IP" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j KUBE-FW-NUKIZ6OKUXPJNT4C
     -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+    -A KUBE-EXT-4SW47YFZTEDKD3PK -m comment --comment "masquerade traffic for ns4/svc4:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-4SW47YFZTEDKD3PK -j KUBE-SVC-4SW47YFZTEDKD3PK
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
     -A KUBE-EXT-NUKIZ6OKUXPJNT4C -m comment --comment "masquerade traffic for ns5/svc5:p80 external destinations" -j KUBE-MARK-MASQ
     -A KUBE-EXT-NUKIZ6OKUXPJNT4C -j KUBE-SVC-NUKIZ6OKUXPJNT4C
     -A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment "masquerade traffic for ns3/svc3:p80 external destinations" -j KUBE-MARK-MASQ
     -A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK
+    -A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+    -A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "other traffic to ns5/svc5:p80 will be dropped by KUBE-PROXY-FIREWALL"
     -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
     -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
     -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
@@ -139,6 +202,8 @@ EXPECTED = textwrap.dedent("""\
     -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
     -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
     -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+    -A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -s 10.180.0.2 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.2:80
     -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
     -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
     -A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -s 10.180.0.4 -j KUBE-MARK-MASQ
@@ -146,6 +211,8 @@ EXPECTED = textwrap.dedent("""\
     -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
     -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
     -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ
+    -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -j KUBE-SEP-RS4RBKLTHTF2IUXJ
     -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
     -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --rcheck --seconds 10800 --reap -j KUBE-SEP-I77PXRDZVX7PMWMN
     -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -j KUBE-SEP-I77PXRDZVX7PMWMN
@@ -162,35 +229,747 @@ def test_full_ruleset_line_by_line() -> None:
     assert got.splitlines() == EXPECTED.splitlines()
 
 
+def test_masquerade_all_masquerades_every_cluster_ip_client_even_pods() -> None:
+    # kube-proxy's --masquerade-all: the internal chain's first rule loses its "! -s <cluster CIDR>".
+    assert EXPECTED.count(" ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ") == 5  # one per KUBE-SVC- chain
+    expected = EXPECTED.replace(" ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ", " -j KUBE-MARK-MASQ")
+    assert render(small_state(), dataclasses.replace(NODE, masquerade_all=True)).text() == expected
+    # Also without a cluster CIDR (no local-traffic detector), and not the short-circuit rules.
+    no_cidr = dataclasses.replace(NODE, cluster_cidr="", masquerade_all=True)
+    assert render(small_state(), no_cidr).text() == expected.replace(
+        '-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" '
+        "-s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT\n", "")
+
+
+def assert_renders(state: ProxyState, expected: str, node: NodeInfo = NODE, **options: bool) -> None:
+    assert render(state, node, **options).text().splitlines() == real_node(expected).splitlines()
+
+
+def svc1(**fields) -> ServicePort:
+    """kube-proxy's usual ns1/svc1:p80 at 172.30.0.41:80."""
+    return ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80, **fields)
+
+
+def state_of(svc: ServicePort, *endpoints: Endpoint) -> ProxyState:
+    return ProxyState([svc], {svc.key: list(endpoints)})
+
+
+def test_load_balancer_source_ranges_let_in_their_sources_and_the_node() -> None:
+    # TestLoadBalancer: 192.168.0.0/24 holds the node IP, so the load-balancer IPs are let in as
+    # sources too (allowFromNode); the blank before 203.0.113.0/25 is ignored.
+    svc = svc1(node_port=3001, load_balancer_ips=("1.2.3.4", "5.6.7.8"),
+               source_ranges=("192.168.0.0/24", " 203.0.113.0/25"))
+    assert_renders(state_of(svc, ep("10.180.0.1")), """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        -A KUBE-PROXY-FIREWALL -m comment --comment "ns1/svc1:p80 traffic not accepted by KUBE-FW-XPGD46QRK7WJZT7O" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+        -A KUBE-PROXY-FIREWALL -m comment --comment "ns1/svc1:p80 traffic not accepted by KUBE-FW-XPGD46QRK7WJZT7O" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j DROP
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-XPGD46QRK7WJZT7O - [0:0]
+        :KUBE-FW-XPGD46QRK7WJZT7O - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+        :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-FW-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 loadbalancer IP" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j KUBE-FW-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "masquerade traffic for ns1/svc1:p80 external destinations" -j KUBE-MARK-MASQ
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 192.168.0.0/24 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 1.2.3.4 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 5.6.7.8 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "other traffic to ns1/svc1:p80 will be dropped by KUBE-PROXY-FIREWALL"
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+        COMMIT
+        """)
+
+
+def test_a_source_range_without_the_node_ip_lets_no_load_balancer_ip_in() -> None:
+    # TestOverallIPTablesRules' svc5: 203.0.113.0/25 does not hold 192.168.0.2, so no "-s 5.6.7.8".
+    svc5 = small_state().services[4]
+    fw = render(state_of(svc5, ep("10.180.0.3")), NODE).tables["nat"]["KUBE-FW-NUKIZ6OKUXPJNT4C"]
+    assert fw == expected_chain("KUBE-FW-NUKIZ6OKUXPJNT4C")
+    # Sources that parse as nothing are no range at all: without one there is no KUBE-FW- chain.
+    loose = render(state_of(dataclasses.replace(svc5, source_ranges=("nonsense",)), ep("10.180.0.3")), NODE)
+    assert "KUBE-FW-NUKIZ6OKUXPJNT4C" not in loose.tables["nat"] and not loose.tables["filter"]["KUBE-PROXY-FIREWALL"]
+
+
+def expected_chain(chain: str) -> tuple[str, ...]:
+    """The rules of one nat chain in EXPECTED."""
+    return tuple(line for line in EXPECTED.split("*nat\n")[1].splitlines() if line.startswith(f"-A {chain} "))
+
+
+def test_external_traffic_policy_local_keeps_external_clients_on_local_endpoints() -> None:
+    # TestExternalTrafficPolicyLocal: a LoadBalancer with an external IP, one endpoint here, one elsewhere.
+    svc = svc1(node_port=3001, health_check_node_port=30000, external_ips=("192.168.99.11",),
+               load_balancer_ips=("1.2.3.4",), external_policy_local=True)
+    assert_renders(state_of(svc, ep("10.180.0.1"), ep("10.180.2.1", LOCAL)), """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment "ns1/svc1:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-XPGD46QRK7WJZT7O - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+        :KUBE-SEP-ZX7GRIZKSNUQ3LAJ - [0:0]
+        :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+        :KUBE-SVL-XPGD46QRK7WJZT7O - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 external IP" -m tcp -p tcp -d 192.168.99.11 --dport 80 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "pod traffic for ns1/svc1:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "masquerade LOCAL traffic for ns1/svc1:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "route LOCAL traffic for ns1/svc1:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVL-XPGD46QRK7WJZT7O
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+        -A KUBE-SEP-ZX7GRIZKSNUQ3LAJ -m comment --comment ns1/svc1:p80 -s 10.180.2.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-ZX7GRIZKSNUQ3LAJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.2.1:80
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-SXIVWICOYRO3J4NJ
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.2.1:80" -j KUBE-SEP-ZX7GRIZKSNUQ3LAJ
+        -A KUBE-SVL-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.2.1:80" -j KUBE-SEP-ZX7GRIZKSNUQ3LAJ
+        COMMIT
+        """)
+
+
+def test_external_ips_with_cluster_policy_masquerade() -> None:
+    # TestNonLocalExternalIPs: a ClusterIP service with an external IP (Cluster policy).
+    svc = svc1(external_ips=("192.168.99.11",))
+    assert_renders(state_of(svc, ep("10.180.0.1"), ep("10.180.2.1", LOCAL)), """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-XPGD46QRK7WJZT7O - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+        :KUBE-SEP-ZX7GRIZKSNUQ3LAJ - [0:0]
+        :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 external IP" -m tcp -p tcp -d 192.168.99.11 --dport 80 -j KUBE-EXT-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "masquerade traffic for ns1/svc1:p80 external destinations" -j KUBE-MARK-MASQ
+        -A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+        -A KUBE-SEP-ZX7GRIZKSNUQ3LAJ -m comment --comment ns1/svc1:p80 -s 10.180.2.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-ZX7GRIZKSNUQ3LAJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.2.1:80
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-SXIVWICOYRO3J4NJ
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.2.1:80" -j KUBE-SEP-ZX7GRIZKSNUQ3LAJ
+        COMMIT
+        """)
+
+
+# TestEnableLocalhostNodePortsIPv4 (and, localhost NodePorts off, TestDisableLocalhostNodePortsIPv4):
+# a NodePort with Local policy and no local-traffic detector (no cluster CIDR), so no "pod
+# traffic" short-circuit and no ClusterIP masquerade.
+LOCAL_NODEPORT_NO_DETECTOR = """\
+    *filter
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-EXTERNAL-SERVICES - [0:0]
+    :KUBE-FIREWALL - [0:0]
+    :KUBE-FORWARD - [0:0]
+    :KUBE-PROXY-FIREWALL - [0:0]
+    -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+    -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    COMMIT
+    *nat
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-EXT-XPGD46QRK7WJZT7O - [0:0]
+    :KUBE-MARK-MASQ - [0:0]
+    :KUBE-POSTROUTING - [0:0]
+    :KUBE-SEP-6KG6DFHVBKBK53RU - [0:0]
+    :KUBE-SEP-KDGX2M2ONE25PSWH - [0:0]
+    :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+    :KUBE-SVL-XPGD46QRK7WJZT7O - [0:0]
+    -A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 30001 -j KUBE-EXT-XPGD46QRK7WJZT7O
+    -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 10.69.0.10 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+    -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+    -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "masquerade LOCAL traffic for ns1/svc1:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+    -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "route LOCAL traffic for ns1/svc1:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-XPGD46QRK7WJZT7O
+    -A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVL-XPGD46QRK7WJZT7O
+    -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+    -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+    -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+    -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+    -A KUBE-SEP-6KG6DFHVBKBK53RU -m comment --comment ns1/svc1:p80 -s 10.244.0.1 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-6KG6DFHVBKBK53RU -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.244.0.1:80
+    -A KUBE-SEP-KDGX2M2ONE25PSWH -m comment --comment ns1/svc1:p80 -s 10.244.2.1 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-KDGX2M2ONE25PSWH -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.244.2.1:80
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.244.0.1:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-6KG6DFHVBKBK53RU
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.244.2.1:80" -j KUBE-SEP-KDGX2M2ONE25PSWH
+    -A KUBE-SVL-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.244.2.1:80" -j KUBE-SEP-KDGX2M2ONE25PSWH
+    COMMIT
+    """
+
+
+@pytest.mark.parametrize("localhost_nodeports", [True, False])
+def test_local_policy_without_a_local_traffic_detector(localhost_nodeports: bool) -> None:
+    svc = ServicePort("ns1", "svc1", "p80", "TCP", "10.69.0.10", 80, node_port=30001, external_policy_local=True)
+    expected = LOCAL_NODEPORT_NO_DETECTOR
+    if not localhost_nodeports:  # TestDisableLocalhostNodePortsIPv4's differences
+        expected = "".join(line for line in expected.splitlines(keepends=True) if "KUBE-FIREWALL" not in line)
+        expected = expected.replace("LOCAL -j KUBE-NODEPORTS", "LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS")
+    assert_renders(state_of(svc, ep("10.244.0.1"), ep("10.244.2.1", LOCAL)), expected,
+                   dataclasses.replace(NODE, cluster_cidr=""), localhost_nodeports=localhost_nodeports)
+
+
+# TestInternalTrafficPolicyE2E: ns1/svc1 (an unnamed port) at 172.30.1.1:80, three endpoints.
+ITP_SVC = ServicePort("ns1", "svc1", "", "TCP", "172.30.1.1", 80)
+FILTER_ONLY_DEFAULTS = textwrap.dedent("""\
+    *filter
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-EXTERNAL-SERVICES - [0:0]
+    :KUBE-FIREWALL - [0:0]
+    :KUBE-FORWARD - [0:0]
+    :KUBE-PROXY-FIREWALL - [0:0]
+    -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+    -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    COMMIT
+    """)
+ITP_CASES = {
+    "internalTrafficPolicy is cluster": (
+        False, (LOCAL, "host1", "host2"), FILTER_ONLY_DEFAULTS + textwrap.dedent("""\
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-3JOIVZTXZZRGORX4 - [0:0]
+        :KUBE-SEP-IO5XOSKPAXIFQXAJ - [0:0]
+        :KUBE-SEP-XGJFVO3L2O5SRFNT - [0:0]
+        :KUBE-SVC-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -s 10.0.1.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -m tcp -p tcp -j DNAT --to-destination 10.0.1.1:80
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -s 10.0.1.2 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -m tcp -p tcp -j DNAT --to-destination 10.0.1.2:80
+        -A KUBE-SEP-XGJFVO3L2O5SRFNT -m comment --comment ns1/svc1 -s 10.0.1.3 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-XGJFVO3L2O5SRFNT -m comment --comment ns1/svc1 -m tcp -p tcp -j DNAT --to-destination 10.0.1.3:80
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-3JOIVZTXZZRGORX4
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.3:80" -j KUBE-SEP-XGJFVO3L2O5SRFNT
+        COMMIT
+        """)),
+    "internalTrafficPolicy is local and there are local endpoints": (
+        True, (LOCAL, "host1", "host2"), FILTER_ONLY_DEFAULTS + textwrap.dedent("""\
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-3JOIVZTXZZRGORX4 - [0:0]
+        :KUBE-SVL-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVL-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -s 10.0.1.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -m tcp -p tcp -j DNAT --to-destination 10.0.1.1:80
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -j KUBE-SEP-3JOIVZTXZZRGORX4
+        COMMIT
+        """)),
+    "internalTrafficPolicy is local and there are no local endpoints": (
+        True, ("host0", "host1", "host2"), """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 has no local endpoints" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j DROP
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        COMMIT
+        """),
+}
+
+
+def itp_state(local_policy: bool, nodes: tuple[str, ...]) -> ProxyState:
+    svc = dataclasses.replace(ITP_SVC, internal_policy_local=local_policy)
+    return state_of(svc, *(ep(f"10.0.1.{i}", node) for i, node in enumerate(nodes, 1)))
+
+
+@pytest.mark.parametrize("case", ITP_CASES)
+def test_internal_traffic_policy(case: str) -> None:
+    local_policy, nodes, expected = ITP_CASES[case]
+    assert_renders(itp_state(local_policy, nodes), expected)
+
+
+def test_masquerade_all_with_internal_policy_local_masquerades_in_the_local_chain() -> None:
+    _, nodes, expected = ITP_CASES["internalTrafficPolicy is local and there are local endpoints"]
+    assert " ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ" in expected
+    assert_renders(itp_state(True, nodes), expected.replace(" ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ", " -j KUBE-MARK-MASQ"),
+                   dataclasses.replace(NODE, masquerade_all=True))
+
+
+# TestTerminatingEndpointsTrafficPolicyLocal / ...Cluster: a LoadBalancer ns1/svc1 (unnamed port,
+# no NodePort) at 172.30.1.1:80, load-balancer IP 1.2.3.4, ClientIP affinity; with Local policy
+# its health check node port is 30000. Endpoints: (ip, node, ready, serving, terminating).
+TERMINATING_SVC = ServicePort("ns1", "svc1", "", "TCP", "172.30.1.1", 80, load_balancer_ips=("1.2.3.4",),
+                              affinity_seconds=10800)
+READY, SERVING_TERMINATING, GONE = (True, True, False), (False, True, True), (False, False, True)
+TERMINATING_ENDPOINTS = {
+    "ready endpoints exist": {
+        "local": [("10.0.1.1", LOCAL, READY), ("10.0.1.2", LOCAL, READY), ("10.0.1.3", LOCAL, SERVING_TERMINATING),
+                  ("10.0.1.4", LOCAL, GONE), ("10.0.1.5", "host-1", READY)],
+        "cluster": [("10.0.1.1", LOCAL, READY), ("10.0.1.2", LOCAL, READY),
+                    ("10.0.1.3", "another-host", SERVING_TERMINATING), ("10.0.1.4", "another-host", GONE),
+                    ("10.0.1.5", "another-host", READY)]},
+    "only terminating endpoints exist": {
+        "local": [("10.0.1.2", LOCAL, SERVING_TERMINATING), ("10.0.1.3", LOCAL, SERVING_TERMINATING),
+                  ("10.0.1.4", LOCAL, GONE), ("10.0.1.5", "host-1", READY)],
+        "cluster": [("10.0.1.2", LOCAL, SERVING_TERMINATING), ("10.0.1.3", LOCAL, SERVING_TERMINATING),
+                    ("10.0.1.4", "another-host", GONE), ("10.0.1.5", "another-host", SERVING_TERMINATING)]},
+    "terminating endpoints on remote node": {
+        "local": [("10.0.1.5", "host-1", SERVING_TERMINATING)],
+        "cluster": [("10.0.1.5", "host-1", SERVING_TERMINATING)]},
+    "no usable endpoints on any node": {
+        "local": [("10.0.1.5", LOCAL, GONE), ("10.0.1.5", "host-1", GONE)],
+        "cluster": [("10.0.1.5", LOCAL, GONE), ("10.0.1.5", "host-1", GONE)]},
+}
+TERMINATING_EXPECTED = {
+    ("ready endpoints exist", "local"): """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment "ns1/svc1 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-3JOIVZTXZZRGORX4 - [0:0]
+        :KUBE-SEP-EQCHZ7S2PJ72OHAY - [0:0]
+        :KUBE-SEP-IO5XOSKPAXIFQXAJ - [0:0]
+        :KUBE-SVC-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-SVL-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "pod traffic for ns1/svc1 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "masquerade LOCAL traffic for ns1/svc1 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "route LOCAL traffic for ns1/svc1 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -j KUBE-SVL-AQI2S6QIMU7PVVRP
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -s 10.0.1.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-3JOIVZTXZZRGORX4 --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.1:80
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -s 10.0.1.5 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.5:80
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -s 10.0.1.2 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.2:80
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -m recent --name KUBE-SEP-3JOIVZTXZZRGORX4 --rcheck --seconds 10800 --reap -j KUBE-SEP-3JOIVZTXZZRGORX4
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --rcheck --seconds 10800 --reap -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --rcheck --seconds 10800 --reap -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-3JOIVZTXZZRGORX4
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -m recent --name KUBE-SEP-3JOIVZTXZZRGORX4 --rcheck --seconds 10800 --reap -j KUBE-SEP-3JOIVZTXZZRGORX4
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --rcheck --seconds 10800 --reap -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-3JOIVZTXZZRGORX4
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        COMMIT
+        """,
+    ("only terminating endpoints exist", "local"): """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment "ns1/svc1 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-EQCHZ7S2PJ72OHAY - [0:0]
+        :KUBE-SEP-IO5XOSKPAXIFQXAJ - [0:0]
+        :KUBE-SEP-XGJFVO3L2O5SRFNT - [0:0]
+        :KUBE-SVC-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-SVL-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "pod traffic for ns1/svc1 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "masquerade LOCAL traffic for ns1/svc1 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "route LOCAL traffic for ns1/svc1 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -j KUBE-SVL-AQI2S6QIMU7PVVRP
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -s 10.0.1.5 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.5:80
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -s 10.0.1.2 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.2:80
+        -A KUBE-SEP-XGJFVO3L2O5SRFNT -m comment --comment ns1/svc1 -s 10.0.1.3 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-XGJFVO3L2O5SRFNT -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-XGJFVO3L2O5SRFNT --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.3:80
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --rcheck --seconds 10800 --reap -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --rcheck --seconds 10800 --reap -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.3:80" -m recent --name KUBE-SEP-XGJFVO3L2O5SRFNT --rcheck --seconds 10800 --reap -j KUBE-SEP-XGJFVO3L2O5SRFNT
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.3:80" -j KUBE-SEP-XGJFVO3L2O5SRFNT
+        COMMIT
+        """,
+    ("terminating endpoints on remote node", "local"): """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment "ns1/svc1 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+        -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1 has no local endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-EQCHZ7S2PJ72OHAY - [0:0]
+        :KUBE-SVC-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "pod traffic for ns1/svc1 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "masquerade LOCAL traffic for ns1/svc1 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "route LOCAL traffic for ns1/svc1 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -s 10.0.1.5 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.5:80
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --rcheck --seconds 10800 --reap -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        COMMIT
+        """,
+    ("no usable endpoints on any node", "local"): """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment "ns1/svc1 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 has no endpoints" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j REJECT
+        -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1 has no endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j REJECT
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        COMMIT
+        """,
+    ("ready endpoints exist", "cluster"): FILTER_ONLY_DEFAULTS + textwrap.dedent("""\
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-3JOIVZTXZZRGORX4 - [0:0]
+        :KUBE-SEP-EQCHZ7S2PJ72OHAY - [0:0]
+        :KUBE-SEP-IO5XOSKPAXIFQXAJ - [0:0]
+        :KUBE-SVC-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "masquerade traffic for ns1/svc1 external destinations" -j KUBE-MARK-MASQ
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -s 10.0.1.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-3JOIVZTXZZRGORX4 -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-3JOIVZTXZZRGORX4 --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.1:80
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -s 10.0.1.5 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.5:80
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -s 10.0.1.2 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.2:80
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -m recent --name KUBE-SEP-3JOIVZTXZZRGORX4 --rcheck --seconds 10800 --reap -j KUBE-SEP-3JOIVZTXZZRGORX4
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --rcheck --seconds 10800 --reap -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --rcheck --seconds 10800 --reap -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.1:80" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-3JOIVZTXZZRGORX4
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        COMMIT
+        """),
+    ("only terminating endpoints exist", "cluster"): FILTER_ONLY_DEFAULTS + textwrap.dedent("""\
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-EQCHZ7S2PJ72OHAY - [0:0]
+        :KUBE-SEP-IO5XOSKPAXIFQXAJ - [0:0]
+        :KUBE-SEP-XGJFVO3L2O5SRFNT - [0:0]
+        :KUBE-SVC-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "masquerade traffic for ns1/svc1 external destinations" -j KUBE-MARK-MASQ
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -s 10.0.1.5 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.5:80
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -s 10.0.1.2 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-IO5XOSKPAXIFQXAJ -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.2:80
+        -A KUBE-SEP-XGJFVO3L2O5SRFNT -m comment --comment ns1/svc1 -s 10.0.1.3 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-XGJFVO3L2O5SRFNT -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-XGJFVO3L2O5SRFNT --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.3:80
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m recent --name KUBE-SEP-IO5XOSKPAXIFQXAJ --rcheck --seconds 10800 --reap -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.3:80" -m recent --name KUBE-SEP-XGJFVO3L2O5SRFNT --rcheck --seconds 10800 --reap -j KUBE-SEP-XGJFVO3L2O5SRFNT
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --rcheck --seconds 10800 --reap -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.2:80" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-IO5XOSKPAXIFQXAJ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.3:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-XGJFVO3L2O5SRFNT
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        COMMIT
+        """),
+    ("terminating endpoints on remote node", "cluster"): FILTER_ONLY_DEFAULTS + textwrap.dedent("""\
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXT-AQI2S6QIMU7PVVRP - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-SEP-EQCHZ7S2PJ72OHAY - [0:0]
+        :KUBE-SVC-AQI2S6QIMU7PVVRP - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-AQI2S6QIMU7PVVRP
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -m comment --comment "masquerade traffic for ns1/svc1 external destinations" -j KUBE-MARK-MASQ
+        -A KUBE-EXT-AQI2S6QIMU7PVVRP -j KUBE-SVC-AQI2S6QIMU7PVVRP
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -s 10.0.1.5 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-EQCHZ7S2PJ72OHAY -m comment --comment ns1/svc1 -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --set -m tcp -p tcp -j DNAT --to-destination 10.0.1.5:80
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 cluster IP" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -m recent --name KUBE-SEP-EQCHZ7S2PJ72OHAY --rcheck --seconds 10800 --reap -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        -A KUBE-SVC-AQI2S6QIMU7PVVRP -m comment --comment "ns1/svc1 -> 10.0.1.5:80" -j KUBE-SEP-EQCHZ7S2PJ72OHAY
+        COMMIT
+        """),
+    ("no usable endpoints on any node", "cluster"): """\
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1 has no endpoints" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j REJECT
+        -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1 has no endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j REJECT
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        COMMIT
+        """,
+}
+
+
+@pytest.mark.parametrize(("case", "policy"), TERMINATING_EXPECTED)
+def test_terminating_endpoints_are_used_only_when_none_is_ready(case: str, policy: str) -> None:
+    local = policy == "local"
+    svc = dataclasses.replace(TERMINATING_SVC, external_policy_local=local, health_check_node_port=30000 if local else 0)
+    endpoints = [ep(ip, node, ready=ready, serving=serving, terminating=terminating)
+                 for ip, node, (ready, serving, terminating) in TERMINATING_ENDPOINTS[case][policy]]
+    assert_renders(state_of(svc, *endpoints), TERMINATING_EXPECTED[case, policy])
+
+
 def test_jumps_from_builtin_chains_are_kube_proxys() -> None:
     specs = {(j.table, j.chain, j.spec) for j in render(small_state(), NODE).jumps}
-    assert ("nat", "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES') in specs
-    assert ("nat", "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES') in specs
-    assert ("nat", "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING') in specs
-    assert ("filter", "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD') in specs
-    assert ("filter", "FORWARD", '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" '
-            "-j KUBE-SERVICES") in specs
-    assert ("filter", "INPUT", "-j KUBE-FIREWALL") in specs
-    assert len(specs) == 14
+    new = "-m conntrack --ctstate NEW -m comment --comment"
+    assert specs == {
+        ("filter", "INPUT", f'{new} "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES'),
+        ("filter", "FORWARD", f'{new} "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES'),
+        ("filter", "INPUT", '-m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS'),
+        ("filter", "FORWARD", f'{new} "kubernetes service portals" -j KUBE-SERVICES'),
+        ("filter", "OUTPUT", f'{new} "kubernetes service portals" -j KUBE-SERVICES'),
+        ("filter", "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
+        ("filter", "INPUT", f'{new} "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL'),
+        ("filter", "OUTPUT", f'{new} "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL'),
+        ("filter", "FORWARD", f'{new} "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL'),
+        ("nat", "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+        ("nat", "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+        ("nat", "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'),
+        ("filter", "INPUT", "-j KUBE-FIREWALL"),  # kubelet's, with localhost NodePorts
+        ("filter", "OUTPUT", "-j KUBE-FIREWALL"),
+    }
 
 
-def test_nodeport_without_endpoints_is_rejected_in_external_services() -> None:
-    svc = ServicePort("ns7", "svc7", "", "UDP", "172.30.0.47", 53, node_port=30053)
-    filter_ = render(ProxyState([svc], {}), NODE).tables["filter"]
-    assert filter_["KUBE-SERVICES"] == (
-        '-A KUBE-SERVICES -m comment --comment "ns7/svc7 has no endpoints" -m udp -p udp -d 172.30.0.47 '
-        "--dport 53 -j REJECT",)
-    assert filter_["KUBE-EXTERNAL-SERVICES"] == (
-        '-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns7/svc7 has no endpoints" -m addrtype --dst-type LOCAL '
-        "-m udp -p udp --dport 30053 -j REJECT",)
-    assert not any(c.startswith("KUBE-SVC-") for c in render(ProxyState([svc], {}), NODE).tables["nat"])
+def test_without_endpoints_a_service_port_is_rejected_at_every_address() -> None:
+    # (TestNoEndpointsReject's service, a UDP NodePort here.)
+    svc = ServicePort("ns7", "svc7", "", "UDP", "172.30.0.47", 53, node_port=30053, external_ips=("192.168.99.11",),
+                      load_balancer_ips=("1.2.3.4",), source_ranges=("203.0.113.0/25",))
+    ruleset = render(ProxyState([svc], {}), NODE)
+    why = '-m comment --comment "ns7/svc7 has no endpoints"'
+    assert ruleset.tables["filter"]["KUBE-SERVICES"] == (
+        f"-A KUBE-SERVICES {why} -m udp -p udp -d 172.30.0.47 --dport 53 -j REJECT",)
+    assert ruleset.tables["filter"]["KUBE-EXTERNAL-SERVICES"] == (
+        f"-A KUBE-EXTERNAL-SERVICES {why} -m udp -p udp -d 192.168.99.11 --dport 53 -j REJECT",
+        f"-A KUBE-EXTERNAL-SERVICES {why} -m udp -p udp -d 1.2.3.4 --dport 53 -j REJECT",
+        f"-A KUBE-EXTERNAL-SERVICES {why} -m addrtype --dst-type LOCAL -m udp -p udp --dport 30053 -j REJECT")
+    # No nat chain of its own, and no firewall: a REJECT needs none.
+    assert set(ruleset.tables["nat"]) == {"KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"}
+    assert ruleset.tables["filter"]["KUBE-PROXY-FIREWALL"] == ()
 
 
 def test_three_endpoints_get_one_third_then_one_half_then_the_rest() -> None:
-    svc = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80)
-    eps = [Endpoint(f"10.180.0.{i}", 80, "node1") for i in (1, 2, 3)]
-    seps = [endpoint_chain_name("ns1/svc1:p80", "tcp", ep.address) for ep in eps]
-    rules = render(ProxyState([svc], {svc.key: eps}), NODE).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
+    svc = svc1()
+    eps = [ep(f"10.180.0.{i}") for i in (1, 2, 3)]
+    seps = [endpoint_chain_name("ns1/svc1:p80", "tcp", e.address) for e in eps]
+    rules = render(state_of(svc, *eps), NODE).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
     assert rules == (
         '-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 '
         "--dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
@@ -204,33 +983,29 @@ def test_three_endpoints_get_one_third_then_one_half_then_the_rest() -> None:
 
 
 def test_endpoints_sorted_as_strings_like_kube_proxy() -> None:
-    eps = [Endpoint("10.0.0.2", 80, "n"), Endpoint("10.0.0.10", 80, "n"), Endpoint("10.0.0.2", 80, "n"),
-           Endpoint("10.0.0.3", 80, "n", ready=False)]
-    assert [e.address for e in usable_endpoints(eps)] == ["10.0.0.10:80", "10.0.0.2:80"]
+    svc = svc1()
+    eps = [ep("10.0.0.2"), ep("10.0.0.10"), ep("10.0.0.2"), ep("10.0.0.3", ready=False)]
+    rules = render(state_of(svc, *eps), NODE).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
+    assert [rule.split('"')[1] for rule in rules[1:]] == ["ns1/svc1:p80 -> 10.0.0.10:80", "ns1/svc1:p80 -> 10.0.0.2:80"]
 
 
 def test_large_clusters_drop_endpoint_comments() -> None:
-    services = [ServicePort("ns", f"s{i}", "", "TCP", f"10.96.{i // 256}.{i % 256}", 80) for i in range(501)]
-    eps = {s.key: [Endpoint(f"10.244.{i // 128}.{2 * (i % 128)}", 80, "n"),
-                   Endpoint(f"10.244.{i // 128}.{2 * (i % 128) + 1}", 80, "n")] for i, s in enumerate(services)}
-    nat = render(ProxyState(services, eps), NODE).tables["nat"]
+    services = [ServicePort("ns", f"s{i}", "", "TCP", f"10.96.{i // 256}.{i % 256}", 80) for i in range(500)]
+    eps = {s.key: [ep(f"10.244.{i // 128}.{2 * (i % 128)}"), ep(f"10.244.{i // 128}.{2 * (i % 128) + 1}")]
+           for i, s in enumerate(services)}
     sep0, sep1 = (endpoint_chain_name("ns/s0", "tcp", f"10.244.0.{i}:80") for i in (0, 1))
+    assert "-m comment" in render(ProxyState(services, eps), NODE).tables["nat"][sep0][0]  # 1000: not yet
+    # kube-proxy counts every endpoint, usable or not: one more not-ready one makes 1001.
+    eps[services[0].key].append(ep("10.245.0.1", ready=False))
+    nat = render(ProxyState(services, eps), NODE).tables["nat"]
     assert nat[sep0] == (f"-A {sep0} -s 10.244.0.0 -j KUBE-MARK-MASQ",
                          f"-A {sep0} -m tcp -p tcp -j DNAT --to-destination 10.244.0.0:80")
-    svc = service_port_chain_name("ns/s0", "tcp")
+    svc = service_chain_names("ns/s0", "tcp").cluster
     assert nat[svc] == (  # the cluster IP comment stays: it is not per endpoint
         f'-A {svc} -m comment --comment "ns/s0 cluster IP" -m tcp -p tcp -d 10.96.0.0 --dport 80 '
         "! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
         f"-A {svc} -m statistic --mode random --probability 0.5000000000 -j {sep0}",
         f"-A {svc} -j {sep1}")
-
-
-def test_no_cluster_cidr_means_no_cluster_ip_masquerade() -> None:
-    svc = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80)
-    rules = render(ProxyState([svc], {svc.key: [Endpoint("10.180.0.1", 80, "n")]}),
-                   NodeInfo("n", "192.168.0.2", "")).tables["nat"]["KUBE-SVC-XPGD46QRK7WJZT7O"]
-    assert rules == ('-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" '
-                     "-j KUBE-SEP-SXIVWICOYRO3J4NJ",)
 
 
 def test_localhost_nodeports_off_excludes_loopback_and_kubelet_firewall() -> None:
@@ -244,8 +1019,8 @@ def test_localhost_nodeports_off_excludes_loopback_and_kubelet_firewall() -> Non
 
 
 def _changed(state: ProxyState) -> Ruleset:
-    svc4 = state.services[2]
-    state.endpoints[svc4.key] = [Endpoint("10.180.0.4", 80, "node2"), Endpoint("10.180.0.7", 80, "node1")]
+    svc4 = state.services[3]
+    state.endpoints[svc4.key] = [ep("10.180.0.4", "node2"), ep("10.180.0.7", LOCAL)]
     return render(state, NODE)
 
 
@@ -253,7 +1028,7 @@ def test_partial_restore_only_touches_changed_chains() -> None:
     old = render(small_state(), NODE)
     new = _changed(small_state())
     # Only ns4's SVC chain, its new SEP and its gone SEP, all nat: no filter section at all. Untouched
-    # services' chains are not even mentioned.
+    # services' chains (ns4's KUBE-EXT- too) are not even mentioned.
     assert restore_input(new, old) == textwrap.dedent("""\
         *nat
         :KUBE-SEP-KV4FMR6WJFBQE3OH - [0:0]
@@ -297,9 +1072,14 @@ def test_a_service_gaining_endpoints_rewrites_the_top_level_chains_it_changes() 
         :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
         :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
         -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+        -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+        -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
         -A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
         -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+        -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 external IP" -m tcp -p tcp -d 192.168.99.33 --dport 80 -j KUBE-EXT-4SW47YFZTEDKD3PK
         -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+        -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 loadbalancer IP" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j KUBE-FW-NUKIZ6OKUXPJNT4C
         -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
         -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
         -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
@@ -309,6 +1089,36 @@ def test_a_service_gaining_endpoints_rewrites_the_top_level_chains_it_changes() 
         """)
     # Its lines in the shared chains changed, not those of the others sharing them.
     assert changed_service_ports(render(state, NODE), render(without, NODE), full=False) == {svc.key}
+
+
+def test_a_local_endpoint_arriving_adds_the_local_chain_and_lifts_the_drops() -> None:
+    # svc2 (Local policy) gets an endpoint on this node: its KUBE-SVL- chain appears, KUBE-EXT- ends
+    # in it, and the "has no local endpoints" DROPs go (KUBE-EXTERNAL-SERVICES is flushed empty).
+    state = small_state()
+    svc2 = state.services[1]
+    local = dataclasses.replace(state, endpoints={**state.endpoints, svc2.key: [ep("10.180.0.2"),
+                                                                                ep("10.180.2.2", LOCAL)]})
+    assert restore_input(render(local, NODE), render(state, NODE)) == textwrap.dedent("""\
+        *filter
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        COMMIT
+        *nat
+        :KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
+        :KUBE-SEP-YVURCJ2PNPRIOEBP - [0:0]
+        :KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
+        :KUBE-SVL-GNZBNJ2PO5MGZ6GT - [0:0]
+        -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+        -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+        -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+        -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -j KUBE-SVL-GNZBNJ2PO5MGZ6GT
+        -A KUBE-SEP-YVURCJ2PNPRIOEBP -m comment --comment ns2/svc2:p80 -s 10.180.2.2 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-YVURCJ2PNPRIOEBP -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.2.2:80
+        -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-RS4RBKLTHTF2IUXJ
+        -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.2.2:80" -j KUBE-SEP-YVURCJ2PNPRIOEBP
+        -A KUBE-SVL-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.2.2:80" -j KUBE-SEP-YVURCJ2PNPRIOEBP
+        COMMIT
+        """)
 
 
 def _full_text(state: ProxyState, **kwargs) -> str:
@@ -334,6 +1144,20 @@ FULL_EXPECTED = textwrap.dedent("""\
     -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
     -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
     -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+    :KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
+    :KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
+    :KUBE-SEP-RS4RBKLTHTF2IUXJ - [0:0]
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -j KUBE-SEP-RS4RBKLTHTF2IUXJ
+    -A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -s 10.180.0.2 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.2:80
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+    -A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
     :KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
     :KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]
     :KUBE-SEP-OYPFS5VJICHGATKP - [0:0]
@@ -345,9 +1169,12 @@ FULL_EXPECTED = textwrap.dedent("""\
     -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
     -A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
     -A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK
+    :KUBE-EXT-4SW47YFZTEDKD3PK - [0:0]
     :KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
     :KUBE-SEP-UKSFD7AGPMPPLUHC - [0:0]
     :KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
+    -A KUBE-EXT-4SW47YFZTEDKD3PK -m comment --comment "masquerade traffic for ns4/svc4:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-4SW47YFZTEDKD3PK -j KUBE-SVC-4SW47YFZTEDKD3PK
     -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
     -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
     -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ
@@ -356,17 +1183,22 @@ FULL_EXPECTED = textwrap.dedent("""\
     -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -s 10.180.0.5 -j KUBE-MARK-MASQ
     -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.5:80
     -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+    -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 external IP" -m tcp -p tcp -d 192.168.99.33 --dport 80 -j KUBE-EXT-4SW47YFZTEDKD3PK
     :KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-FW-NUKIZ6OKUXPJNT4C - [0:0]
     :KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]
     :KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]
     -A KUBE-EXT-NUKIZ6OKUXPJNT4C -m comment --comment "masquerade traffic for ns5/svc5:p80 external destinations" -j KUBE-MARK-MASQ
     -A KUBE-EXT-NUKIZ6OKUXPJNT4C -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+    -A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "other traffic to ns5/svc5:p80 will be dropped by KUBE-PROXY-FIREWALL"
     -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
     -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --rcheck --seconds 10800 --reap -j KUBE-SEP-I77PXRDZVX7PMWMN
     -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -j KUBE-SEP-I77PXRDZVX7PMWMN
     -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
     -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
     -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 loadbalancer IP" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j KUBE-FW-NUKIZ6OKUXPJNT4C
     -A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
     -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
     -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
@@ -382,11 +1214,16 @@ FULL_EXPECTED = textwrap.dedent("""\
     :KUBE-FIREWALL - [0:0]
     :KUBE-FORWARD - [0:0]
     :KUBE-PROXY-FIREWALL - [0:0]
+    -A KUBE-NODEPORTS -m comment --comment "ns2/svc2:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
     -A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j DROP
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001 -j DROP
     -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
     -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
     -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
     -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    -A KUBE-PROXY-FIREWALL -m comment --comment "ns5/svc5:p80 traffic not accepted by KUBE-FW-NUKIZ6OKUXPJNT4C" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j DROP
     COMMIT
     """)
 
@@ -415,13 +1252,14 @@ def test_a_full_sync_deletes_stale_chains_and_adds_missing_jumps() -> None:
     leftovers = Leftovers(stale=[("nat", "KUBE-SVC-AAAAAAAAAAAAAAAA")], missing_jumps=[ruleset.jumps[-1]],
                           unlink=[("nat", "-A OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA")])
     text = _full_text(small_state(), find_leftovers=lambda desired: leftovers)
-    nat_end, filter_end = "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT\n", "RELATED,ESTABLISHED -j ACCEPT\nCOMMIT\n"
-    assert text == FULL_EXPECTED.replace(nat_end, nat_end.replace("COMMIT\n", (
+    nat_end = "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT\n"
+    with_nat = FULL_EXPECTED.replace(nat_end, nat_end.replace("COMMIT\n", (
         "-D OUTPUT -j KUBE-SVC-AAAAAAAAAAAAAAAA\n"  # unlinked,
         ":KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]\n"  # flushed
         "-X KUBE-SVC-AAAAAAAAAAAAAAAA\n"  # and deleted
-        "COMMIT\n"))).replace(filter_end, filter_end.replace(
-            "COMMIT\n", "-I OUTPUT 1 -j KUBE-FIREWALL\nCOMMIT\n"))  # the last jump of the list: kubelet's
+        "COMMIT\n")))
+    assert with_nat.endswith("COMMIT\n")  # the filter table's end: the last jump of the list (kubelet's) goes there
+    assert text == with_nat.removesuffix("COMMIT\n") + "-I OUTPUT 1 -j KUBE-FIREWALL\nCOMMIT\n"
     # A chain still desired is never deleted, even if the scan calls it stale.
     keep = Leftovers(stale=[("nat", "KUBE-SERVICES")])
     assert _full_text(small_state(), find_leftovers=lambda desired: keep) == FULL_EXPECTED
@@ -477,14 +1315,17 @@ def test_a_render_cache_gives_the_same_rules_and_rerenders_only_what_changed() -
     again = render(state, NODE, cache=cache)
     assert again.tables == changed.tables and again.owners == changed.owners
     # svc1 did not change: its chain is the very tuple rendered the first time; svc4's is new.
-    svc1, svc4 = "KUBE-SVC-XPGD46QRK7WJZT7O", "KUBE-SVC-4SW47YFZTEDKD3PK"
-    assert again.tables["nat"][svc1] is first.tables["nat"][svc1]
-    assert again.tables["nat"][svc4] != first.tables["nat"][svc4]
+    chain1, chain4 = "KUBE-SVC-XPGD46QRK7WJZT7O", "KUBE-SVC-4SW47YFZTEDKD3PK"
+    assert again.tables["nat"][chain1] is first.tables["nat"][chain1]
+    assert again.tables["nat"][chain4] != first.tables["nat"][chain4]
     # Crossing the large-cluster line re-renders everything: the endpoint comments go.
     many = ProxyState([*state.services], {**state.endpoints, state.services[0].key: [
-        Endpoint(f"10.181.{i // 250}.{i % 250}", 80, "n") for i in range(LARGE_CLUSTER_ENDPOINTS)]})
+        ep(f"10.181.{i // 250}.{i % 250}") for i in range(LARGE_CLUSTER_ENDPOINTS)]})
     assert render(many, NODE, cache=cache).tables == render(many, NODE).tables
-    assert "->" not in "".join(render(many, NODE, cache=cache).tables["nat"][svc4])
+    assert "->" not in "".join(render(many, NODE, cache=cache).tables["nat"][chain4])
+    # A node of another name sees other endpoints as local: nothing cached is reused for it.
+    other = dataclasses.replace(NODE, name="node2")
+    assert render(small_state(), other, cache=cache).tables == render(small_state(), other).tables
 
 
 def test_rendering_a_trackers_changes_gives_what_rendering_everything_gives() -> None:
@@ -494,28 +1335,43 @@ def test_rendering_a_trackers_changes_gives_what_rendering_everything_gives() ->
 
     rng = random.Random(7)
 
-    def service(i: int, node_port: bool) -> dict:
-        port = {"name": "http", "port": 80, "protocol": "TCP", **({"nodePort": 30000 + i} if node_port else {})}
-        return {"kind": "Service", "metadata": {"name": f"s{i}", "namespace": "ns"},
-                "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": f"10.96.0.{i}",
-                         "ports": [port]}}
+    def service(i: int) -> dict:
+        """Any type and policy, and now and then load-balancer source ranges, external IPs."""
+        kind = rng.choice(["ClusterIP", "NodePort", "LoadBalancer"])
+        port = {"name": "http", "port": 80, "protocol": "TCP", **({"nodePort": 30000 + i} if kind != "ClusterIP" else {})}
+        spec = {"type": kind, "clusterIP": f"10.96.0.{i}", "ports": [port],
+                "internalTrafficPolicy": rng.choice(["Cluster", "Local"]),
+                "externalTrafficPolicy": rng.choice(["Cluster", "Local"])}
+        if rng.random() < 0.3:
+            spec["externalIPs"] = [f"192.168.99.{i}"]
+        status: dict = {}
+        if kind == "LoadBalancer":
+            status = {"loadBalancer": {"ingress": [{"ip": f"1.2.3.{i}"}]}}
+            spec["loadBalancerSourceRanges"] = rng.choice([[], ["203.0.113.0/25"], ["192.168.0.0/24"]])
+            if spec["externalTrafficPolicy"] == "Local":
+                spec["healthCheckNodePort"] = 32000 + i
+        return {"kind": "Service", "metadata": {"name": f"s{i}", "namespace": "ns"}, "spec": spec, "status": status}
 
     def endpoints(i: int, count: int) -> dict:
+        """Here or elsewhere, ready, serving-terminating or neither."""
+        conditions = [{"ready": True}, {"ready": False, "serving": True, "terminating": True},
+                      {"ready": False, "serving": False, "terminating": True}]
         return {"kind": "EndpointSlice", "metadata": {"name": f"s{i}", "namespace": "ns",
                                                        "labels": {"kubernetes.io/service-name": f"s{i}"}},
-                "endpoints": [{"addresses": [f"10.244.{i}.{k}"], "conditions": {"ready": True}}
-                              for k in range(count)],
+                "endpoints": [{"addresses": [f"10.244.{i}.{k}"], "nodeName": rng.choice([LOCAL, "node2"]),
+                               "conditions": rng.choice(conditions)} for k in range(count)],
                 "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
 
     objects = {}
     for i in range(40):
-        objects[f"Service/ns/s{i}"] = service(i, i % 3 == 0)
+        objects[f"Service/ns/s{i}"] = service(i)
         objects[f"EndpointSlice/ns/s{i}"] = endpoints(i, i % 4)
     tracker, cache = StateTracker(), RenderCache()
     previous = render(tracker.update(objects), NODE, cache=cache)
     previous_whole = render(tracker.update(objects), NODE)
     assert previous.tables == previous_whole.tables
-    for step in range(60):
+    written: list[str] = []
+    for step in range(80):
         i = rng.randrange(45)
         what = rng.choice(["endpoints", "endpoints", "service", "delete", "many"])
         if what == "delete":
@@ -527,7 +1383,7 @@ def test_rendering_a_trackers_changes_gives_what_rendering_everything_gives() ->
             # "many" pushes the total past kube-proxy's large-cluster line (and back, later).
             objects[f"EndpointSlice/ns/s{i}"] = endpoints(i, 250 if what == "many" else rng.randrange(4))
             if what == "service" or f"Service/ns/s{i}" not in objects:
-                objects[f"Service/ns/s{i}"] = service(i, rng.random() < 0.5)
+                objects[f"Service/ns/s{i}"] = service(i)
                 changed.add(f"Service/ns/s{i}")
         state = tracker.update(objects, changed)
         incremental = render(state, NODE, cache=cache)
@@ -537,7 +1393,13 @@ def test_rendering_a_trackers_changes_gives_what_rendering_everything_gives() ->
         # A patch keeps its base (for restore_input), but no longer chain of older rulesets.
         assert incremental.base is None or incremental.base.base is None
         # And the partial restore written from the patch is the one written from comparing everything.
-        assert restore_input(incremental, previous) == restore_input(whole, previous_whole)
+        written.append(restore_input(incremental, previous))
+        assert written[-1] == restore_input(whole, previous_whole)
         assert (changed_service_ports(incremental, previous, full=False)
                 == changed_service_ports(whole, previous_whole, full=False))
         previous, previous_whole = incremental, whole
+    # The walk went through what this is about: the new chains coming and going, and the refusals
+    # of a Local policy without a local endpoint.
+    writes = "".join(written)
+    assert all(word in writes for word in (":KUBE-SVL-", "-X KUBE-SVL-", ":KUBE-FW-", "-X KUBE-FW-",
+                                           "has no local endpoints", "health check node port"))

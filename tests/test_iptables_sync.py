@@ -1,7 +1,10 @@
 """The iptables proxier's sync bookkeeping, against an in-memory iptables (tests/fakes/iptables.py), no root.
 
 Full or partial, what a partial sync writes, what a failed restore forces, the
-periodic full syncs, the repairs only a full sync makes, cleanup. After every sync
+periodic full syncs, the repairs only a full sync makes, cleanup; a traffic-policy
+change that brings and removes a service port's KUBE-SVL-/KUBE-FW- chains in a
+partial sync, and the stale UDP conntrack entries of what this node sent traffic
+to (its reachable endpoints). After every sync
 the fake's tables must hold exactly what was rendered (plus the jumps from the
 built-in chains, and whatever others put there). tests/test_iptables_kernel.py is
 the same on the real kernel.
@@ -14,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from kproxy.proxy.iptables import IptablesProxier, RestoreError, Ruleset, proxier as proxier_module, render
+from kproxy.proxy.iptables import IptablesProxier, RestoreError, Ruleset, endpoint_chain_name, render
+from kproxy.proxy.iptables import proxier as proxier_module
 from kproxy.proxy.iptables.names import is_own_chain
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 from tests.fakes.iptables import BUILTIN, FakeIptables
@@ -238,3 +242,149 @@ def test_state_changes_through_a_tracker_keep_the_tables_equal_to_the_render(fak
         assert result.changed_services == 6
         assert synced(fake, render(dataclasses.replace(current, changed=None), NODE))
         previous = now
+
+
+# A LoadBalancer with an endpoint here and one elsewhere; its policy and source ranges change below.
+SVC5 = ServicePort("ns5", "svc5", "p80", "TCP", "172.30.0.45", 80, node_port=3002, load_balancer_ips=("5.6.7.8",))
+HERE, THERE = Endpoint("10.180.0.3", 80, "node1"), Endpoint("10.180.1.3", 80, "node2")
+
+
+def lb_state(svc5: ServicePort, *endpoints: Endpoint) -> ProxyState:
+    return ProxyState(services=[SVC1, svc5], endpoints={SVC1.key: [Endpoint("10.180.0.1", 80, "node1")],
+                                                        svc5.key: list(endpoints)})
+
+
+def declared_and_deleted(restore: str) -> list[str]:
+    return [line for line in restore.splitlines() if line.startswith(("*", ":", "-X"))]
+
+
+def test_a_traffic_policy_change_rewrites_the_service_and_deletes_its_stale_chains_in_a_partial_sync(fake) -> None:
+    proxier = IptablesProxier(NODE, backend=fake)
+    # Cluster policy, with source ranges: KUBE-FW- in front of KUBE-EXT-.
+    cluster = dataclasses.replace(SVC5, source_ranges=("203.0.113.0/25",))
+    assert proxier.sync(lb_state(cluster, HERE, THERE)).full
+    assert {"KUBE-FW-NUKIZ6OKUXPJNT4C", "KUBE-EXT-NUKIZ6OKUXPJNT4C"} <= set(fake.tables["nat"])
+    # Local policy, no source ranges: KUBE-SVL- comes, KUBE-FW- goes, and the health check port opens.
+    local = dataclasses.replace(SVC5, external_policy_local=True, health_check_node_port=30000)
+    result = proxier.sync(lb_state(local, HERE, THERE))
+    assert not result.full and result.changed_services == 1
+    assert declared_and_deleted(proxier.last_restore) == [
+        "*filter", ":KUBE-NODEPORTS - [0:0]", ":KUBE-PROXY-FIREWALL - [0:0]",
+        "*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]", ":KUBE-SVL-NUKIZ6OKUXPJNT4C - [0:0]",
+        ":KUBE-FW-NUKIZ6OKUXPJNT4C - [0:0]", "-X KUBE-FW-NUKIZ6OKUXPJNT4C"]
+    assert synced(fake, render(lb_state(local, HERE, THERE), NODE))
+    # Its endpoint here gone: KUBE-SVL- goes too, and external traffic from outside is dropped.
+    result = proxier.sync(lb_state(local, THERE))
+    assert not result.full and result.changed_services == 1
+    assert declared_and_deleted(proxier.last_restore) == [
+        "*filter", ":KUBE-EXTERNAL-SERVICES - [0:0]",
+        "*nat", ":KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]", ":KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]",
+        ":KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]", ":KUBE-SVL-NUKIZ6OKUXPJNT4C - [0:0]",
+        "-X KUBE-SEP-I77PXRDZVX7PMWMN", "-X KUBE-SVL-NUKIZ6OKUXPJNT4C"]
+    assert synced(fake, render(lb_state(local, THERE), NODE))
+    assert fake.tables["filter"]["KUBE-EXTERNAL-SERVICES"][0].startswith(
+        '-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns5/svc5:p80 has no local endpoints"')
+    # And back to Cluster: everything rewritten again, KUBE-SVL- not recreated.
+    assert not proxier.sync(lb_state(cluster, HERE, THERE)).full
+    assert synced(fake, render(lb_state(cluster, HERE, THERE), NODE))
+    assert not any(chain.startswith("KUBE-SVL-") for chain in fake.tables["nat"])
+
+
+def test_partial_syncs_leave_the_tables_a_full_sync_writes(fake) -> None:
+    import random
+
+    rng = random.Random(18)
+    nodes = ("node1", "node2")
+
+    def service(i: int) -> ServicePort:
+        lb = rng.random() < 0.5
+        return ServicePort(
+            "ns", f"s{i}", "p", "TCP", f"172.30.1.{i}", 80, node_port=30000 + i if lb or rng.random() < 0.5 else 0,
+            affinity_seconds=rng.choice([0, 10800]), external_ips=(f"192.168.99.{i}",) if rng.random() < 0.3 else (),
+            load_balancer_ips=(f"1.2.3.{i}",) if lb else (),
+            source_ranges=rng.choice([(), ("203.0.113.0/25",), ("192.168.0.0/24",)]) if lb else (),
+            external_policy_local=lb and rng.random() < 0.5, internal_policy_local=rng.random() < 0.3,
+            health_check_node_port=32000 + i if lb else 0)
+
+    def endpoints(i: int) -> list[Endpoint]:
+        return [Endpoint(f"10.180.{i}.{k}", 80, rng.choice(nodes), ready=(ready := rng.random() < 0.7),
+                         terminating=not ready, serving=ready or rng.random() < 0.5) for k in range(rng.randrange(4))]
+
+    services = {i: service(i) for i in range(12)}
+    eps = {i: endpoints(i) for i in services}
+
+    def current(generation: int, changed: set[str] | None) -> ProxyState:
+        ordered = sorted(services.values(), key=lambda svc: svc.key)
+        return ProxyState(ordered, {services[i].key: eps[i] for i in services}, generation,
+                          frozenset(changed) if changed is not None else None)
+
+    proxier = IptablesProxier(NODE, backend=fake)
+    assert proxier.sync(current(0, None)).full
+    for generation in range(1, 40):
+        i = rng.randrange(14)
+        old = services.get(i)
+        if rng.random() < 0.15 and old is not None:  # deleted
+            del services[i], eps[i]
+        elif rng.random() < 0.5 or old is None:  # a new or changed service
+            services[i], eps[i] = service(i), endpoints(i)
+        else:  # its endpoints changed
+            eps[i] = endpoints(i)
+        keys = {svc.key for svc in (old, services.get(i)) if svc is not None}
+        state = current(generation, keys)
+        assert not proxier.sync(state).full
+        assert synced(fake, render(dataclasses.replace(state, changed=None), NODE)), generation
+    # A fresh node fully synced to the same state holds the same tables.
+    fresh = FakeIptables()
+    IptablesProxier(NODE, backend=fresh).sync(current(0, None))
+    assert fresh.tables == fake.tables
+
+
+def test_a_full_sync_deletes_stale_local_and_firewall_chains_of_an_earlier_agent(fake) -> None:
+    local = dataclasses.replace(SVC5, external_policy_local=True, source_ranges=("203.0.113.0/25",))
+    IptablesProxier(NODE, backend=fake).sync(lb_state(local, HERE))
+    assert {"KUBE-SVL-NUKIZ6OKUXPJNT4C", "KUBE-FW-NUKIZ6OKUXPJNT4C"} <= set(fake.tables["nat"])
+    assert is_own_chain("nat", "KUBE-SVL-NUKIZ6OKUXPJNT4C") and is_own_chain("nat", "KUBE-FW-NUKIZ6OKUXPJNT4C")
+    restarted = IptablesProxier(NODE, backend=fake)
+    assert restarted.sync(state(services=(SVC1,))).full
+    assert "-X KUBE-FW-NUKIZ6OKUXPJNT4C" in restarted.last_restore.splitlines()
+    assert "-X KUBE-SVL-NUKIZ6OKUXPJNT4C" in restarted.last_restore.splitlines()
+    assert synced(fake, render(state(services=(SVC1,)), NODE))
+
+
+def test_the_excerpt_of_a_load_balancer_has_its_firewall_and_local_chains_and_filter_rules(fake) -> None:
+    local = dataclasses.replace(SVC5, external_policy_local=True, source_ranges=("203.0.113.0/25",),
+                                health_check_node_port=30000)
+    proxier = IptablesProxier(NODE, backend=fake)
+    proxier.sync(lb_state(local, HERE, THERE))
+    excerpt = proxier.rules_excerpt("ns5/svc5")
+    there = endpoint_chain_name("ns5/svc5:p80", "tcp", THERE.address)
+    chains = [line.split()[0][1:] for line in excerpt.splitlines() if line.startswith(":")]
+    assert chains == ["KUBE-EXT-NUKIZ6OKUXPJNT4C", "KUBE-FW-NUKIZ6OKUXPJNT4C", "KUBE-SVC-NUKIZ6OKUXPJNT4C",
+                      "KUBE-SVL-NUKIZ6OKUXPJNT4C", "KUBE-SEP-I77PXRDZVX7PMWMN", there]
+    # Every rule of its chains, and its lines in the shared chains (nat's and filter's), no other.
+    theirs = [rule for table in ("nat", "filter") for chain, rules in fake.tables[table].items() for rule in rules
+              if "ns5/svc5:p80" in rule or chain in chains]
+    shown = [line.removeprefix("[0:0] ") for line in excerpt.splitlines() if line.startswith("[")]
+    assert sorted(shown) == sorted(theirs)
+    assert any("KUBE-PROXY-FIREWALL" in rule and "traffic not accepted by" in rule for rule in theirs)
+    assert any("KUBE-NODEPORTS" in rule and "health check node port" in rule for rule in theirs)
+
+
+def test_stale_udp_entries_are_those_of_the_endpoints_this_node_sent_traffic_to(fake, monkeypatch) -> None:
+    import types
+
+    from kproxy.proxy import conntrack
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(conntrack, "subprocess", types.SimpleNamespace(
+        run=lambda argv, **kwargs: ran.append(argv[1:]) or types.SimpleNamespace(returncode=0, stderr="")))
+    dns = ServicePort("ns7", "dns", "", "UDP", "172.30.0.47", 53, internal_policy_local=True)
+    here, there = Endpoint("10.180.0.7", 53, "node1"), Endpoint("10.180.1.7", 53, "node2")
+    proxier = IptablesProxier(NODE, backend=fake)
+    proxier.sync(ProxyState([dns], {dns.key: [here, there]}))
+    assert ran == [["-D", "--orig-dst", "172.30.0.47", "-p", "udp"]]  # it got endpoints: entries of the REJECT go
+    # internalTrafficPolicy Local: the one elsewhere never got this node's traffic, so none of its entries.
+    proxier.sync(ProxyState([dns], {dns.key: [here]}))
+    assert proxier.conntrack.last == []
+    proxier.sync(ProxyState([dns], {dns.key: [there]}))
+    assert proxier.conntrack.last == [["-D", "--orig-dst", "172.30.0.47", "--dst-nat", "10.180.0.7", "-p", "udp"]]

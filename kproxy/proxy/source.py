@@ -80,7 +80,7 @@ def _service_state(service: dict[str, Any], slices: Iterable[dict[str, Any]],
                 conditions = ep.get("conditions") or {}
                 ready = bool(conditions.get("ready", True))
                 terminating = bool(conditions.get("terminating", False))
-                serving = bool(conditions.get("serving", ready))  # unset: as ready (the API's rule)
+                serving = bool(conditions.get("serving", True))  # unset: serving, as kube-proxy reads it
                 node = ep.get("nodeName", "")
                 for ip in ep.get("addresses") or ():
                     endpoint = Endpoint(ip, target, node, ready, terminating, serving)

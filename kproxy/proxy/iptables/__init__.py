@@ -32,8 +32,7 @@ quadratic in the chains named (14 s at 10k) until the ``-Z`` (1.9 s).
 from __future__ import annotations
 
 from kproxy.proxy.iptables.excerpt import live_rules
-from kproxy.proxy.iptables.names import (endpoint_chain_name, is_own_chain, service_external_chain_name,
-                                         service_port_chain_name)
+from kproxy.proxy.iptables.names import ServiceChains, endpoint_chain_name, is_own_chain, service_chain_names
 from kproxy.proxy.iptables.proxier import IptablesProxier
 from kproxy.proxy.iptables.render import LARGE_CLUSTER_ENDPOINTS, RenderCache, Ruleset, render
 from kproxy.proxy.iptables.restore import Leftovers, changed_service_ports, restore_input, write_full_restore
@@ -43,9 +42,8 @@ from kproxy.proxy.mode import Mode, Option, Options
 from kproxy.proxy.types import NodeInfo, ProxyState
 
 __all__ = ["IptablesProxier", "LARGE_CLUSTER_ENDPOINTS", "Leftovers", "MODE", "RenderCache",
-           "RestoreError", "Ruleset", "changed_service_ports", "endpoint_chain_name", "is_own_chain", "live_rules",
-           "probability", "render", "restore_input", "service_external_chain_name",
-           "service_port_chain_name", "write_full_restore"]
+           "RestoreError", "Ruleset", "ServiceChains", "changed_service_ports", "endpoint_chain_name", "is_own_chain",
+           "live_rules", "probability", "render", "restore_input", "service_chain_names", "write_full_restore"]
 
 
 def _localhost_nodeports(options: Options) -> bool:

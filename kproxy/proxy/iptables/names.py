@@ -1,8 +1,8 @@
 """kube-proxy's names: its chains, how it hashes a service port into a chain name, its jumps.
 
 Chain names are computed exactly as kube-proxy computes them
-(pkg/proxy/iptables/proxier.go): ``KUBE-SVC-`` / ``KUBE-EXT-`` / ``KUBE-FW-`` + the
-first 16 characters of base32(sha256(servicePortName + protocol)), with
+(pkg/proxy/iptables/proxier.go): ``KUBE-SVC-`` / ``KUBE-SVL-`` / ``KUBE-EXT-`` / ``KUBE-FW-``
++ the first 16 characters of base32(sha256(servicePortName + protocol)), with
 servicePortName ``ns/name:port`` (``ns/name`` for an unnamed port) and the protocol
 lowercase ("tcp"); ``KUBE-SEP-`` hashes servicePortName + protocol + ``ip:port`` of
 the endpoint. So ``ns1/svc1:p80`` TCP is ``KUBE-SVC-XPGD46QRK7WJZT7O`` here as in
@@ -11,7 +11,7 @@ every cluster.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from kproxy.proxy.hashing import base32_sha256
 from kproxy.proxy.netfilter import KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_POSTROUTING, Jump, OwnedChains
@@ -24,7 +24,7 @@ KUBELET_FIREWALL = "KUBE-FIREWALL"  # kubelet's; kube-proxy writes a copy when l
 
 SVC_PREFIX = "KUBE-SVC-"
 SVL_PREFIX = "KUBE-SVL-"
-FW_PREFIX = "KUBE-FW-"  # loadBalancerSourceRanges: never rendered (no LoadBalancer services), still ours
+FW_PREFIX = "KUBE-FW-"
 EXT_PREFIX = "KUBE-EXT-"
 SEP_PREFIX = "KUBE-SEP-"
 SERVICE_CHAIN_PREFIXES = (SVC_PREFIX, SVL_PREFIX, SEP_PREFIX, FW_PREFIX, EXT_PREFIX)
@@ -35,18 +35,25 @@ NAT_TOP_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MAS
 is_own_chain = OwnedChains({"filter": (*FILTER_TOP_CHAINS, KUBELET_FIREWALL), "nat": NAT_TOP_CHAINS},
                            nat_prefixes=SERVICE_CHAIN_PREFIXES)
 
+
 def _hash16(text: str) -> str:
     return base32_sha256(text, 16)
 
 
-def service_port_chain_name(service_port_name: str, protocol: str) -> str:
-    """KUBE-SVC-<hash>: the service port's endpoint dispatch chain (kube-proxy's servicePortPolicyClusterChain)."""
-    return SVC_PREFIX + _hash16(service_port_name + protocol.lower())
+class ServiceChains(NamedTuple):
+    """A service port's own chain names. They share one hash (kube-proxy's portProtoHash), so they
+    are made together, once per render of the service port."""
+
+    cluster: str  # KUBE-SVC-: all usable endpoints (kube-proxy's servicePortPolicyClusterChain)
+    local: str  # KUBE-SVL-: this node's, where a Local policy applies (servicePortPolicyLocalChainName)
+    external: str  # KUBE-EXT-: where NodePort, external IP and load-balancer traffic enters
+    firewall: str  # KUBE-FW-: loadBalancerSourceRanges, between a load-balancer IP and KUBE-EXT-
 
 
-def service_external_chain_name(service_port_name: str, protocol: str) -> str:
-    """KUBE-EXT-<hash>: where NodePort (and external IP / LB) traffic enters the service."""
-    return EXT_PREFIX + _hash16(service_port_name + protocol.lower())
+def service_chain_names(service_port_name: str, protocol: str) -> ServiceChains:
+    """The KUBE-SVC-/SVL-/EXT-/FW- names of one service port (protocol in any case)."""
+    digest = _hash16(service_port_name + protocol.lower())
+    return ServiceChains(SVC_PREFIX + digest, SVL_PREFIX + digest, EXT_PREFIX + digest, FW_PREFIX + digest)
 
 
 def endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) -> str:
@@ -62,7 +69,12 @@ def chain_order(chains: Iterable[str]) -> list[str]:
 
 
 _NEW = "-m conntrack --ctstate NEW"
-# In kube-proxy's order; each is prepended, so the last of a chain ends up first.
+# kube-proxy's iptablesJumpChains, in its order; each is prepended, so the last of a chain ends
+# up first. The filter chains come after nat's DNAT: a new connection still addressed to a
+# service's own address there is one no rule took (no endpoint, none on this node, a source out
+# of loadBalancerSourceRanges). KUBE-EXTERNAL-SERVICES refuses those to NodePorts, external and
+# load-balancer IPs (INPUT, FORWARD); KUBE-PROXY-FIREWALL drops the firewalled ones (INPUT,
+# OUTPUT, FORWARD); filter KUBE-NODEPORTS lets in health check node ports (INPUT).
 JUMPS = (
     Jump("filter", "INPUT", KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals", _NEW),
     Jump("filter", "FORWARD", KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals", _NEW),

@@ -14,8 +14,8 @@ from kproxy.proxy.iptables.names import is_own_chain
 from kproxy.proxy.iptables.render import RenderCache, Ruleset, render
 from kproxy.proxy.iptables.restore import changed_service_ports, restore_input, write_full_restore
 from kproxy.proxy.kernel import RestoreError
-from kproxy.proxy.netfilter import usable_endpoints
-from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
+from kproxy.proxy.topology import categorize
+from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 class IptablesProxier:
     """kube-proxy's iptables mode on the node whose network namespace the calling thread is in.
@@ -60,8 +60,12 @@ class IptablesProxier:
         changed = changed_service_ports(desired, self.ruleset, full)
         self.ruleset = desired
         self.full_syncs.done(full, started)
-        self.conntrack.sync(state, self._cache.by_key, usable_endpoints)  # by_key: filled by the render
+        self.conntrack.sync(state, self._cache.by_key, self._reachable)  # by_key: filled by the render
         return SyncResult(full=full, changed_services=len(changed), seconds=time.monotonic() - started)
+
+    def _reachable(self, svc: ServicePort, endpoints: list[Endpoint]) -> tuple[Endpoint, ...]:
+        """The endpoints this node has KUBE-SEP- chains for: the ones its conntrack entries may NAT to."""
+        return categorize(endpoints, svc, self.node.name).reachable
 
     def _sync_full(self, state: ProxyState) -> Ruleset:
         """Every chain of ours written, stale ones deleted, missing jumps added: one streamed restore."""

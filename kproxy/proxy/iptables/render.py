@@ -10,14 +10,17 @@ ports that changed and patches the last ruleset.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from kproxy.proxy.iptables.names import JUMPS, chain_order, jumps_for
 from kproxy.proxy.iptables.rules import Chains, ServiceRules, service_rules, top_chains
-from kproxy.proxy.netfilter import Jump, usable_endpoints
+from kproxy.proxy.netfilter import Jump
+from kproxy.proxy.topology import Categorized, categorize
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
-LARGE_CLUSTER_ENDPOINTS = 1000  # above this many endpoints kube-proxy drops per-endpoint comments
+# Above this many endpoints (all of them, whatever their conditions: kube-proxy counts its
+# EndpointsMap) kube-proxy drops the per-endpoint comments.
+LARGE_CLUSTER_ENDPOINTS = 1000
 
 
 @dataclass
@@ -54,7 +57,8 @@ class Rendered:
 
     service: ServicePort
     endpoints: list[Endpoint]  # as the state gave them (compared by identity first)
-    usable: list[Endpoint]
+    categorized: Categorized  # which of them this node sends which traffic to
+    count: int  # how many distinct endpoints it has, toward LARGE_CLUSTER_ENDPOINTS
     large: bool
     rules: ServiceRules
 
@@ -70,13 +74,13 @@ class RenderCache:
     ruleset instead of assembling all of it again. The result is the same
     as without a cache."""
 
-    options: tuple[str, bool, bool] = ("", True, False)
+    options: tuple[NodeInfo | None, bool, bool] = (None, True, False)  # render()'s node and flags
     entries: dict[str, Rendered] = field(default_factory=dict)
     services: Sequence[ServicePort] = ()  # the state's services last time ...
     ordered: list[ServicePort] = field(default_factory=list)  # ... in kube-proxy's order ...
     by_key: dict[str, ServicePort] = field(default_factory=dict)  # ... and by key
     generation: int = -1
-    usable_total: int = 0
+    endpoint_total: int = 0
     ruleset: Ruleset | None = None
 
 
@@ -89,6 +93,10 @@ def render(state: ProxyState, node: NodeInfo, *, localhost_nodeports: bool = Tru
            each: Callable[[Rendered], None] | None = None) -> Ruleset:
     """The chains kube-proxy's iptables mode writes on this node for this state.
 
+    node: its name (which endpoints are local), IP (a load-balancer source range holding it lets
+    the node in), cluster CIDR (kube-proxy's local-traffic detector; "": none) and
+    masquerade_all (kube-proxy's --masquerade-all).
+
     localhost_nodeports: kube-proxy's --iptables-localhost-nodeports (default
     true): NodePorts answer on 127.0.0.1 too (needs route_localnet=1, set by the
     proxier), and the KUBE-FIREWALL anti-martian rule is added. kube-proxy's
@@ -99,7 +107,7 @@ def render(state: ProxyState, node: NodeInfo, *, localhost_nodeports: bool = Tru
     cache: reuse what did not change since the last render with this cache.
     each: render every service port (no patching) and call each(its Rendered) in order.
     """
-    options = (node.cluster_cidr, localhost_nodeports, conntrack_tcp_liberal)
+    options = (node, localhost_nodeports, conntrack_tcp_liberal)
     if cache is None:
         cache = RenderCache(options)
     elif cache.options != options:
@@ -118,17 +126,30 @@ def render(state: ProxyState, node: NodeInfo, *, localhost_nodeports: bool = Tru
     return ruleset
 
 
-def _usable(endpoints: list[Endpoint], old: Rendered | None) -> list[Endpoint]:
-    return old.usable if old is not None and old.endpoints is endpoints else usable_endpoints(endpoints)
+class _Input(NamedTuple):
+    """What a service port's rules are made of."""
+
+    service: ServicePort
+    endpoints: list[Endpoint]
+    categorized: Categorized
+    count: int
 
 
-def _rendered(svc: ServicePort, endpoints: list[Endpoint], usable: list[Endpoint], old: Rendered | None,
-              node: NodeInfo, large: bool) -> Rendered:
+def _input(svc: ServicePort, endpoints: list[Endpoint], old: Rendered | None, node: NodeInfo) -> _Input:
+    """svc's endpoints categorized and counted: the last ones when neither svc (its traffic
+    policies decide the categories) nor the list of endpoints changed."""
+    if old is not None and old.endpoints is endpoints and (old.service is svc or old.service == svc):
+        return _Input(svc, endpoints, old.categorized, old.count)
+    return _Input(svc, endpoints, categorize(endpoints, svc, node.name), len({ep.address for ep in endpoints}))
+
+
+def _rendered(new: _Input, old: Rendered | None, node: NodeInfo, large: bool) -> Rendered:
     """svc's rules: the cached ones when nothing they depend on changed."""
+    svc, endpoints, categorized, count = new
     if (old is not None and old.large == large and (old.service is svc or old.service == svc)
-            and (old.usable is usable or old.usable == usable)):
-        return old if old.endpoints is endpoints else Rendered(svc, endpoints, usable, large, old.rules)
-    return Rendered(svc, endpoints, usable, large, service_rules(svc, usable, node, large))
+            and (old.categorized is categorized or old.categorized == categorized)):
+        return old if old.endpoints is endpoints else Rendered(svc, endpoints, categorized, count, large, old.rules)
+    return Rendered(svc, endpoints, categorized, count, large, service_rules(svc, categorized, node, large))
 
 
 def _top_chains(cache: RenderCache) -> tuple[Chains, Chains]:
@@ -140,16 +161,15 @@ def _top_chains(cache: RenderCache) -> tuple[Chains, Chains]:
 def _render_all(state: ProxyState, node: NodeInfo, cache: RenderCache,
                 each: Callable[[Rendered], None] | None) -> Ruleset:
     before = cache.entries
-    work: list[tuple[ServicePort, list[Endpoint], list[Endpoint], Rendered | None]] = []
+    work = []
     for svc in cache.ordered:
-        endpoints = state.endpoints_of(svc)
         old = before.get(svc.key)
-        work.append((svc, endpoints, _usable(endpoints, old), old))
-    cache.usable_total = sum(len(usable) for _, _, usable, _ in work)
-    large = cache.usable_total > LARGE_CLUSTER_ENDPOINTS
+        work.append((_input(svc, state.endpoints_of(svc), old, node), old))
+    cache.endpoint_total = sum(new.count for new, _ in work)
+    large = cache.endpoint_total > LARGE_CLUSTER_ENDPOINTS
     cache.entries = {}
-    for svc, endpoints, usable, old in work:
-        entry = cache.entries[svc.key] = _rendered(svc, endpoints, usable, old, node, large)
+    for new, old in work:
+        entry = cache.entries[new.service.key] = _rendered(new, old, node, large)
         if each is not None:
             each(entry)
     nat: Chains = {}
@@ -162,7 +182,7 @@ def _render_all(state: ProxyState, node: NodeInfo, cache: RenderCache,
                    owners=owners, services={key: entry.rules for key, entry in cache.entries.items()})
 
 
-_Update = tuple[str, Rendered | None, tuple[ServicePort, list[Endpoint], list[Endpoint]] | None]
+_Update = tuple[str, Rendered | None, _Input | None]
 
 
 def _render_changes(state: ProxyState, node: NodeInfo, cache: RenderCache, changed: frozenset[str],
@@ -170,11 +190,11 @@ def _render_changes(state: ProxyState, node: NodeInfo, cache: RenderCache, chang
     """The last ruleset with the changed service ports' chains swapped (None: render all instead)."""
     base = cache.ruleset
     assert base is not None
-    updates, total = _updates(state, cache, changed)
+    updates, total = _updates(state, cache, changed, node)
     large = total > LARGE_CLUSTER_ENDPOINTS
-    if large != (cache.usable_total > LARGE_CLUSTER_ENDPOINTS):
+    if large != (cache.endpoint_total > LARGE_CLUSTER_ENDPOINTS):
         return None  # every service's comments change
-    cache.usable_total = total
+    cache.endpoint_total = total
     patch = Ruleset(tables={"filter": base.tables["filter"], "nat": dict(base.tables["nat"])}, jumps=base.jumps,
                     owners=dict(base.owners), services=dict(base.services), base=base)
     touched: set[str] = set()
@@ -188,22 +208,22 @@ def _render_changes(state: ProxyState, node: NodeInfo, cache: RenderCache, chang
     return patch
 
 
-def _updates(state: ProxyState, cache: RenderCache, changed: frozenset[str]) -> tuple[list[_Update], int]:
+def _updates(state: ProxyState, cache: RenderCache, changed: frozenset[str],
+             node: NodeInfo) -> tuple[list[_Update], int]:
     """Per changed key: its last Rendered and what it is now (None: gone); and the new number of
-    usable endpoints in all."""
+    endpoints in all."""
     updates: list[_Update] = []
-    total = cache.usable_total
+    total = cache.endpoint_total
     for key in changed:
         old = cache.entries.get(key)
+        total -= old.count if old is not None else 0
         svc = cache.by_key.get(key)
         if svc is None:
             updates.append((key, old, None))
-            total -= len(old.usable) if old is not None else 0
             continue
-        endpoints = state.endpoints_of(svc)
-        usable = _usable(endpoints, old)
-        total += len(usable) - (len(old.usable) if old is not None else 0)
-        updates.append((key, old, (svc, endpoints, usable)))
+        new = _input(svc, state.endpoints_of(svc), old, node)
+        total += new.count
+        updates.append((key, old, new))
     return updates, total
 
 
@@ -224,7 +244,7 @@ def _apply_updates(patch: Ruleset, updates: list[_Update], cache: RenderCache, n
             patch.services.pop(key, None)
             shared_changed = True
             continue
-        entry = _rendered(*new, old, node, large)
+        entry = _rendered(new, old, node, large)
         cache.entries[key] = entry
         patch.services[key] = entry.rules
         nat.update(entry.rules.chains)
