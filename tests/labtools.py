@@ -21,7 +21,8 @@ _labs = itertools.count()
 
 
 def kproxy(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([KPROXY, *args], capture_output=True, text=True, timeout=120,
+    # Generous: a `lab up` with cluster DNS in the emulated (TCG) guest takes over 100 s on a loaded machine.
+    done = subprocess.run([KPROXY, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
     if check and done.returncode != 0:
         raise AssertionError(f"kproxy {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
