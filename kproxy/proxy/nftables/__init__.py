@@ -5,9 +5,13 @@ layout with filter-output-post-dnat): base chains at kube-proxy's priorities; th
 ``services`` chain dispatching through the verdict map ``service-ips`` and, behind
 ``fib daddr type local`` (or the ``nodeport-ips`` set), ``service-nodeports``;
 ``no-endpoint-services`` / ``no-endpoint-nodeports`` and ``cluster-ips-check``;
-``mark-for-masquerade`` and ``masquerading``; per service port its ``service-``
-and ``external-`` chains, per endpoint its ``endpoint-`` chain and, with ClientIP
-affinity, its ``affinity-`` set.
+``firewall-check`` and ``firewall-ips`` (loadBalancerSourceRanges); ``mark-for-masquerade``
+and ``masquerading``; per service port its ``service-`` (Cluster policy), ``local-``
+(Local policy), ``external-`` and ``firewall-`` chains, per endpoint its ``endpoint-``
+chain and, with ClientIP affinity, its ``affinity-`` set. Which endpoints each chain
+gets is kube-proxy's CategorizeEndpoints (kproxy.proxy.topology): ready ones, else the
+serving terminating ones. The service health check node port gets no rule: kube-proxy's
+nftables mode writes none, as its chains let through what they do not drop or reject.
 
 One module per job:
 

@@ -63,13 +63,25 @@ def endpoint_base(svc: ServicePort, ep: Endpoint) -> str:
 
 
 def service_chain(base: str) -> str:
-    """Where ClusterIP traffic goes: masquerade off-cluster clients, pick an endpoint."""
+    """The Cluster-policy chain: picks one of every node's endpoints (ClusterIP traffic lands
+    here, after masquerading off-cluster clients, unless internalTrafficPolicy is Local)."""
     return f"service-{base}"
 
 
+def local_chain(base: str) -> str:
+    """The Local-policy chain: picks one of this node's endpoints."""
+    return f"local-{base}"
+
+
 def external_chain(base: str) -> str:
-    """Where NodePort traffic goes: masquerade, then the service chain."""
+    """Where NodePort, external IP and load-balancer IP traffic goes: masquerade (Cluster
+    policy) or short-circuit in-node clients (Local policy), then the policy chain."""
     return f"external-{base}"
+
+
+def firewall_chain(base: str) -> str:
+    """Drops load-balancer IP traffic from outside loadBalancerSourceRanges."""
+    return f"firewall-{base}"
 
 
 def endpoint_chain(base: str) -> str:

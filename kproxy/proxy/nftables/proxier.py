@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 
 from kproxy.proxy.conntrack import StaleUdpCleaner
 from kproxy.proxy.fullsync import FULL_SYNC_PERIOD, FullSyncs
-from kproxy.proxy.netfilter import usable_endpoints
 from kproxy.proxy.nftables.backend import Backend, Libnftables, TransactionError
 from kproxy.proxy.nftables.excerpt import live_rules
 from kproxy.proxy.nftables.render import RenderCache, Ruleset, render
 from kproxy.proxy.nftables.transaction import Existing, existing_of, full_transaction, partial_transaction
-from kproxy.proxy.types import NodeInfo, ProxyState, SyncResult
+from kproxy.proxy.topology import categorize
+from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort, SyncResult
 
 class NftablesProxier:
     """kube-proxy's nftables mode: the table ``ip kube-proxy``, one `nft -f` transaction per sync.
@@ -63,8 +63,12 @@ class NftablesProxier:
         changed = len(desired.services) if full else _changed(desired, previous)
         self.ruleset = desired
         self.full_syncs.done(full, started)
-        self.conntrack.sync(state, self._cache.by_key, usable_endpoints)
+        self.conntrack.sync(state, self._cache.by_key, self._reachable)
         return SyncResult(full=full, changed_services=changed, seconds=time.monotonic() - started)
+
+    def _reachable(self, svc: ServicePort, endpoints: list[Endpoint]) -> tuple[Endpoint, ...]:
+        """The endpoints this node has chains for (their UDP conntrack entries go when they leave)."""
+        return categorize(endpoints, svc, self.node.name).reachable
 
     def _layout_changed(self, desired: Ruleset) -> bool:
         """Whether what every service port shares (node, settings, layout) differs from the kernel's."""

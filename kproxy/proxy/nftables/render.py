@@ -12,9 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from kproxy.proxy.netfilter import usable_endpoints
 from kproxy.proxy.nftables import names as n
 from kproxy.proxy.nftables.rules import Element, ServiceObjects, SetSpec, SharedObjects, service_objects, shared_objects
+from kproxy.proxy.topology import Categorized, categorize
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
 
 VMAP_LIMIT = 1000  # above this many service ports, "auto" endpoint choice is the cascade
@@ -108,7 +108,7 @@ def _element_order(element: Element) -> list[tuple[int, tuple[int, ...] | str]]:
 class _Rendered:
     service: ServicePort
     endpoints: list[Endpoint]  # as the state gave them (compared by identity first)
-    usable: list[Endpoint]
+    categorized: Categorized  # which of them this node sends which traffic to
     objects: ServiceObjects
 
 
@@ -186,12 +186,13 @@ def _render_one(svc: ServicePort, endpoints: list[Endpoint], node: NodeInfo, cac
     if old is not None and (old.service is svc or old.service == svc) and (
             old.endpoints is endpoints or old.endpoints == endpoints):
         return old
-    usable = usable_endpoints(endpoints)
-    if old is not None and old.service == svc and old.usable == usable:
+    categorized = categorize(endpoints, svc, node.name)
+    if old is not None and old.service == svc and old.categorized == categorized:
         objects = old.objects
     else:
         assert cache.layout is not None
-        objects = service_objects(svc, usable, node, cascade=cache.layout.cascade, counters=cache.layout.counters)
-    rendered = _Rendered(svc, endpoints, usable, objects)
+        objects = service_objects(svc, categorized, node, cascade=cache.layout.cascade,
+                                  counters=cache.layout.counters)
+    rendered = _Rendered(svc, endpoints, categorized, objects)
     cache.entries[svc.key] = rendered
     return rendered

@@ -1,6 +1,13 @@
 """The objects kube-proxy's nftables mode writes: the shared ones (``shared_objects``) and
 each service port's (``service_objects``), in kube-proxy's spelling (pure, no root).
 
+A service port's chains follow kube-proxy's syncProxyRules: ``service-`` (Cluster policy:
+every node's endpoints), ``local-`` (Local policy: this node's), ``external-`` (NodePort,
+external IP and load-balancer IP traffic: masquerade, or Local policy's short-circuits,
+then a policy chain), ``firewall-`` (loadBalancerSourceRanges), ``endpoint-`` per endpoint;
+its addresses are elements of ``service-ips`` / ``service-nodeports`` / ``firewall-ips``, and
+of ``no-endpoint-services`` / ``no-endpoint-nodeports`` where nothing serves them.
+
 Endpoint choice is kube-proxy's ``numgen random mod N vmap { 0 : goto ..., ... }``, or,
 with ``cascade``, one rule per endpoint (``numgen random mod N-i 0 goto ...``, the last a
 plain ``goto``): the same uniform choice without an anonymous set per service, which the
@@ -13,10 +20,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from kproxy.proxy.netfilter import MASQ_MARK
 from kproxy.proxy.nftables import names as n
+from kproxy.proxy.topology import Categorized
 from kproxy.proxy.types import Endpoint, NodeInfo, ServicePort
 
 NO_LOCALHOST = "127.0.0.0/8"  # kube-proxy's nftables mode never serves NodePorts on localhost
@@ -142,56 +150,174 @@ def shared_objects(node: NodeInfo) -> SharedObjects:
     return SharedObjects({name: tuple(rules) for name, rules in chains.items()}, specs, dict(SHARED_SETS), elements)
 
 
-def _rule(match: str, action: str, counters: bool) -> str:
-    """match then action, with a counter between them when counting."""
-    return " ".join(part for part in (match, "counter" if counters else "", action) if part)
+def _rule(match: str, action: str, counters: bool, comment: str = "") -> str:
+    """match then action (and kube-proxy's comment), with a counter before the action when counting."""
+    if counters:
+        action = f"counter {action}"
+    rule = f"{match} {action}" if match else action
+    return f'{rule} comment "{comment}"' if comment else rule
 
 
-def service_objects(svc: ServicePort, endpoints: Sequence[Endpoint], node: NodeInfo, *,
-                    cascade: bool = False, counters: bool = False) -> ServiceObjects:
-    """One service port's chains, affinity sets and map elements; endpoints: its usable ones, in order."""
+class _Paths(NamedTuple):
+    """Where one service port's traffic goes, decided as kube-proxy's syncProxyRules decides it.
+    (A NamedTuple: one is built per service port per render, and a frozen dataclass's
+    __init__ costs several times more.)"""
+
+    cluster: str  # the Cluster-policy chain (service-...)
+    local: str  # the Local-policy chain (local-...)
+    external: str  # the chain of external traffic (external-...)
+    firewall: str  # the loadBalancerSourceRanges chain (firewall-...)
+    uses_cluster: bool  # the chains exist: they have endpoints and some traffic uses them
+    uses_local: bool
+    internal: str  # the policy chain ClusterIP traffic goes to ...
+    has_internal: bool  # ... if it has endpoints for it (else no-endpoint-services)
+    external_policy: str  # the policy chain the external chain ends in ...
+    has_external: bool  # ... if it has endpoints for it
+    uses_external: bool  # the external chain exists (also without external endpoints: short-circuits)
+    uses_firewall: bool
+    # The no-endpoint maps' verdict for what is not served: reject when the service has no
+    # endpoints at all (the client learns at once), drop when a Local policy finds none here.
+    refusal: str
+
+
+def _paths(svc: ServicePort, eps: Categorized) -> _Paths:
     base = n.service_base(svc)
-    proto = svc.protocol.lower()
-    key = f"{svc.cluster_ip} . {proto} . {svc.port}"
-    chains: dict[str, tuple[str, ...]] = {}
-    sets: dict[str, SetSpec] = {}
-    elements: list[tuple[str, Element]] = []
-    if not endpoints:
-        reject = f"goto {n.REJECT_CHAIN}"
-        elements.append((n.NO_ENDPOINT_SERVICES, Element(key, reject, svc.service_port_name)))
-        if svc.node_port:
-            elements.append((n.NO_ENDPOINT_NODEPORTS, Element(f"{proto} . {svc.node_port}", reject,
-                                                              svc.service_port_name)))
-        return ServiceObjects(svc.service_port_name, svc.cluster_ip, chains, sets, tuple(elements))
+    cluster, local = n.service_chain(base), n.local_chain(base)
+    return _Paths(
+        cluster=cluster, local=local, external=n.external_chain(base), firewall=n.firewall_chain(base),
+        uses_cluster=bool(eps.cluster) and svc.uses_cluster_endpoints,
+        uses_local=eps.has_local and svc.uses_local_endpoints,
+        internal=local if svc.internal_policy_local else cluster,
+        has_internal=eps.has_any and (eps.has_local or not svc.internal_policy_local),
+        external_policy=local if svc.external_policy_local else cluster,
+        has_external=eps.has_any and (eps.has_local or not svc.external_policy_local),
+        uses_external=eps.has_any and svc.externally_accessible,
+        uses_firewall=bool(svc.load_balancer_ips and svc.source_ranges),
+        refusal="drop" if eps.has_any else f"goto {n.REJECT_CHAIN}")
 
-    service = n.service_chain(base)
-    bases = [n.endpoint_base(svc, ep) for ep in endpoints]
-    targets = [n.endpoint_chain(b) for b in bases]
-    rules: list[str] = []
-    if node.cluster_cidr:  # the local-traffic detector: masquerade what comes from outside the pods
-        rules.append(_rule(f"ip daddr {svc.cluster_ip} {proto} dport {svc.port} ip saddr != {node.cluster_cidr}",
-                           f"jump {n.MARK_FOR_MASQUERADE}", counters))
+
+def service_objects(svc: ServicePort, eps: Categorized, node: NodeInfo, *,
+                    cascade: bool = False, counters: bool = False) -> ServiceObjects:
+    """One service port's chains, affinity sets and map elements; eps: its endpoints as this
+    node categorizes them (kproxy.proxy.topology.categorize)."""
+    paths = _paths(svc, eps)
+    proto = svc.protocol.lower()
+    chains: dict[str, list[str]] = {}
+    sets: dict[str, SetSpec] = {}
+    elements = _elements(svc, paths)
+
+    masquerade = _internal_masquerade(svc, node, counters)
+    if paths.has_internal and masquerade:
+        chains[paths.internal] = masquerade
+    if paths.uses_external:
+        chains[paths.external] = _external_rules(svc, paths, node, counters)
+    if paths.uses_firewall:
+        chains[paths.firewall] = [_firewall_rule(svc, node, counters)]
+    bases = {ep.address: n.endpoint_base(svc, ep) for ep in eps.reachable}
     if svc.affinity_seconds:
-        rules += [_rule(f"ip saddr @{n.affinity_set(b)}", f"goto {target}", counters)
-                  for b, target in zip(bases, targets)]
-    rules += _choose(targets, cascade, counters)
-    chains[service] = tuple(rules)
-    elements.append((n.SERVICE_IPS, Element(key, f"goto {service}")))
-    if svc.node_port:
-        external = n.external_chain(base)
-        chains[external] = (_rule("", f"jump {n.MARK_FOR_MASQUERADE}", counters),
-                            _rule("", f"goto {service}", counters))
-        elements.append((n.SERVICE_NODEPORTS, Element(f"{proto} . {svc.node_port}", f"goto {external}")))
-    for ep, b, target in zip(endpoints, bases, targets):
-        ep_rules = [_rule(f"ip saddr {ep.ip}", f"jump {n.MARK_FOR_MASQUERADE}", counters)]  # hairpin
-        if svc.affinity_seconds:
-            affinity = n.affinity_set(b)
-            sets[affinity] = SetSpec("set", f"{{ type ipv4_addr ; flags dynamic,timeout ; "
-                                            f"timeout {svc.affinity_seconds}s ; }}")
-            ep_rules.append(_rule("", f"update @{affinity} {{ ip saddr }}", counters))
-        ep_rules.append(_rule(f"meta l4proto {proto}", f"dnat to {ep.ip}:{ep.port}", counters))
-        chains[target] = tuple(ep_rules)
-    return ServiceObjects(svc.service_port_name, svc.cluster_ip, chains, sets, tuple(elements))
+        sets.update((n.affinity_set(b), SetSpec("set", f"{{ type ipv4_addr ; flags dynamic,timeout ; "
+                                                       f"timeout {svc.affinity_seconds}s ; }}"))
+                    for b in bases.values())
+    for used, chain, endpoints in ((paths.uses_cluster, paths.cluster, eps.cluster),
+                                   (paths.uses_local, paths.local, eps.local)):
+        if used:
+            chains.setdefault(chain, []).extend(
+                _to_endpoints(svc, [bases[ep.address] for ep in endpoints], cascade, counters))
+    for ep in eps.reachable:
+        chains[n.endpoint_chain(bases[ep.address])] = _endpoint_rules(svc, ep, bases[ep.address], proto, counters)
+    return ServiceObjects(svc.service_port_name, svc.cluster_ip,
+                          {name: tuple(rules) for name, rules in chains.items()}, sets, elements)
+
+
+def _elements(svc: ServicePort, paths: _Paths) -> tuple[tuple[str, Element], ...]:
+    """The service port's elements of the shared maps: its addresses to its chains, and, where
+    nothing serves them, to the no-endpoint verdict (with the servicePortName as comment)."""
+    proto = svc.protocol.lower()
+    out: list[tuple[str, Element]] = []
+
+    def to(where: str, key: str, chain: str) -> None:
+        out.append((where, Element(key, f"goto {chain}")))
+
+    def refuse(where: str, key: str) -> None:
+        out.append((where, Element(key, paths.refusal, svc.service_port_name)))
+
+    cluster_ip = f"{svc.cluster_ip} . {proto} . {svc.port}"
+    if paths.has_internal:
+        to(n.SERVICE_IPS, cluster_ip, paths.internal)
+    else:
+        refuse(n.NO_ENDPOINT_SERVICES, cluster_ip)
+    # External traffic goes to the external chain whenever the service has endpoints anywhere
+    # (for its short-circuits); what gets past them is dropped when this node has none.
+    for ip in (*svc.external_ips, *svc.load_balancer_ips):
+        if paths.uses_external:
+            to(n.SERVICE_IPS, f"{ip} . {proto} . {svc.port}", paths.external)
+        if not paths.has_external:
+            refuse(n.NO_ENDPOINT_SERVICES, f"{ip} . {proto} . {svc.port}")
+    if paths.uses_firewall:
+        for ip in svc.load_balancer_ips:
+            to(n.FIREWALL_IPS, f"{ip} . {proto} . {svc.port}", paths.firewall)
+    if svc.node_port:  # not subject to loadBalancerSourceRanges, as in kube-proxy
+        if paths.uses_external:
+            to(n.SERVICE_NODEPORTS, f"{proto} . {svc.node_port}", paths.external)
+        if not paths.has_external:
+            refuse(n.NO_ENDPOINT_NODEPORTS, f"{proto} . {svc.node_port}")
+    return tuple(out)
+
+
+def _internal_masquerade(svc: ServicePort, node: NodeInfo, counters: bool) -> list[str]:
+    """ClusterIP traffic to masquerade: all of it with --masquerade-all, else what comes from
+    outside the cluster CIDR (it may have been routed here and leave to another node)."""
+    match = f"ip daddr {svc.cluster_ip} {svc.protocol.lower()} dport {svc.port}"
+    if node.masquerade_all:
+        return [_rule(match, f"jump {n.MARK_FOR_MASQUERADE}", counters)]
+    if node.cluster_cidr:
+        return [_rule(f"{match} ip saddr != {node.cluster_cidr}", f"jump {n.MARK_FOR_MASQUERADE}", counters)]
+    return []
+
+
+def _external_rules(svc: ServicePort, paths: _Paths, node: NodeInfo, counters: bool) -> list[str]:
+    """Cluster policy: masquerade (the endpoint may be on another node). Local policy: keep the
+    client's address, but send pods (by the cluster CIDR) and the node itself to every
+    endpoint, as if they had gone out to the load balancer and come back."""
+    mark = f"jump {n.MARK_FOR_MASQUERADE}"
+    if not svc.external_policy_local:
+        rules = [_rule("", mark, counters)]
+    else:
+        rules = [_rule(f"ip saddr {node.cluster_cidr}", f"goto {paths.cluster}", counters,
+                       "short-circuit pod traffic")] if node.cluster_cidr else []
+        rules += [_rule("fib saddr type local", mark, counters, "masquerade local traffic"),
+                  _rule("fib saddr type local", f"goto {paths.cluster}", counters, "short-circuit local traffic")]
+    if paths.has_external:
+        rules.append(_rule("", f"goto {paths.external_policy}", counters))
+    return rules
+
+
+def _firewall_rule(svc: ServicePort, node: NodeInfo, counters: bool) -> str:
+    """Drop sources outside loadBalancerSourceRanges. When the ranges hold the node's IP, the
+    load-balancer IPs are allowed too: a node reaching an LB IP it has as a local address
+    comes back with that IP as its source."""
+    ranges = [ipaddress.IPv4Network(cidr, strict=False) for cidr in svc.source_ranges]
+    sources = [str(cidr) for cidr in ranges]  # as kube-proxy prints a parsed CIDR: host bits cleared
+    if node.ip and any(ipaddress.IPv4Address(node.ip) in cidr for cidr in ranges):
+        sources += svc.load_balancer_ips
+    return _rule(f"ip saddr != {{ {' , '.join(sources)} }}", "drop", counters)
+
+
+def _to_endpoints(svc: ServicePort, bases: list[str], cascade: bool, counters: bool) -> list[str]:
+    """A policy chain's rules after its masquerade: a remembered client to its endpoint
+    (ClientIP affinity), then the choice of one endpoint."""
+    targets = [n.endpoint_chain(b) for b in bases]
+    rules = [_rule(f"ip saddr @{n.affinity_set(b)}", f"goto {target}", counters)
+             for b, target in zip(bases, targets)] if svc.affinity_seconds else []
+    return rules + _choose(targets, cascade, counters)
+
+
+def _endpoint_rules(svc: ServicePort, ep: Endpoint, base: str, proto: str, counters: bool) -> list[str]:
+    rules = [_rule(f"ip saddr {ep.ip}", f"jump {n.MARK_FOR_MASQUERADE}", counters)]  # hairpin
+    if svc.affinity_seconds:
+        rules.append(_rule("", f"update @{n.affinity_set(base)} {{ ip saddr }}", counters))
+    rules.append(_rule(f"meta l4proto {proto}", f"dnat to {ep.ip}:{ep.port}", counters))
+    return rules
 
 
 def _choose(targets: list[str], cascade: bool, counters: bool) -> list[str]:
