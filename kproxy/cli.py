@@ -89,7 +89,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
-          f"external {info['external']['ip']}")
+          f"external {info['external']['ip']}  load balancers {info['loadBalancerCIDR'] or '<none>'}")
     supervisor = info["supervisorPid"]
     print(f"supervisor pid {supervisor}" if supervisor
           else "supervisor DEAD ('kproxy lab up' with this lab's topology starts a new one)")

@@ -48,6 +48,33 @@ spec:
   selector: {app: nothing}
   ports: [{port: 81, targetPort: 8080}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: shop}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: [172.18.0.0/24]
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: example.com/other
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy}
+spec:
+  externalIPs: [192.168.77.10, 192.168.77.11]
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 9000}]
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: api}
@@ -78,6 +105,7 @@ def view(tmp_path: Path) -> View:
     services = [o for o in objects if o["kind"] == "Service"]
     controllers.allocate_cluster_ips(services, [])
     controllers.allocate_node_ports(services, [])
+    controllers.allocate_load_balancer_ips(services, [], state.load_balancer_pool)
     write(store, objects)
     deployment = store.read().objects["Deployment/default/api"]
     replica_set = controllers.replica_set_for(deployment, 2)
@@ -158,14 +186,19 @@ def test_tables_read_like_kubectl(view: View, monkeypatch: pytest.MonkeyPatch) -
         "client  1/1  Running  1 (5m ago)  5m  10.244.3.2  node1  <none>  <none>"]
     assert table("svc") == ["NAME  TYPE  CLUSTER-IP  EXTERNAL-IP  PORT(S)  AGE",
                             "db  ClusterIP  None  <none>  5432/TCP  5m",
+                            "elsewhere  LoadBalancer  10.96.0.14  <pending>  80:30003/TCP  5m",
                             "empty  ClusterIP  10.96.0.12  <none>  81/TCP  5m",
+                            "legacy  ClusterIP  10.96.0.15  192.168.77.10,192.168.77.11  80/TCP  5m",
                             "search  ExternalName  <none>  search.example.com  <none>  5m",
+                            "shop  LoadBalancer  10.96.0.13  172.18.255.1  80:30001/TCP  5m",
                             "web  NodePort  10.96.0.11  <none>  80:30000/TCP  5m"]
     assert table("rs") == ["NAME  DESIRED  CURRENT  READY  AGE", f"{name}  2  2  1  5m"]
     assert table("deploy") == ["NAME  READY  UP-TO-DATE  AVAILABLE  AGE", "api  1/2  2  1  5m"]
-    assert table("ep") == ["NAME  ENDPOINTS  AGE", "empty  <none>  5m", "web  10.244.2.2:9000  5m"]
-    assert sorted(table("endpointslices")[1:]) == [f"{slices['empty']}  IPv4  8080  <unset>  5m",
-                                                   f"{slices['web']}  IPv4  9000  10.244.1.2,10.244.2.2  5m"]
+    assert table("ep") == ["NAME  ENDPOINTS  AGE", "elsewhere  10.244.2.2:9000  5m", "empty  <none>  5m",
+                           "legacy  10.244.2.2:9000  5m", "shop  10.244.2.2:9000  5m", "web  10.244.2.2:9000  5m"]
+    assert sorted(table("endpointslices")[1:]) == sorted(
+        [f"{slices['empty']}  IPv4  8080  <unset>  5m"]
+        + [f"{slices[name]}  IPv4  9000  10.244.1.2,10.244.2.2  5m" for name in ("elsewhere", "legacy", "shop", "web")])
 
 
 @pytest.mark.parametrize("seconds, shown", [(-5, "<invalid>"), (0, "0s"), (119, "119s"), (120, "2m"), (185, "3m5s"),
