@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from kproxy.healthcheck import ServiceHealth, response, service_health
-from kproxy.lab.announce import routes
+from kproxy.lab.announce import node_marks, pinning_ruleset, routes
 from kproxy.proxy.types import Endpoint, ProxyState, ServicePort
 
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.10"}
@@ -58,3 +58,18 @@ def test_the_health_check_answers_as_kube_proxy_does() -> None:
     assert response(ServiceHealth("shop", "web", 30100, 0), proxy_healthy=True)[0] == 503
     status, body = response(ServiceHealth("shop", "web", 30100, 2), proxy_healthy=False)
     assert status == 503 and json.loads(body)["serviceProxyHealthy"] is False
+
+
+def test_the_router_pins_each_connection_to_the_node_it_started_on() -> None:
+    marks = node_marks(["172.18.0.10", "172.18.0.2"], "172.18.0.0/24")
+    assert marks == {"172.18.0.10": 10, "172.18.0.2": 2}  # host numbers: the same whatever nodes come and go
+    assert pinning_ruleset("172.18.255.0/24", marks) == (
+        "table ip kproxy-router { }\n"
+        "delete table ip kproxy-router\n"
+        "table ip kproxy-router {\n"
+        "  map hop-mark { type ipv4_addr : mark ; elements = { 172.18.0.2 : 2, 172.18.0.10 : 10 } ; }\n"
+        "  chain remember { type filter hook postrouting priority mangle ; "
+        "ip daddr 172.18.255.0/24 ct state new ct mark set rt ip nexthop map @hop-mark ; }\n"
+        "  chain pin { type route hook output priority mangle ; "
+        "ip daddr 172.18.255.0/24 ct mark != 0 meta mark set ct mark ; }\n"
+        "}\n")

@@ -15,6 +15,16 @@ like routes a BGP speaker on each node advertises:
 
 The routes carry protocol `bgp` (`ip route` in the namespace shows
 "proto bgp"); that marks them as ours, so a sync replaces exactly those.
+
+A plain router re-hashes flows whenever its next hops change, which breaks
+a connection open at that moment (the new node has no conntrack entry for
+it). The lab's router keeps established connections where they started, as
+a stateful load balancer drains a node: nftables (table `ip kproxy-router`)
+notes each new connection's next hop in its conntrack mark, and later
+packets of it are routed by that mark through a per-node table (policy
+routing: `fwmark N lookup 1000+N`). So a rollout behind a Local-policy
+address fails no request: old connections finish on the node they began on
+while it drains, new ones go where the announcements now point.
 externalIPs are not announced: in a cluster the administrator routes them,
 and in a lab a person does the same (`ip route add IP via NODE-IP` in
 `external`).
@@ -23,9 +33,13 @@ and in a lab a person does the same (`ip route add IP via NODE-IP` in
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 from typing import Iterable, Mapping
 
+from pyroute2 import IPRoute
+
 from cni.netns import iproute_in
+from kproxy.errors import KproxyError
 from kproxy.controllers import load_balancer_ips
 from kproxy.lab.state import LabState, ns_path
 from kproxy.lab.wiring import EXTERNAL, NODE_UPLINK
@@ -33,6 +47,8 @@ from kproxy.proxy.source import SERVICE_NAME_LABEL
 from kproxy.store import Obj, View
 
 RTPROT_BGP = 186  # /etc/iproute2/rt_protos: "bgp"
+ROUTER_TABLE = "kproxy-router"  # the nftables table that pins connections to their node
+FIRST_ROUTE_TABLE = 1000  # per-node routing tables: 1000 + the node's mark
 Routes = dict[str, tuple[str, ...]]  # load-balancer IP -> next hops (node IPs), sorted
 
 
@@ -70,11 +86,61 @@ def wanted_routes(state: LabState, view: View) -> Routes:
                   {name: node.ip for name, node in state.nodes.items()})
 
 
+def node_marks(node_ips: Iterable[str], node_cidr: str) -> dict[str, int]:
+    """Each node's connection mark: its host number in the node CIDR (stable as nodes come and go)."""
+    network = ipaddress.IPv4Network(node_cidr)
+    return {ip: int(ipaddress.IPv4Address(ip)) - int(network.network_address) for ip in node_ips}
+
+
+def pinning_ruleset(pool: str, marks: Mapping[str, int]) -> str:
+    """The `nft -f` text that (re)writes the router's table: a new connection to the pool records its
+    next hop's mark, every later packet of it is routed by that mark (pure)."""
+    elements = ", ".join(f"{ip} : {mark}" for ip, mark in sorted(marks.items(), key=lambda item: item[1]))
+    hop_map = f"elements = {{ {elements} }} ; " if elements else ""
+    return (f"table ip {ROUTER_TABLE} {{ }}\n"
+            f"delete table ip {ROUTER_TABLE}\n"
+            f"table ip {ROUTER_TABLE} {{\n"
+            f"  map hop-mark {{ type ipv4_addr : mark ; {hop_map}}}\n"
+            f"  chain remember {{ type filter hook postrouting priority mangle ; "
+            f"ip daddr {pool} ct state new ct mark set rt ip nexthop map @hop-mark ; }}\n"
+            f"  chain pin {{ type route hook output priority mangle ; "
+            f"ip daddr {pool} ct mark != 0 meta mark set ct mark ; }}\n"
+            f"}}\n")
+
+
+def _pin_connections(ipr: IPRoute, netns: str, uplink: int, pool: str, marks: Mapping[str, int]) -> None:
+    """Per node: a routing table sending the pool to it and a rule choosing that table by mark;
+    then the nftables table that marks connections."""
+    wanted_tables = {FIRST_ROUTE_TABLE + mark: ip for ip, mark in marks.items()}
+    for table, ip in wanted_tables.items():
+        ipr.route("replace", dst=pool, gateway=ip, oif=uplink, table=table)
+    rules = {(rule.get_attr("FRA_TABLE"), rule.get_attr("FRA_FWMARK")) for rule in ipr.get_rules(family=2)}
+    for table in wanted_tables:
+        if (table, table - FIRST_ROUTE_TABLE) not in rules:
+            ipr.rule("add", table=table, fwmark=table - FIRST_ROUTE_TABLE, priority=FIRST_ROUTE_TABLE)
+    for table, fwmark in rules:
+        if table and table >= FIRST_ROUTE_TABLE and table not in wanted_tables:
+            ipr.rule("del", table=table, fwmark=fwmark, priority=FIRST_ROUTE_TABLE)
+            ipr.flush_routes(table=table)
+    run_nft(netns, pinning_ruleset(pool, marks))
+
+
+def run_nft(netns: str, text: str) -> None:
+    done = subprocess.run(["nsenter", f"--net={netns}", "--", "nft", "-f", "-"], input=text, text=True,
+                          capture_output=True)
+    if done.returncode != 0:
+        raise KproxyError(f"the lab's router: nft -f failed: {done.stderr.strip()}")
+
+
 def sync(state: LabState, view: View) -> Routes:
     """Make the router's (the external namespace's) announced routes exactly the wanted ones."""
     wanted = wanted_routes(state, view)
-    with iproute_in(ns_path(state.name, EXTERNAL)) as ipr:
+    netns = ns_path(state.name, EXTERNAL)
+    with iproute_in(netns) as ipr:
         (uplink,) = ipr.link_lookup(ifname=NODE_UPLINK)
+        if state.load_balancer_cidr:
+            marks = node_marks((node.ip for node in state.nodes.values()), state.node_cidr)
+            _pin_connections(ipr, netns, uplink, state.load_balancer_cidr, marks)
         have: Routes = {}
         for route in ipr.get_routes(family=2, proto=RTPROT_BGP):
             dst = f"{route.get_attr('RTA_DST')}"
