@@ -341,6 +341,22 @@ def test_localhost_nodeports_off_excludes_loopback_and_kubelet_firewall() -> Non
     assert got.splitlines() == expected
 
 
+@pytest.mark.parametrize(("addresses", "tails"), [
+    (("192.168.0.0/24",), ["-d 192.168.0.2"]),  # kube-proxy's --nodeport-addresses: a rule per node address
+    (("primary",), ["-d 192.168.0.2"]),
+    (("10.99.0.0/16",), []),  # none of the node's: no NodePort answers
+])
+def test_node_port_addresses_send_only_those_addresses_to_the_node_ports(addresses, tails) -> None:
+    node = dataclasses.replace(NODE, node_port_addresses=addresses)
+    got = render(small_state(), node).text().splitlines()
+    expected = EXPECTED.splitlines()
+    tail = expected.index('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must '
+                          'be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+    expected[tail:tail + 1] = [expected[tail].replace("-m addrtype --dst-type LOCAL", destination)
+                               for destination in tails]
+    assert got == expected
+
+
 def _changed(state: ProxyState) -> Ruleset:
     svc4 = state.services[3]
     state.endpoints[svc4.key] = [ep("10.180.0.4", "node2"), ep("10.180.0.7", LOCAL)]

@@ -7,6 +7,7 @@ per (service, port), endpoints already resolved to pod IP and target port.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
@@ -93,6 +94,16 @@ class NodeInfo:
     node_port_addresses: tuple[str, ...] = ()
     # kube-proxy's --masquerade-all: SNAT all traffic to a ClusterIP, not only off-cluster traffic.
     masquerade_all: bool = False
+
+    def node_port_ips(self) -> tuple[str, ...] | None:
+        """The node IPs NodePorts answer on by node_port_addresses (CIDRs, or "primary" for the
+        node IP); None when it is empty: every local address."""
+        if not self.node_port_addresses:
+            return None
+        ip = ipaddress.IPv4Address(self.ip) if self.ip else None
+        wanted = any(ip is not None and (given == "primary" or ip in ipaddress.IPv4Network(given, strict=False))
+                     for given in self.node_port_addresses)
+        return (self.ip,) if wanted else ()
 
 
 @dataclass

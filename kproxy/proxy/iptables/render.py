@@ -153,9 +153,9 @@ def _rendered(new: _Input, old: Rendered | None, node: NodeInfo, large: bool) ->
 
 
 def _top_chains(cache: RenderCache) -> tuple[Chains, Chains]:
-    _, localhost_nodeports, conntrack_tcp_liberal = cache.options
+    node, localhost_nodeports, conntrack_tcp_liberal = cache.options
     rules = [cache.entries[svc.key].rules for svc in cache.ordered]
-    return top_chains(rules, localhost_nodeports, conntrack_tcp_liberal)
+    return top_chains(rules, localhost_nodeports, conntrack_tcp_liberal, node.node_port_ips())
 
 
 def _render_all(state: ProxyState, node: NodeInfo, cache: RenderCache,

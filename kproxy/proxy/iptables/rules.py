@@ -303,8 +303,9 @@ def _endpoint_chain(svc: ServicePort, sep: str, ep: Endpoint, large: bool) -> tu
 
 
 def top_chains(rules: Sequence[ServiceRules], localhost_nodeports: bool,
-               conntrack_tcp_liberal: bool) -> tuple[Chains, Chains]:
-    """The shared chains (filter's and nat's top-level ones) holding rules' lines, in order."""
+               conntrack_tcp_liberal: bool, node_port_ips: tuple[str, ...] | None = None) -> tuple[Chains, Chains]:
+    """The shared chains (filter's and nat's top-level ones) holding rules' lines, in order;
+    node_port_ips: where NodePorts answer (NodeInfo.node_port_ips; None: every local address)."""
     filter_: Chains = {
         KUBE_SERVICES: tuple(line for r in rules for line in r.filter_services),
         KUBE_EXTERNAL_SERVICES: tuple(line for r in rules for line in r.filter_external),
@@ -318,12 +319,16 @@ def top_chains(rules: Sequence[ServiceRules], localhost_nodeports: bool,
     filter_[KUBE_FORWARD] = (
         () if conntrack_tcp_liberal else (f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP",)
     ) + forward_rules()
-    # The tail call to KUBE-NODEPORTS must stay the last rule of KUBE-SERVICES.
-    local = "-m addrtype --dst-type LOCAL" + ("" if localhost_nodeports else " ! -d 127.0.0.0/8")
+    # The tail call to KUBE-NODEPORTS must stay the last rule of KUBE-SERVICES: for every local
+    # address, or (kube-proxy's --nodeport-addresses) one rule per node address it names.
+    if node_port_ips is None:
+        destinations = ["-m addrtype --dst-type LOCAL" + ("" if localhost_nodeports else " ! -d 127.0.0.0/8")]
+    else:
+        destinations = [f"-d {ip}" for ip in node_port_ips]
     nat: Chains = {
-        KUBE_SERVICES: tuple(line for r in rules for line in r.nat_services) + (
+        KUBE_SERVICES: tuple(line for r in rules for line in r.nat_services) + tuple(
             f'-A {KUBE_SERVICES} -m comment --comment "kubernetes service nodeports; NOTE: this must be the last '
-            f'rule in this chain" {local} -j {KUBE_NODEPORTS}',),
+            f'rule in this chain" {destination} -j {KUBE_NODEPORTS}' for destination in destinations),
         KUBE_NODEPORTS: tuple(line for r in rules for line in r.nat_nodeports),
         KUBE_POSTROUTING: postrouting_rules(),
         KUBE_MARK_MASQ: mark_masq_rules(),

@@ -127,17 +127,13 @@ def scheduler_of(svc: ServicePort, default: str) -> str:
 
 
 def node_port_ips(node: NodeInfo) -> tuple[str, ...]:
-    """The node IPs NodePorts get virtual servers on: kube-proxy's --nodeport-addresses (CIDRs, or
-    "primary" for the node IP) matched against the node IP; without it, the node IP (kube-proxy
-    takes every local address but kube-ipvs0's and loopback, and a lab node has only that one)."""
-    if not node.ip:
-        return ()
-    ip = ipaddress.IPv4Address(node.ip)
-    if not node.node_port_addresses or any(
-            given == "primary" or ip in ipaddress.IPv4Network(given, strict=False)
-            for given in node.node_port_addresses):
-        return (node.ip,)
-    return ()
+    """The node IPs NodePorts get virtual servers on (NodeInfo.node_port_ips); without
+    --nodeport-addresses the node IP (kube-proxy takes every local address but kube-ipvs0's and
+    loopback, and a lab node has only that one)."""
+    ips = node.node_port_ips()
+    if ips is None:
+        return (node.ip,) if node.ip else ()
+    return ips
 
 
 @dataclass(frozen=True)

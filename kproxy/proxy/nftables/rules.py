@@ -107,17 +107,6 @@ JUMPS = (
 )
 
 
-def nodeport_ips(node: NodeInfo) -> tuple[str, ...] | None:
-    """The node IPs NodePorts answer on (kube-proxy's --nodeport-addresses: CIDRs, or "primary"
-    for the node IP), or None for every local address (``fib daddr type local``)."""
-    if not node.node_port_addresses:
-        return None
-    ip = ipaddress.IPv4Address(node.ip) if node.ip else None
-    wanted = any(ip is not None and (given == "primary" or ip in ipaddress.IPv4Network(given, strict=False))
-                 for given in node.node_port_addresses)
-    return (node.ip,) if wanted else ()
-
-
 def shared_objects(node: NodeInfo) -> SharedObjects:
     specs = {name: f"{{ type {kind} hook {hook} priority {priority} ; }}"
              for name, kind, hook, priority in n.BASE_CHAINS}
@@ -141,7 +130,7 @@ def shared_objects(node: NodeInfo) -> SharedObjects:
     chains[n.REJECT_CHAIN].append("reject")
     chains[n.SERVICE_ENDPOINTS_CHECK].append(f"ip daddr . meta l4proto . th dport vmap @{n.NO_ENDPOINT_SERVICES}")
     chains[n.SERVICES].append(f"ip daddr . meta l4proto . th dport vmap @{n.SERVICE_IPS}")
-    addresses = nodeport_ips(node)
+    addresses = node.node_port_ips()
     local = (f"fib daddr type local ip daddr != {NO_LOCALHOST}" if addresses is None
              else f"ip daddr @{n.NODEPORT_IPS}")
     chains[n.NODEPORT_ENDPOINTS_CHECK].append(f"{local} meta l4proto . th dport vmap @{n.NO_ENDPOINT_NODEPORTS}")
