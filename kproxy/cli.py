@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the service CIDR, whose unallocated addresses nftables mode drops (default {LAB_SERVICE_CIDR})")
     p.add_argument("--node-port-addresses", type=cliargs.NODE_PORT_ADDRESSES, default=(), metavar="CIDR[,CIDR...]",
                    help="kube-proxy's --nodeport-addresses: CIDRs, or 'primary' for the node IP, where NodePorts "
-                        "answer (nftables mode: the nodeport-ips set; default: every local address)")
+                        "answer (default: every local address)")
     p.add_argument("--masquerade-all", action="store_true",
                    help="kube-proxy's --masquerade-all: SNAT every packet to a ClusterIP, not only off-cluster ones")
     p.add_argument("--load-balancer-cidr", type=cliargs.IPV4_NETWORK, default=DEFAULT_LOAD_BALANCER_CIDR,
