@@ -6,9 +6,10 @@ import itertools
 import json
 import os
 import subprocess
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -90,3 +91,27 @@ class Lab:
     def pods(self, selector: str, namespace: str = "default") -> list[dict[str, Any]]:
         return json.loads(kproxy("get", "pods", "--lab", self.name, "-n", namespace, "-l", selector,
                                  "-o", "json").stdout)["items"]
+
+
+@contextmanager
+def asking_meanwhile(ask: Callable[[], dict[str, str]]) -> Iterator[tuple[list[dict[str, str]], list[str]]]:
+    """ask() again and again from a thread while the block runs (a client loop during a rollout):
+    yields the answers and the errors, both filled once the block is done."""
+    stop = threading.Event()
+    answers: list[dict[str, str]] = []
+    errors: list[str] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(ask())
+            except OSError as exc:
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield answers, errors
+    finally:
+        stop.set()
+        thread.join()

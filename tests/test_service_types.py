@@ -24,7 +24,7 @@ from kproxy.lab.probe import parse_answer
 from kproxy.proxy import mode as proxy_mode
 from kproxy.proxy.types import ServicePort
 from tests.conditions import wait_for
-from tests.labtools import Lab, kproxy
+from tests.labtools import Lab, asking_meanwhile, kproxy
 
 pytestmark = pytest.mark.kernel
 
@@ -271,29 +271,12 @@ def test_internal_local_policy_serves_pods_on_the_endpoints_node_only(typed: Lab
 def test_a_rollout_behind_a_local_policy_load_balancer_fails_no_request(typed: Lab) -> None:
     needs_policies(typed)
     ip = load_balancer_ip(typed, "api-local")
-    stop = threading.Event()
-    served: Counter[str] = Counter()
-    errors: list[str] = []
-
-    def hammer() -> None:
-        while not stop.is_set():
-            try:
-                answer = typed.ask("external", ip, 80, timeout=3)
-                served[answer["pod"]] += 1
-                if answer["client"].split(":")[0] != typed.info["external"]["ip"]:
-                    errors.append(f"client address not kept: {answer}")
-            except OSError as exc:
-                errors.append(repr(exc))
-
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    try:
+    with asking_meanwhile(lambda: typed.ask("external", ip, 80, timeout=3)) as (answers, errors):
         kproxy("rollout", "restart", "--lab", typed.name, "deploy/api")
-    finally:
-        stop.set()
-        thread.join()
+    served = Counter(answer["pod"] for answer in answers)
     after = {p["metadata"]["name"] for p in typed.pods("app=api")}
     assert errors == [] and sum(served.values()) > 20, (errors[:5], served)
+    assert {answer["client"].split(":")[0] for answer in answers} == {typed.info["external"]["ip"]}
     assert set(served) & after  # the new pods served too
 
 

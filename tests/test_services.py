@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
-from typing import Iterator
 
 import pytest
 
@@ -22,7 +20,7 @@ from cni.netns import entered
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
 from kproxy.agent import status_path
 from kproxy.lab.state import lab_dir
-from tests.labtools import Lab, kproxy, running_lab, status
+from tests.labtools import Lab, asking_meanwhile, kproxy, running_lab, status
 from tests.servicelab import MANIFESTS
 from tests.runtime import in_ns
 
@@ -130,24 +128,9 @@ def test_scaling_a_deployment_changes_its_endpoints(lab: Lab) -> None:
 
 def test_a_rollout_fails_no_request(lab: Lab) -> None:
     before = {p["metadata"]["name"] for p in lab.pods("app=api")}
-    stop = threading.Event()
-    results: Counter[str] = Counter()
-    errors: list[str] = []
-
-    def hammer() -> None:
-        while not stop.is_set():
-            try:
-                results[lab.ask("client", lab.ip("api"), 80, timeout=2)["pod"]] += 1
-            except OSError as exc:
-                errors.append(repr(exc))
-
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    try:
+    with asking_meanwhile(lambda: lab.ask("client", lab.ip("api"), 80, timeout=2)) as (answers, errors):
         kproxy("rollout", "restart", "--lab", lab.name, "deploy/api")
-    finally:
-        stop.set()
-        thread.join()
+    results = Counter(answer["pod"] for answer in answers)
     after = {p["metadata"]["name"] for p in lab.pods("app=api")}
     assert len(after) == 2 and not (after & before)
     assert errors == [] and sum(results.values()) > 20, (errors[:5], results)
