@@ -57,6 +57,8 @@ def test_a_running_lab_cannot_switch_overlay_in_place() -> None:
         ({"podCIDR": "10.244.1.0/16"}, "host bits set"),
         ({"podCIDR": "172.18.0.0/16"}, "podCIDR and nodeCIDR overlap"),
         ({"podCIDR": "10.96.0.0/16"}, "podCIDR and the service CIDR overlap"),
+        ({"loadBalancerCIDR": "172.18.0.128/25"}, "nodeCIDR and loadBalancerCIDR overlap"),
+        ({"loadBalancerCIDR": "10.96.255.0/24"}, "the service CIDR and loadBalancerCIDR overlap"),
         ({"podCIDR": "10.244.0.0/25"}, "smaller than one /24 per node"),
         ({"podCIDR": "10.244.0.0/23", "nodes": ["n1", "n2"]}, "room for 1 nodes, not 2"),
         ({"overlay": "geneve"}, "overlay 'geneve' is not one of vxlan, host-gw"),
