@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from kproxy import cliargs
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
-from kproxy.lab.topology import DEFAULT_LOAD_BALANCER_CIDR, SERVICE_CIDR as LAB_SERVICE_CIDR
+from kproxy.lab.topology import DEFAULT_LOAD_BALANCER_CIDR, OVERLAYS, SERVICE_CIDR as LAB_SERVICE_CIDR
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 
 PROG = "kproxy"
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = lab_sub.add_parser("up", help="build or reconcile a lab from a topology file")
     p.add_argument("-f", "--file", help="topology YAML (default: examples/lab.yaml; - for stdin)")
     p.add_argument("--name", type=cliargs.LAB, help="lab name (default: the file's name field)")
-    p.add_argument("--overlay", choices=("vxlan", "host-gw"), help="overlay between nodes (default: the file's)")
+    p.add_argument("--overlay", choices=OVERLAYS, help="overlay between nodes (default: the file's)")
     p.add_argument("--mode", choices=MODES, help=f"proxy mode of the node agents (default: {DEFAULT_MODE}, "
                                                  "or the running lab's); another mode than the running lab's "
                                                  "restarts its agents after removing the old mode's rules")

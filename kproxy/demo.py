@@ -21,9 +21,9 @@ from kproxy import guest
 from kproxy.cli import main as kproxy_main
 from kproxy.lab.probe import parse_answer, probe_tcp
 from kproxy.lab.state import load_state, ns_path
+from kproxy.lab.topology import OVERLAYS  # the scenes take turns
 from kproxy.proxy import MODES, mode as proxy_mode
 
-OVERLAYS = ("vxlan", "host-gw")  # the scenes take turns
 SERVICE = Path(__file__).resolve().parents[1] / "examples" / "services" / "web.yaml"
 NODE_PORT = 30080
 

@@ -15,12 +15,13 @@ import pytest
 
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
 from kproxy.lab.state import NETNS_DIR, lab_dir, ns_name, ns_path
+from tests.conditions import wait_for
 from tests.labtools import kproxy, node_ip, pod_ip, running_lab, status, unique_lab_name, write_topology
 from tests.runtime import in_ns
 
 pytestmark = pytest.mark.kernel
 
-OVERLAYS = ["vxlan", "host-gw"]
+OVERLAYS = ["vxlan", "host-gw", "udp"]
 
 
 def lab_traces(name: str) -> list[str]:
@@ -30,7 +31,8 @@ def lab_traces(name: str) -> list[str]:
         found.append(str(lab_dir(name)))
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     found += [line for line in ps.splitlines()
-              if any(daemon in line for daemon in ("kproxy.lab.workload", "kproxy.agent", "kproxy.lab.supervisor"))
+              if any(daemon in line for daemon in ("kproxy.lab.workload", "kproxy.agent", "kproxy.lab.supervisor",
+                                                   "kproxy.lab.udpoverlay"))
               and f"/{name}" in line]
     return found
 
@@ -61,7 +63,7 @@ def test_full_reachability_matrix(overlay: str) -> None:
         assert in_ns(ns_path(lab, "node1"), "ping", "-c1", "-W2", node_ip(info, "node3"), check=False).returncode == 0
         # pod MTU follows the overlay
         mtu = json.loads(in_ns(ns_path(lab, "web-1"), "ip", "-j", "link", "show", "eth0").stdout)[0]["mtu"]
-        assert mtu == (1450 if overlay == "vxlan" else 1500)
+        assert mtu == {"vxlan": 1450, "udp": 1472, "host-gw": 1500}[overlay]
 
 
 def capture(lab: str, action: Any, count: int = 2) -> list[Any]:
@@ -113,6 +115,42 @@ def test_host_gw_traffic_is_plain_ip_between_pods() -> None:
         request = packets[0]
         assert request[IP].src == src and request[IP].dst == dst and request[ICMP].type == 8
         assert UDP not in request
+
+
+def test_udp_traffic_is_the_inner_ip_packet_in_udp_8285_between_nodes() -> None:
+    from scapy.layers.inet import ICMP, IP, UDP
+
+    with running_lab("--overlay", "udp") as lab:
+        info = status(lab)
+        src, dst = pod_ip(info, "client"), pod_ip(info, "web-3")
+        packets = capture(lab, lambda: in_ns(ns_path(lab, "client"), "ping", "-c1", "-W2", dst))
+        request = packets[0]
+        assert request[IP].src == node_ip(info, "node1") and request[IP].dst == node_ip(info, "node3")
+        assert request[UDP].sport == 8285 and request[UDP].dport == 8285
+        inner = IP(bytes(request[UDP].payload))  # flannel's udp backend: the bare IP packet, no header of its own
+        assert inner.src == src and inner.dst == dst and inner[ICMP].type == 8
+        routes = in_ns(ns_path(lab, "node1"), "ip", "route", "show", "dev", "flannel0").stdout
+        assert "10.244.0.0/16 proto kernel scope link src 10.244.1.0" in routes, routes
+
+
+def test_a_dead_udp_copier_is_restarted_and_down_leaves_nothing() -> None:
+    with running_lab("--overlay", "udp") as lab:
+        info = status(lab)
+        pidfile = lab_dir(lab) / "flanneld-node1.pid"
+        pid = int(pidfile.read_text())
+        assert b"kproxy.lab.udpoverlay" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        os.kill(pid, signal.SIGKILL)
+        wait_for("a new copier on node1", lambda: pidfile.exists() and int(pidfile.read_text()) != pid, timeout=60)
+        wait_for("client reaching web-3 again",
+                 lambda: _answers(lab, "client", pod_ip(info, "web-3")) == "web-3", timeout=30)
+    assert lab_traces(lab) == []
+
+
+def _answers(lab: str, src: str, ip: str) -> str | None:
+    try:
+        return answer(lab, src, ip)["pod"]
+    except OSError:
+        return None
 
 
 def overlay_entries(lab: str, node: str) -> str:

@@ -61,7 +61,7 @@ def test_a_running_lab_cannot_switch_overlay_in_place() -> None:
         ({"loadBalancerCIDR": "10.96.255.0/24"}, "the service CIDR and loadBalancerCIDR overlap"),
         ({"podCIDR": "10.244.0.0/25"}, "smaller than one /24 per node"),
         ({"podCIDR": "10.244.0.0/23", "nodes": ["n1", "n2"]}, "room for 1 nodes, not 2"),
-        ({"overlay": "geneve"}, "overlay 'geneve' is not one of vxlan, host-gw"),
+        ({"overlay": "geneve"}, "overlay 'geneve' is not one of vxlan, host-gw, udp"),
         ({"name": "Bad_Name"}, "lab name 'Bad_Name' is not a valid name"),
         ({"nodes": []}, "at least one node"),
         ({"nodes": ["n1", "n1"]}, "duplicate or reserved name 'n1'"),

@@ -19,7 +19,7 @@ from typing import Any
 from kproxy import controllers
 from kproxy.dns import READY_PORT, addon
 from kproxy.proxy import mode as proxy_mode
-from kproxy.lab import processes, supervisor
+from kproxy.lab import overlay, processes, supervisor
 from kproxy.lab.probe import http_get, probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
 from kproxy.lab.workloadspec import DEFAULT_PORT
@@ -170,9 +170,13 @@ def agent_args(state: LabState, node: str) -> list[str]:
 
 
 def _workloads(state: LabState) -> list[supervisor.Wanted]:
-    """Each node's workload that has a spec (the kubelet's sync writes it), and each wired DNS pod's server."""
+    """Each node's workload that has a spec (the kubelet's sync writes it), each wired DNS pod's server,
+    and with the udp overlay each node's copier (what carries pods' packets between nodes)."""
     directory = lab_dir(state.name)
-    return [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
+    copiers = [supervisor.Wanted(processes.UDP_OVERLAY.kind, node, ns_path(state.name, node),
+                                 ("--lab-dir", str(directory), "--node", node))
+               for node in sorted(state.nodes)] if overlay.runs_copier(state.overlay) else []
+    return copiers + [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
                               ("--spec", str(processes.spec_path(directory, node))))
             for node in sorted(state.nodes) if processes.spec_path(directory, node).exists()] + \
         [supervisor.Wanted(processes.DNS.kind, member, ns_path(state.name, member), ("--lab-dir", str(directory)))

@@ -1,10 +1,12 @@
-"""The node overlays, as flannel programs them: vxlan and host-gw.
+"""The node overlays, as flannel programs them: vxlan, host-gw and udp.
 
 vxlan: a VTEP flannel.1 per node (VNI 1, UDP 8472, learning off, the node
 subnet's .0/32 as its address, MTU = underlay MTU - 50) and, per remote node,
 one FDB entry (VTEP MAC -> node IP), one permanent neighbour (remote .0 ->
 VTEP MAC) and one onlink route (remote /24 via remote .0).
 host-gw: per remote node a route to its /24 via its node IP.
+udp: nothing here but the MTU; flannel0 and its copier are a daemon per node
+(kproxy.lab.udpoverlay), and the kernel routes the pod network into flannel0.
 
 desired_* are pure; apply() makes one node's kernel match, removing entries of
 nodes that are gone.
@@ -22,6 +24,9 @@ VXLAN_DEVICE = "flannel.1"
 VXLAN_VNI = 1
 VXLAN_PORT = 8472
 VXLAN_OVERHEAD = 50
+UDP_DEVICE = "flannel0"  # flannel's udp backend: a TUN device, and a copier behind it
+UDP_PORT = 8285
+UDP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 UNDERLAY_MTU = 1500
 UNDERLAY_DEVICE = "eth0"
 NUD_PERMANENT = 0x80
@@ -29,8 +34,14 @@ RTNH_F_ONLINK = 4
 RTPROT_BOOT = 3  # what flannel's routes carry (ip route shows no proto for it)
 
 
+def runs_copier(overlay: str) -> bool:
+    """Whether each node runs flannel0's copier (kproxy.lab.udpoverlay) for this overlay."""
+    return overlay == "udp"
+
+
 def pod_mtu(overlay: str) -> int:
-    return UNDERLAY_MTU - VXLAN_OVERHEAD if overlay == "vxlan" else UNDERLAY_MTU
+    """The pods' MTU: the underlay's, less what the overlay wraps around each packet."""
+    return UNDERLAY_MTU - {"vxlan": VXLAN_OVERHEAD, "udp": UDP_OVERHEAD}.get(overlay, 0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class Route:
 def desired_routes(overlay: str, peers: list[Peer]) -> list[Route]:
     if overlay == "vxlan":
         return [Route(p.pod_cidr, p.vtep_ip, VXLAN_DEVICE, True) for p in peers]
+    if overlay == "udp":
+        return []  # flannel0's own prefix covers the other nodes' subnets
     return [Route(p.pod_cidr, p.node_ip, UNDERLAY_DEVICE, False) for p in peers]
 
 

@@ -1,4 +1,5 @@
-"""The lab's own daemons (per node the pod workload and the node agent, per DNS pod its server): start, find, stop.
+"""The lab's own daemons (per node the pod workload, the node agent and with the udp overlay flanneld's
+copier; per DNS pod its server): start, find, stop.
 
 Each runs inside its node's namespace, detached, with a pidfile in the lab
 directory that the daemon writes once it is initialised. In a lab they are
@@ -38,7 +39,8 @@ class Daemon:
 WORKLOAD = Daemon("workload", "kproxy.lab.workload")
 AGENT = Daemon("agent", "kproxy.agent")
 DNS = Daemon("dns", "kproxy.dns.server")  # one per cluster DNS pod: its "node" is the pod's member name
-DAEMONS = (AGENT, WORKLOAD, DNS)
+UDP_OVERLAY = Daemon("flanneld", "kproxy.lab.udpoverlay")  # per node with the udp overlay: flannel0's copier
+DAEMONS = (AGENT, WORKLOAD, DNS, UDP_OVERLAY)
 
 
 def spec_path(lab_dir: Path, node: str) -> Path:

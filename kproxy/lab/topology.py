@@ -22,7 +22,7 @@ from kproxy.scheduler import choose_node
 from kproxy.selectors import validate_labels
 from kproxy.textinput import read_text
 
-OVERLAYS = ("vxlan", "host-gw")
+OVERLAYS = ("vxlan", "host-gw", "udp")
 DEFAULT_POD_CIDR = "10.244.0.0/16"
 DEFAULT_NODE_CIDR = "172.18.0.0/24"  # the underlay: node IPs, like kind's docker network
 SERVICE_CIDR = "10.96.0.0/12"
