@@ -111,7 +111,7 @@ def small_state() -> ProxyState:
         ServicePort("ns3", "svc3", "p80", "TCP", "172.30.0.43", 80, node_port=3003),  # NodePort
         ServicePort("ns4", "svc4", "p80", "TCP", "172.30.0.44", 80, external_ips=("192.168.99.33",)),  # external IP
         ServicePort("ns5", "svc5", "p80", "TCP", "172.30.0.45", 80, node_port=3002,  # LoadBalancer, Cluster,
-                    load_balancer_ips=("5.6.7.8",), source_ranges=(" 203.0.113.0/25",),  # (sic: a blank)
+                    load_balancer_ips=("5.6.7.8",), source_ranges=("203.0.113.0/25",),  # (given " 203...")
                     affinity_seconds=10800),
         ServicePort("ns6", "svc6", "p80", "TCP", "172.30.0.46", 80),  # no (usable) endpoints
     ]

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from kproxy.proxy.iptables import render
+from kproxy.proxy.source import source_ranges
 from kproxy.proxy.types import NodeInfo, ProxyState, ServicePort
 from tests.test_iptables_render import EXPECTED, LOCAL, NODE, ep, real_node, small_state, state_of, svc1
 
@@ -24,9 +25,10 @@ def assert_renders(state: ProxyState, expected: str, node: NodeInfo = NODE, **op
 
 def test_load_balancer_source_ranges_let_in_their_sources_and_the_node() -> None:
     # TestLoadBalancer: 192.168.0.0/24 holds the node IP, so the load-balancer IPs are let in as
-    # sources too (allowFromNode); the blank before 203.0.113.0/25 is ignored.
+    # sources too (allowFromNode). (kube-proxy's test gives " 203.0.113.0/25": read as below,
+    # kproxy.proxy.source.source_ranges.)
     svc = svc1(node_port=3001, load_balancer_ips=("1.2.3.4", "5.6.7.8"),
-               source_ranges=("192.168.0.0/24", " 203.0.113.0/25"))
+               source_ranges=source_ranges(["192.168.0.0/24", " 203.0.113.0/25"]))
     assert_renders(state_of(svc, ep("10.180.0.1")), """\
         *filter
         :KUBE-NODEPORTS - [0:0]
@@ -81,7 +83,8 @@ def test_a_source_range_without_the_node_ip_lets_no_load_balancer_ip_in() -> Non
     fw = render(state_of(svc5, ep("10.180.0.3")), NODE).tables["nat"]["KUBE-FW-NUKIZ6OKUXPJNT4C"]
     assert fw == expected_chain("KUBE-FW-NUKIZ6OKUXPJNT4C")
     # Sources that parse as nothing are no range at all: without one there is no KUBE-FW- chain.
-    loose = render(state_of(dataclasses.replace(svc5, source_ranges=("nonsense",)), ep("10.180.0.3")), NODE)
+    loose = render(state_of(dataclasses.replace(svc5, source_ranges=source_ranges(["nonsense"])),
+                            ep("10.180.0.3")), NODE)
     assert "KUBE-FW-NUKIZ6OKUXPJNT4C" not in loose.tables["nat"] and not loose.tables["filter"]["KUBE-PROXY-FIREWALL"]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from kproxy.healthcheck import ServiceHealth, response, service_health
 from kproxy.lab.announce import node_marks, pinning_ruleset, routes
+from kproxy.proxy.source import source_ranges
 from kproxy.proxy.types import Endpoint, ProxyState, ServicePort
 
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.10"}
@@ -73,3 +74,11 @@ def test_the_router_pins_each_connection_to_the_node_it_started_on() -> None:
         "  chain pin { type route hook output priority mangle ; "
         "ip daddr 172.18.255.0/24 ct mark != 0 meta mark set ct mark ; }\n"
         "}\n")
+
+
+def test_source_ranges_are_read_once_as_kube_proxy_reads_them() -> None:
+    ranges = source_ranges([" 203.0.113.7/25", "nonsense", "fd00::/8", "192.168.0.0/24"])
+    assert ranges == ("203.0.113.0/25", "192.168.0.0/24")  # trimmed, host bits cleared, the rest left out
+    svc = ServicePort("ns1", "svc1", "", "TCP", "172.30.0.41", 80, load_balancer_ips=("1.2.3.4",),
+                      source_ranges=ranges)
+    assert [svc.source_ranges_hold(ip) for ip in ("192.168.0.2", "10.0.0.1", "")] == [True, False, False]

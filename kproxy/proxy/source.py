@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable, Hashable, Iterable
 
 from kproxy.proxy.types import Endpoint, NodeInfo, ProxyState, ServicePort
@@ -10,6 +11,20 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ServiceInfo = Callable[[dict[str, Any]], Hashable]
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 EXTERNAL_TYPES = ("NodePort", "LoadBalancer")  # the types with NodePorts (and an external traffic policy)
+
+
+def source_ranges(given: Iterable[str]) -> tuple[str, ...]:
+    """loadBalancerSourceRanges as kube-proxy reads them: blanks trimmed, host bits cleared,
+    unparsable or IPv6 ones left out."""
+    out = []
+    for text in given:
+        try:
+            network = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            continue
+        if network.version == 4:
+            out.append(str(network))
+    return tuple(out)
 
 
 def has_cluster_ip(service: dict[str, Any]) -> bool:
@@ -33,6 +48,7 @@ def service_ports(service: dict[str, Any], service_info: ServiceInfo | None = No
                               (service.get("status", {}).get("loadBalancer", {}).get("ingress") or ())
                               if ingress.get("ip")) if spec.get("type") == "LoadBalancer" else ()
     external_ips = tuple(spec.get("externalIPs") or ())
+    ranges = source_ranges(spec.get("loadBalancerSourceRanges") or ()) if load_balancer_ips else ()
     ports = []
     for port in spec.get("ports", []):
         node_port = int(port.get("nodePort") or 0) if external else 0
@@ -47,7 +63,7 @@ def service_ports(service: dict[str, Any], service_info: ServiceInfo | None = No
             affinity_seconds=affinity,
             external_ips=external_ips,
             load_balancer_ips=load_balancer_ips,
-            source_ranges=tuple(spec.get("loadBalancerSourceRanges") or ()) if load_balancer_ips else (),
+            source_ranges=ranges,
             external_policy_local=(spec.get("externalTrafficPolicy") == "Local"
                                    and bool(node_port or external_ips or load_balancer_ips)),
             internal_policy_local=spec.get("internalTrafficPolicy") == "Local",

@@ -34,6 +34,14 @@ class Categorized:
     def has_local(self) -> bool:
         return bool(self.local)
 
+    def serves_internal(self, svc: ServicePort) -> bool:
+        """An endpoint takes svc's ClusterIP traffic on this node (kube-proxy's hasInternalEndpoints)."""
+        return self.has_any and (self.has_local or not svc.internal_policy_local)
+
+    def serves_external(self, svc: ServicePort) -> bool:
+        """An endpoint takes svc's traffic from outside the cluster on this node (hasExternalEndpoints)."""
+        return self.has_any and (self.has_local or not svc.external_policy_local)
+
 
 NONE = Categorized()
 

@@ -25,7 +25,8 @@ class ServicePort:
     # Where else the Service answers: spec.externalIPs, and status.loadBalancer.ingress[].ip.
     external_ips: tuple[str, ...] = ()
     load_balancer_ips: tuple[str, ...] = ()
-    # spec.loadBalancerSourceRanges as CIDRs ("a.b.c.d/n"): who may reach the load-balancer IPs; (): anyone.
+    # spec.loadBalancerSourceRanges as kube-proxy prints the parsed CIDRs ("a.b.c.d/n", host bits
+    # cleared; kproxy.proxy.source normalises them): who may reach the load-balancer IPs; (): anyone.
     source_ranges: tuple[str, ...] = ()
     # Traffic policies, as kube-proxy reads them: external Local only for an externally
     # accessible port (NodePort, externalIPs or load-balancer IPs).
@@ -50,6 +51,12 @@ class ServicePort:
     def externally_accessible(self) -> bool:
         """Reachable from outside the cluster: a NodePort, an external IP or a load-balancer IP."""
         return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+    def source_ranges_hold(self, ip: str) -> bool:
+        """Whether a loadBalancerSourceRange holds ip (kube-proxy lets the node in then: its own
+        connections to a load-balancer IP it has locally come back from that IP)."""
+        return bool(ip) and any(ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(cidr)
+                                for cidr in self.source_ranges)
 
     @property
     def uses_cluster_endpoints(self) -> bool:

@@ -20,7 +20,6 @@ this node lacks one for a Local policy.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -93,28 +92,10 @@ class _Route:
 
 
 def _route(svc: ServicePort, cat: Categorized, node: NodeInfo) -> _Route:
-    ranges = _source_ranges(svc.source_ranges)
     return _Route(
         svc=svc, chains=service_chain_names(svc.service_port_name, svc.protocol),
-        ranges=tuple(str(net) for net in ranges),
-        allow_from_node=bool(ranges and node.ip) and any(ipaddress.IPv4Address(node.ip) in net for net in ranges),
-        has_any=cat.has_any,
-        has_internal=cat.has_any and (cat.has_local or not svc.internal_policy_local),
-        has_external=cat.has_any and (cat.has_local or not svc.external_policy_local))
-
-
-def _source_ranges(given: Sequence[str]) -> list[ipaddress.IPv4Network]:
-    """loadBalancerSourceRanges as kube-proxy reads them: blanks trimmed, host bits cleared,
-    unparsable or other-family ones left out."""
-    out = []
-    for text in given:
-        try:
-            net = ipaddress.ip_network(text.strip(), strict=False)
-        except ValueError:
-            continue
-        if isinstance(net, ipaddress.IPv4Network):
-            out.append(net)
-    return out
+        ranges=svc.source_ranges, allow_from_node=svc.source_ranges_hold(node.ip), has_any=cat.has_any,
+        has_internal=cat.serves_internal(svc), has_external=cat.serves_external(svc))
 
 
 def service_rules(svc: ServicePort, cat: Categorized, node: NodeInfo, large: bool) -> ServiceRules:

@@ -18,7 +18,6 @@ load-balancer IPs that are not the node's own address.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
@@ -186,9 +185,8 @@ def render_service(svc: ServicePort, endpoints: Iterable[Endpoint], node: NodeIn
             entries.append((s.KUBE_LOAD_BALANCER_LOCAL, entry))
         if svc.source_ranges:
             entries.append((s.KUBE_LOAD_BALANCER_FW, entry))
-            ranges = [ipaddress.IPv4Network(cidr.strip(), strict=False) for cidr in svc.source_ranges]
-            entries += [(s.KUBE_LOAD_BALANCER_SOURCE_CIDR, f"{entry},{cidr}") for cidr in ranges]
-            if node.ip and any(ipaddress.IPv4Address(node.ip) in cidr for cidr in ranges):
+            entries += [(s.KUBE_LOAD_BALANCER_SOURCE_CIDR, f"{entry},{cidr}") for cidr in svc.source_ranges]
+            if svc.source_ranges_hold(node.ip):
                 # The node's own connections to the address leave from it (it is on kube-ipvs0).
                 entries.append((s.KUBE_LOAD_BALANCER_SOURCE_IP, f"{entry},{ip}"))
             else:

@@ -18,7 +18,6 @@ no counters; `kproxy rules` shows them).
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -177,9 +176,9 @@ def _paths(svc: ServicePort, eps: Categorized) -> _Paths:
         uses_cluster=bool(eps.cluster) and svc.uses_cluster_endpoints,
         uses_local=eps.has_local and svc.uses_local_endpoints,
         internal=local if svc.internal_policy_local else cluster,
-        has_internal=eps.has_any and (eps.has_local or not svc.internal_policy_local),
+        has_internal=eps.serves_internal(svc),
         external_policy=local if svc.external_policy_local else cluster,
-        has_external=eps.has_any and (eps.has_local or not svc.external_policy_local),
+        has_external=eps.serves_external(svc),
         uses_external=eps.has_any and svc.externally_accessible,
         uses_firewall=bool(svc.load_balancer_ips and svc.source_ranges),
         refusal="drop" if eps.has_any else f"goto {n.REJECT_CHAIN}")
@@ -285,9 +284,8 @@ def _firewall_rule(svc: ServicePort, node: NodeInfo, counters: bool) -> str:
     """Drop sources outside loadBalancerSourceRanges. When the ranges hold the node's IP, the
     load-balancer IPs are allowed too: a node reaching an LB IP it has as a local address
     comes back with that IP as its source."""
-    ranges = [ipaddress.IPv4Network(cidr, strict=False) for cidr in svc.source_ranges]
-    sources = [str(cidr) for cidr in ranges]  # as kube-proxy prints a parsed CIDR: host bits cleared
-    if node.ip and any(ipaddress.IPv4Address(node.ip) in cidr for cidr in ranges):
+    sources = list(svc.source_ranges)
+    if svc.source_ranges_hold(node.ip):
         sources += svc.load_balancer_ips
     return _rule(f"ip saddr != {{ {' , '.join(sources)} }}", "drop", counters)
 
