@@ -48,17 +48,26 @@ spec:
   externalIPs: [{EXTERNAL_IP_ROUTED}]
   selector: {{app: web}}
   ports: [{{port: 8000, targetPort: 8080}}]
-"""
-
-# What needs traffic policies and the load balancer's firewall. `lone` is one pod on node3.
-POLICIES = """
+---
 apiVersion: v1
 kind: Pod
-metadata: {name: lone, labels: {app: lone}}
+metadata: {{name: lone, labels: {{app: lone}}}}
 spec:
   nodeName: node3
-  containers: [{name: c, ports: [{containerPort: 8080}]}]
+  containers: [{{name: c, ports: [{{containerPort: 8080}}]}}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: lone-any}}
+spec:
+  selector: {{app: lone}}
+  ports: [{{port: 80, targetPort: 8080}}]
+"""
+
+# What needs traffic policies or the load balancer's firewall, by Service, with the feature a mode
+# that lacks them names in its refusal. `lone` is one pod on node3.
+POLICIES = {
+    "local": ("externalTrafficPolicy Local", """
 apiVersion: v1
 kind: Service
 metadata: {name: local}
@@ -67,7 +76,8 @@ spec:
   externalTrafficPolicy: Local
   selector: {app: lone}
   ports: [{port: 80, targetPort: 8080}]
----
+"""),
+    "near": ("internalTrafficPolicy Local", """
 apiVersion: v1
 kind: Service
 metadata: {name: near}
@@ -75,7 +85,8 @@ spec:
   internalTrafficPolicy: Local
   selector: {app: lone}
   ports: [{port: 80, targetPort: 8080}]
----
+"""),
+    "api-local": ("externalTrafficPolicy Local", """
 apiVersion: v1
 kind: Service
 metadata: {name: api-local}
@@ -84,13 +95,23 @@ spec:
   externalTrafficPolicy: Local
   selector: {app: api}
   ports: [{port: 80, targetPort: 9000}]
----
+"""),
+    "fenced": ("loadBalancerSourceRanges", """
 apiVersion: v1
 kind: Service
 metadata: {name: fenced}
 spec:
   type: LoadBalancer
   loadBalancerSourceRanges: ["172.18.0.254/32"]
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+"""),
+}
+BYSTANDER = """
+apiVersion: v1
+kind: Service
+metadata: {name: bystander}
+spec:
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
 """
@@ -108,7 +129,7 @@ def typed(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     (directory / "common.yaml").write_text(COMMON)
     kproxy("apply", "--lab", lab.name, "-f", str(directory / "common.yaml"))
     if policies_supported(lab):
-        (directory / "policies.yaml").write_text(POLICIES)
+        (directory / "policies.yaml").write_text("---".join(text for _, text in POLICIES.values()))
         kproxy("apply", "--lab", lab.name, "-f", str(directory / "policies.yaml"))
     lab.refresh()
     return lab
@@ -191,26 +212,25 @@ def test_an_external_ip_answers_when_routed_to_a_node(typed: Lab, routed_externa
     assert typed.ask("client", routed_external_ip, 8000)["pod"].startswith("web-")  # pods too, via their node
 
 
-def test_a_mode_without_traffic_policies_refuses_them_and_stores_nothing(typed: Lab, tmp_path: Path) -> None:
-    if policies_supported(typed):
-        return  # this mode programs them: the tests below check how
-    manifest = tmp_path / "policies.yaml"
-    manifest.write_text(POLICIES)
-    done = kproxy("apply", "--lab", typed.name, "-f", str(manifest), check=False)
-    assert done.returncode == 1
-    assert done.stderr == (f"kproxy: error: Service default/local: externalTrafficPolicy Local is not "
-                           f"supported in {typed.info['mode']} mode\n")
-    typed.refresh()
-    assert "local" not in typed.services and not typed.pods("app=lone")
+def programs(lab: Lab, service: str, tmp_path: Path) -> bool:
+    """Whether the lab's mode programs the Service's feature. Where it does not (userspace mode), this
+    checks what it must do instead: refuse that Service in one line and store nothing of the apply."""
+    if policies_supported(lab):
+        return True
+    feature, text = POLICIES[service]
+    manifest = tmp_path / f"{service}.yaml"
+    manifest.write_text(BYSTANDER + "---" + text)
+    done = kproxy("apply", "--lab", lab.name, "-f", str(manifest), check=False)
+    assert (done.returncode, done.stderr) == (
+        1, f"kproxy: error: Service default/{service}: {feature} is not supported in {lab.info['mode']} mode\n")
+    lab.refresh()
+    assert service not in lab.services and "bystander" not in lab.services
+    return False
 
 
-def needs_policies(lab: Lab) -> None:
-    if not policies_supported(lab):
-        pytest.skip(f"{lab.info['mode']} mode refuses traffic policies (checked by the refusal test)")
-
-
-def test_source_ranges_let_one_outside_client_in_and_drop_another(typed: Lab) -> None:
-    needs_policies(typed)
+def test_source_ranges_let_one_outside_client_in_and_drop_another(typed: Lab, tmp_path: Path) -> None:
+    if not programs(typed, 'fenced', tmp_path):
+        return
     ip = load_balancer_ip(typed, "fenced")
     outside = typed.info["external"]["ip"]
     with iproute_in(typed.ns("external")) as ipr:
@@ -228,8 +248,9 @@ def test_source_ranges_let_one_outside_client_in_and_drop_another(typed: Lab) ->
             ipr.addr("del", index=uplink, address=SECOND_CLIENT, prefixlen=24)
 
 
-def test_local_policy_keeps_the_client_address_and_nodes_without_an_endpoint_drop(typed: Lab) -> None:
-    needs_policies(typed)
+def test_local_policy_keeps_the_client_address_and_nodes_without_an_endpoint_drop(typed: Lab, tmp_path: Path) -> None:
+    if not programs(typed, 'local', tmp_path):
+        return
     outside = typed.info["external"]["ip"]
     answer = typed.ask("external", load_balancer_ip(typed, "local"), 80)
     assert answer["pod"] == "lone" and answer["client"].split(":")[0] == outside
@@ -243,16 +264,18 @@ def test_local_policy_keeps_the_client_address_and_nodes_without_an_endpoint_dro
     assert typed.ask("client", load_balancer_ip(typed, "local"), 80)["pod"] == "lone"
 
 
-def test_only_nodes_with_an_endpoint_announce_a_local_policy_address(typed: Lab) -> None:
-    needs_policies(typed)
+def test_only_nodes_with_an_endpoint_announce_a_local_policy_address(typed: Lab, tmp_path: Path) -> None:
+    if not programs(typed, 'local', tmp_path):
+        return
     routes = json.loads(subprocess.run(["ip", "-n", f"kp_{typed.name}_external", "-j", "route", "show",
                                         "proto", "bgp"], check=True, capture_output=True, text=True).stdout)
     local = next(r for r in routes if r["dst"] == load_balancer_ip(typed, "local"))
     assert local["gateway"] == node_ips(typed)["node3"]
 
 
-def test_the_health_check_node_port_says_which_nodes_have_an_endpoint(typed: Lab) -> None:
-    needs_policies(typed)
+def test_the_health_check_node_port_says_which_nodes_have_an_endpoint(typed: Lab, tmp_path: Path) -> None:
+    if not programs(typed, 'local', tmp_path):
+        return
     port = int(typed.services["local"]["spec"]["healthCheckNodePort"])
     for node, ip in node_ips(typed).items():
         code, body = http_status(typed, "external", ip, port)
@@ -261,15 +284,17 @@ def test_the_health_check_node_port_says_which_nodes_have_an_endpoint(typed: Lab
                                                         "localEndpoints": local, "serviceProxyHealthy": True}), node
 
 
-def test_internal_local_policy_serves_pods_on_the_endpoints_node_only(typed: Lab) -> None:
-    needs_policies(typed)
+def test_internal_local_policy_serves_pods_on_the_endpoints_node_only(typed: Lab, tmp_path: Path) -> None:
+    if not programs(typed, 'near', tmp_path):
+        return
     assert typed.ask("web-3", typed.ip("near"), 80)["pod"] == "lone"  # web-3 and lone share node3
     with pytest.raises(OSError):
         typed.ask("web-1", typed.ip("near"), 80, timeout=2)  # node1 has none: dropped
 
 
-def test_a_rollout_behind_a_local_policy_load_balancer_fails_no_request(typed: Lab) -> None:
-    needs_policies(typed)
+def test_a_rollout_behind_a_local_policy_load_balancer_fails_no_request(typed: Lab, tmp_path: Path) -> None:
+    if not programs(typed, 'api-local', tmp_path):
+        return
     ip = load_balancer_ip(typed, "api-local")
     with asking_meanwhile(lambda: typed.ask("external", ip, 80, timeout=3)) as (answers, errors):
         kproxy("rollout", "restart", "--lab", typed.name, "deploy/api")
@@ -295,7 +320,6 @@ def _terminating(lab: Lab, pod: str) -> bool:
 
 
 def test_a_terminating_endpoint_serves_only_while_no_endpoint_is_ready(typed: Lab, tmp_path: Path) -> None:
-    needs_policies(typed)
     [first, second] = sorted(p["metadata"]["name"] for p in typed.pods("app=api"))
     going = _delete_in_background(typed, first, grace=6)
     try:
@@ -304,14 +328,16 @@ def test_a_terminating_endpoint_serves_only_while_no_endpoint_is_ready(typed: La
         assert set(picks) == {second}, picks  # a ready endpoint is there: the terminating one gets nothing
     finally:
         going.join()
+    local = programs(typed, "local", tmp_path)
     lone = _delete_in_background(typed, "lone", grace=6)
     try:
         wait_for("lone terminating", lambda: _terminating(typed, "lone"), timeout=10)
-        # lone is the only endpoint, terminating and still serving: Local policy falls back to it.
-        answer = typed.ask("external", node_ips(typed)["node3"], typed.node_port("local"))
-        assert answer["pod"] == "lone"
+        # lone is the only endpoint, terminating and still serving: the Service falls back to it.
+        assert typed.ask("client", typed.ip("lone-any"), 80)["pod"] == "lone"
+        if local:  # and so does a Local policy on lone's node
+            assert typed.ask("external", node_ips(typed)["node3"], typed.node_port("local"))["pod"] == "lone"
     finally:
         lone.join()
-        manifest = tmp_path / "policies.yaml"
-        manifest.write_text(POLICIES)
+        manifest = tmp_path / "common.yaml"
+        manifest.write_text(COMMON)
         kproxy("apply", "--lab", typed.name, "-f", str(manifest))  # lone back, for a rerun
