@@ -108,7 +108,19 @@ def pinning_ruleset(pool: str, marks: Mapping[str, int]) -> str:
             f"}}\n")
 
 
-def _pin_connections(ipr: IPRoute, netns: str, uplink: int, pool: str, marks: Mapping[str, int]) -> None:
+def pin_connections(state: LabState) -> None:
+    """The router's connection pinning for the lab's nodes (they change only through `lab up`, which
+    calls this; the announced routes change with every Service, sync())."""
+    if not state.load_balancer_cidr:
+        return
+    netns = ns_path(state.name, EXTERNAL)
+    with iproute_in(netns) as ipr:
+        (uplink,) = ipr.link_lookup(ifname=NODE_UPLINK)
+        _pin(ipr, netns, uplink, state.load_balancer_cidr,
+             node_marks((node.ip for node in state.nodes.values()), state.node_cidr))
+
+
+def _pin(ipr: IPRoute, netns: str, uplink: int, pool: str, marks: Mapping[str, int]) -> None:
     """Per node: a routing table sending the pool to it and a rule choosing that table by mark;
     then the nftables table that marks connections."""
     wanted_tables = {FIRST_ROUTE_TABLE + mark: ip for ip, mark in marks.items()}
@@ -135,12 +147,8 @@ def run_nft(netns: str, text: str) -> None:
 def sync(state: LabState, view: View) -> Routes:
     """Make the router's (the external namespace's) announced routes exactly the wanted ones."""
     wanted = wanted_routes(state, view)
-    netns = ns_path(state.name, EXTERNAL)
-    with iproute_in(netns) as ipr:
+    with iproute_in(ns_path(state.name, EXTERNAL)) as ipr:
         (uplink,) = ipr.link_lookup(ifname=NODE_UPLINK)
-        if state.load_balancer_cidr:
-            marks = node_marks((node.ip for node in state.nodes.values()), state.node_cidr)
-            _pin_connections(ipr, netns, uplink, state.load_balancer_cidr, marks)
         have: Routes = {}
         for route in ipr.get_routes(family=2, proto=RTPROT_BGP):
             dst = f"{route.get_attr('RTA_DST')}"

@@ -187,6 +187,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     _sync_store_topology(state, topology, store)
     _sync_store_dns(state, store)
     report = kubelet.sync(state, store)
+    announce.pin_connections(state)
     announce.sync(state, store.read())
     if previous is not None and previous.dns != state.dns:
         for member in state.pods:
