@@ -52,9 +52,11 @@ class Cluster:
     def settle(self, outcome: Outcome) -> Outcome:
         """Wire pods, wait for them to be ready, update endpoints, then wait for every agent."""
         outcome.unready = kubelet.sync(self.state, self.store).unready
-        announce.sync(self.state, self.store.read())
         save_state(self.state)
         outcome.lagging = self.wait_synced(self.store.version())
+        # Announced once every node programs the change: a node announced before its agent has
+        # its new local endpoint would drop a Local-policy client meanwhile.
+        announce.sync(self.state, self.store.read())
         return outcome
 
     def wait_synced(self, version: int, timeout: float = SYNC_TIMEOUT) -> list[str]:
