@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kproxy import cliargs
+from kproxy.bench import options as bench_options
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
 from kproxy.lab.topology import DEFAULT_LOAD_BALANCER_CIDR, OVERLAYS, SERVICE_CIDR as LAB_SERVICE_CIDR
@@ -339,6 +340,13 @@ def _mode_option_argument(parser: argparse.ArgumentParser, more: str = "") -> No
                         help=f"an option of the proxy mode (repeatable); {more}'kproxy modes' lists them")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    _need_root()
+    from kproxy.bench import run  # rich and matplotlib load only for a benchmark
+    typed = args.argv[args.argv.index("bench") + 1:]
+    return run.execute(args, typed)
+
+
 def cmd_modes(args: argparse.Namespace) -> int:
     for name in MODES:
         mode = proxy_mode(name)
@@ -432,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", type=cliargs.NAMESPACE, default="default")
     p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_rules)
+    p = sub.add_parser("bench", help="measure the proxy modes and overlays side by side: JSON, plots, a report",
+                       description=bench_options.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_options.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("modes", help="the proxy modes and their options (--mode, --mode-opt)")
     p.set_defaults(func=cmd_modes)
     p = sub.add_parser("render", help="print the rules a mode would program for Service/EndpointSlice/Pod YAML "
@@ -469,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)
         except SystemExit as done:  # --help, or a usage error already said in one line
             return done.code if isinstance(done.code, int) else 0
         status = _run(args)

@@ -49,11 +49,11 @@ class Cluster:
         return self.store.read()
 
     # Writing ---------------------------------------------------------------
-    def settle(self, outcome: Outcome) -> Outcome:
-        """Wire pods, wait for them to be ready, update endpoints, then wait for every agent."""
+    def settle(self, outcome: Outcome, timeout: float = SYNC_TIMEOUT) -> Outcome:
+        """Wire pods, wait for them to be ready, update endpoints, then wait (up to timeout) for every agent."""
         outcome.unready = kubelet.sync(self.state, self.store).unready
         save_state(self.state)
-        outcome.lagging = self.wait_synced(self.store.version())
+        outcome.lagging = self.wait_synced(self.store.version(), timeout)
         # Announced once every node programs the change: a node announced before its agent has
         # its new local endpoint would drop a Local-policy client meanwhile.
         announce.sync(self.state, self.store.read())
@@ -78,8 +78,8 @@ class Cluster:
                 time.sleep(0.005)
         return sorted(pending) + failed
 
-    def apply(self, objects: list[Obj]) -> Outcome:
-        return self.settle(self.admit(objects))
+    def apply(self, objects: list[Obj], timeout: float = SYNC_TIMEOUT) -> Outcome:
+        return self.settle(self.admit(objects), timeout)
 
     def admit(self, objects: list[Obj]) -> Outcome:
         """Validate and store the objects, and run the Deployments' controllers; settle() does the rest."""
@@ -89,7 +89,8 @@ class Cluster:
         services = [o for o in objects if o["kind"] == "Service"]
         for svc in services:
             self._keep_allocations(svc, view.objects.get(obj_key(svc)))
-        others = [s for s in view.of_kind("Service") if obj_key(s) not in {obj_key(x) for x in services}]
+        applied = {obj_key(x) for x in services}  # once: per Service it made applying 10k Services quadratic
+        others = [s for s in view.of_kind("Service") if obj_key(s) not in applied]
         controllers.allocate_cluster_ips(services, others)
         controllers.allocate_node_ports(services, others)
         controllers.allocate_load_balancer_ips(services, others, self.state.load_balancer_pool)

@@ -307,6 +307,10 @@ def _boot(kernel: GuestKernel, argv: list[str], cwd: Path, env: dict[str, str] |
             proc.wait()
             raise GuestError(f"the guest did not finish within {timeout:.0f} s; console tail:\n"
                              f"{_console(run_dir)[-3000:]}")
+        except BaseException:  # Ctrl-C: the guest goes with whoever booted it
+            proc.kill()
+            proc.wait()
+            raise
     took = time.monotonic() - started
     try:
         status = int((run_dir / "status").read_text().strip())

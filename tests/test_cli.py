@@ -78,7 +78,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
      "(see 'kproxy lab up --help')"),
     (["nonsense"],
      "kproxy: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'lab', 'apply', 'delete', 'get', "
-     "'scale', 'rollout', 'rules', 'modes', 'render', 'exec') (see 'kproxy --help')"),
+     "'scale', 'rollout', 'rules', 'bench', 'modes', 'render', 'exec') (see 'kproxy --help')"),
 ])
 def test_a_bad_argument_is_one_line_naming_it_and_exit_2(state_dir: Path, argv: list[str], error: str) -> None:
     assert run(*argv) == (2, "", error + "\n")

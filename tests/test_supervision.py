@@ -21,7 +21,7 @@ import pytest
 
 from cni.netns import entered
 from kproxy.agent import status_path
-from kproxy.bench.services import CLUSTER_CIDR, endpoint_slice, node_object, service
+from kproxy.bench.controlplane import CLUSTER_CIDR, endpoint_slice, node_object, service
 from kproxy.controllers import record_restart
 from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import parse_answer, probe_tcp

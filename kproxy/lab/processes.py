@@ -89,7 +89,7 @@ def log_tail(log: Path) -> str:
 def start(daemon: Daemon, lab_dir: Path, node: str, node_ns: str, args: list[str]) -> int:
     """Start the daemon in the node's namespace; returns once it wrote its pidfile."""
     proc = spawn(daemon, lab_dir, node, node_ns, args)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a Python start in the emulated guest under load took over 20 s
     while time.monotonic() < deadline:
         pid = running_pid(daemon, lab_dir, node)
         if pid is not None:
