@@ -18,12 +18,16 @@ from kproxy.lab.state import lab_exists
 KPROXY = str(Path(sys.executable).parent / "kproxy")
 
 
+def refuse_existing(names: list[str]) -> None:
+    for name in names:
+        if lab_exists(name):
+            raise KproxyError(f"a lab named {name} exists; the benchmark makes its own (kproxy lab down {name})")
+
+
 def up_all(topology: dict[str, Any], labs: dict[str, list[str]], downs: ExitStack) -> None:
     """`kproxy lab up` of every lab (name -> its extra arguments) at once, each with `--no-dns`;
     downs takes each down when it closes. Setup only: nothing is measured meanwhile."""
-    for name in labs:
-        if lab_exists(name):
-            raise KproxyError(f"a lab named {name} exists; the benchmark makes its own (kproxy lab down {name})")
+    refuse_existing(list(labs))
     with tempfile.TemporaryDirectory(prefix="kproxy-bench-") as tmp:
         path = Path(tmp) / "lab.yaml"
         path.write_text(yaml.safe_dump(topology))

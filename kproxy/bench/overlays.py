@@ -70,13 +70,17 @@ def one_run(lab: str, target: str, seconds: float) -> dict[str, float]:
             "cpu": busy / (moved / 1e9)}
 
 
+def lab_names(plan: Plan) -> dict[str, str]:
+    return {overlay: f"{plan.lab_prefix}{overlay}" for overlay in plan.overlays}
+
+
 def steps(plan: Plan) -> int:
     return 1 + len(plan.overlays) * plan.repeats
 
 
 def measure(plan: Plan, step: Callable[[str], None]) -> list[dict[str, Any]]:
     """The document's overlays entries; vs_host_gw only where host-gw ran too."""
-    labs = {overlay: f"{plan.lab_prefix}{overlay}" for overlay in plan.overlays}
+    labs = lab_names(plan)
     runs: dict[str, list[dict[str, float]]] = {overlay: [] for overlay in plan.overlays}
     with ExitStack() as downs:
         step(f"overlays: lab up {', '.join(labs.values())}")

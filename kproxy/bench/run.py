@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kproxy import guest
 from kproxy.bench import controlplane, dataplane, overlays, report
 from kproxy.bench.options import Profile, profile_of
+from kproxy.bench.labs import refuse_existing
 from kproxy.bench.machine import HOST_CPU_ENV, cpu_model, describe
 from kproxy.errors import KproxyError
 from kproxy.proxy import mode as proxy_mode
@@ -75,6 +76,17 @@ def data_plan(modes: tuple[str, ...], profile: Profile) -> dataplane.Plan:
 
 def overlay_plan(overlay_names: tuple[str, ...], profile: Profile) -> overlays.Plan:
     return overlays.Plan(overlay_names, profile.repeats, profile.iperf_seconds)
+
+
+def lab_names(modes: tuple[str, ...], sections: tuple[str, ...], overlay_names: tuple[str, ...],
+              profile: Profile) -> list[str]:
+    names = []
+    if modes and "data" in sections:
+        plan = data_plan(modes, profile)
+        names += [dataplane.lab_name(plan, mode) for mode in modes]
+    if overlay_names and "overlays" in sections:
+        names += list(overlays.lab_names(overlay_plan(overlay_names, profile)).values())
+    return names
 
 
 def steps(modes: tuple[str, ...], sections: tuple[str, ...], overlay_names: tuple[str, ...], profile: Profile) -> int:
@@ -136,6 +148,7 @@ def execute(args: argparse.Namespace, typed: list[str]) -> int:
     reason = refusal(args.modes, in_guest_too)
     if reason:
         raise KproxyError(reason)
+    refuse_existing(lab_names(here, args.only, args.overlays, profile))  # before anything is measured
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     json_path = (args.json or out / "bench.json").resolve()
