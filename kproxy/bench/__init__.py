@@ -6,6 +6,8 @@ overlays on their own machines; no test depends on their numbers."""
 import os
 import sys
 
+from kproxy.errors import KproxyError
+
 
 def require_root(prog: str) -> bool:
     """Benchmarks create namespaces: say so and refuse without root."""
@@ -13,3 +15,7 @@ def require_root(prog: str) -> bool:
         return True
     print(f"{prog}: run as root (sudo scripts/{prog})", file=sys.stderr)
     return False
+
+
+class SyncFailed(KproxyError):
+    """A mode could not program a benchmark's state (or not in time): a finding of the run, not its end."""

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 from cni.netns import entered
 from kproxy.agent import status_path
+from kproxy.bench import SyncFailed
 from kproxy.bench.machine import cpu_seconds, peak_rss_mib
 from kproxy.bench.stats import spread
 from kproxy.controllers import SERVICE_CIDR
@@ -88,10 +89,10 @@ def wait_version(lab_dir: Path, version: int, poll: float) -> dict[str, Any]:
             status = {}
         if status.get("version", 0) >= version:
             if not status.get("ok"):
-                raise RuntimeError(f"the agent's sync failed: {status.get('error')}")
+                raise SyncFailed(f"the agent's sync failed: {status.get('error')}")
             return status
         time.sleep(poll)
-    raise TimeoutError(f"the agent did not sync version {version} within {SYNC_TIMEOUT:.0f} s")
+    raise SyncFailed(f"the agent did not sync version {version} within {SYNC_TIMEOUT:.0f} s")
 
 
 def netns(name: str, *argv: str) -> None:
@@ -133,9 +134,12 @@ def steps(plan: Plan) -> int:
     return len(plan.sizes) * plan.repeats * len(plan.modes)
 
 
-def measure(plan: Plan, step: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The document's control_plane entries: one per mode and size."""
-    rows = []
+def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[Any]]:
+    """The document's control_plane entries (one per mode and size), and notes on the modes that
+    could not hold a size (e.g. userspace's listeners past the ephemeral port range): those are
+    not measured at that size or above."""
+    rows: list[Any] = []
+    stopped: dict[str, str] = {}  # mode -> why it stopped
     generation = 0
     for n in plan.sizes:
         samples: dict[str, dict[str, list[float]]] = {
@@ -147,27 +151,31 @@ def measure(plan: Plan, step: Callable[[str], None]) -> list[dict[str, Any]]:
             for i in range(n):
                 objects[f"Service/bench/svc-{i}"] = service(i)
                 objects[f"EndpointSlice/bench/svc-{i}"] = endpoint_slice(i, 0, plan.endpoints)
-            version = store.write(objects)
+            store.write(objects)
             for repeat in range(plan.repeats):
-                for mode in plan.modes:
+                for mode in (m for m in plan.modes if m not in stopped):
                     step(f"control plane: {mode}, {n} Services, repetition {repeat + 1}/{plan.repeats}")
                     got = samples[mode]
-                    with agent_on_fresh_node(lab_dir, f"{plan.prefix}{mode}", mode) as pid:
-                        status = wait_version(lab_dir, version, poll=0.02)  # the agent times itself
-                        got["full"].append(status["seconds"])
-                        got["cpu"].append(cpu_seconds(pid))
-                        for _ in range(plan.changes):
-                            generation += 1
-                            i = generation * 7919 % n
-                            version = store.write({f"EndpointSlice/bench/svc-{i}":
-                                                   endpoint_slice(i, generation, plan.endpoints)})
-                            got["change"].append(wait_version(lab_dir, version, poll=0.001)["seconds"])
-                        got["rss"].append(peak_rss_mib(pid))
+                    try:
+                        with agent_on_fresh_node(lab_dir, f"{plan.prefix}{mode}", mode) as pid:
+                            status = wait_version(lab_dir, store.version(), poll=0.02)  # the agent times itself
+                            got["full"].append(status["seconds"])
+                            got["cpu"].append(cpu_seconds(pid))
+                            for _ in range(plan.changes):
+                                generation += 1
+                                i = generation * 7919 % n
+                                version = store.write({f"EndpointSlice/bench/svc-{i}":
+                                                       endpoint_slice(i, generation, plan.endpoints)})
+                                got["change"].append(wait_version(lab_dir, version, poll=0.001)["seconds"])
+                            got["rss"].append(peak_rss_mib(pid))
+                    except SyncFailed as exc:
+                        stopped[mode] = f"{mode}: not measured from {n} Services on: {exc}"
+                        continue
                     got["alone"].append(load_alone(store.read().objects, mode, f"{plan.prefix}alone"))
-        for mode in plan.modes:
+        for mode in (m for m in plan.modes if m not in stopped):
             got = samples[mode]
             rows.append({"mode": mode, "services": n, "endpoints_per_service": plan.endpoints,
                          "full_sync_s": spread(got["full"]), "load_alone_s": spread(got["alone"]),
                          "one_change_sync_s": spread(got["change"]), "agent_cpu_s": spread(got["cpu"]),
                          "agent_peak_rss_mib": spread(got["rss"])})
-    return rows
+    return {"control_plane": rows, "notes": [f"control plane, {why}" for why in stopped.values()]}

@@ -23,15 +23,18 @@ repetition by repetition, every mode in turn:
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import subprocess
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import cycle
 from typing import Any, Callable, Iterator
 
 from cni.netns import entered
+from kproxy.bench import SyncFailed
 from kproxy.bench.labs import up_all
 from kproxy.bench.options import MEASURED_SERVICES
 from kproxy.bench.stats import percentile, ratio, spread
@@ -46,6 +49,8 @@ IPERF_PORT = 5201
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
 SYNC_TIMEOUT = 3600.0
 REQUEST_TIMEOUT = 5.0
+SOURCE_PORT_BASE = 10000  # below the ephemeral range (32768-60999), where nothing else of the lab binds
+SOURCE_PORTS_EACH = 10000
 TOPOLOGY = {"nodes": [{"name": "node1"}, {"name": "node2"}],
             "pods": [{"name": "client", "nodeName": "node1"},
                      {"name": "srv-same", "nodeName": "node1", "labels": {"app": "srv-same", "bench": "filler"}},
@@ -103,7 +108,7 @@ def settled(cluster: Cluster, objects: list[dict[str, Any]]) -> None:
     """Applied as `kproxy apply` does, until every node has it live (10k Services take minutes in the guest)."""
     outcome = cluster.apply(objects, timeout=SYNC_TIMEOUT)
     if outcome.lagging or outcome.unready:
-        raise KproxyError(f"lab {cluster.state.name}: not synced: {', '.join(outcome.lagging + outcome.unready)}")
+        raise SyncFailed(f"lab {cluster.state.name}: not synced: {', '.join(outcome.lagging + outcome.unready)}")
 
 
 def route_pod_subnets_from_external(lab: str) -> None:
@@ -135,11 +140,14 @@ def targets_of(cluster: Cluster) -> Targets:
                    next(n["ip"] for n in info["nodes"] if n["name"] == "node1"))
 
 
-def one_request(address: tuple[str, int]) -> float | str:
+def one_request(address: tuple[str, int], ports: Iterator[int]) -> float | str:
     """Seconds of one request, or why it failed (a refused or timed-out request is a finding, not a crash)."""
     started = time.perf_counter()
     try:
-        with socket.create_connection(address, timeout=REQUEST_TIMEOUT) as sock:
+        with socket.socket() as sock:
+            sock.settimeout(REQUEST_TIMEOUT)
+            bind_next_free(sock, ports)
+            sock.connect(address)
             sock.sendall(REQUEST)
             while sock.recv(4096):
                 pass
@@ -148,26 +156,45 @@ def one_request(address: tuple[str, int]) -> float | str:
     return time.perf_counter() - started
 
 
+def bind_next_free(sock: socket.socket, ports: Iterator[int]) -> None:
+    for _ in range(SOURCE_PORTS_EACH):
+        try:
+            sock.bind(("0.0.0.0", next(ports)))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "no free source port")
+
+
 @dataclass
 class Requests:
     seconds: list[float]
     failures: list[str]
 
 
-def latencies(netns: str, addresses: list[tuple[str, int]], requests: int) -> list[Requests]:
-    """Each address's requests, the addresses taken in turns, after a warm-up."""
+def latencies(netns: str, addresses: list[tuple[str, int]], requests: int,
+              source_ports: dict[tuple[str, int], Iterator[int]]) -> list[Requests]:
+    """Each address's requests, the addresses taken in turns, after a warm-up. Each address gets source
+    ports of its own: a direct connection reusing the port of a Service connection to the same pod just
+    before would meet that connection's conntrack entry (its reply tuple) and be dropped, which is the
+    kernel's answer to a benchmark's pattern, not a figure of the path. source_ports carries each
+    source's cycle from call to call, so that a port comes round again only after all the others."""
     got = [Requests([], []) for _ in addresses]
+    ports = [source_ports.setdefault((netns, i), cycle(range(SOURCE_PORT_BASE + i * SOURCE_PORTS_EACH,
+                                                             SOURCE_PORT_BASE + (i + 1) * SOURCE_PORTS_EACH)))
+             for i in range(len(addresses))]
     with entered(netns):
-        for address in addresses:
+        for address, own in zip(addresses, ports):
             for _ in range(5):
-                one_request(address)
+                one_request(address, own)
         for _ in range(requests):
-            for i, address in enumerate(addresses):
-                result = one_request(address)
+            for address, own, requested in zip(addresses, ports, got):
+                result = one_request(address, own)
                 if isinstance(result, str):
-                    got[i].failures.append(result)
+                    requested.failures.append(result)
                 else:
-                    got[i].seconds.append(result)
+                    requested.seconds.append(result)
     for address, requested in zip(addresses, got):
         if not requested.seconds:
             raise KproxyError(f"every request to {address[0]}:{address[1]} failed: {requested.failures[0]}")
@@ -211,14 +238,20 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[dict[str,
     """The document's programming, latency and throughput entries, and notes on failed requests."""
     out: dict[str, list[Any]] = {"programming": [], "latency": [], "throughput": [], "notes": []}
     reasons: dict[tuple[Any, ...], str] = {}  # the first failure of each path, for the run's notes
+    stopped: list[str] = []  # modes that could not hold a size (e.g. userspace past its port range)
+    source_ports: dict[tuple[str, int], Iterator[int]] = {}
     generation = 0
     with labs(plan, step) as clusters:
         fillers = 0
         for n in plan.sizes:
             wanted = max(0, n - MEASURED_SERVICES)  # zz-same, zz-cross, zz-programmed count too
-            for mode, cluster in clusters.items():
+            for mode, cluster in list(clusters.items()):
                 step(f"data plane: {mode}, {n} Services applied")
-                settled(cluster, [filler(i) for i in range(fillers, wanted)])
+                try:
+                    settled(cluster, [filler(i) for i in range(fillers, wanted)])
+                except SyncFailed as exc:
+                    stopped.append(f"data plane, {mode}: not measured from {n} Services on: {exc}")
+                    del clusters[mode]
             fillers = max(fillers, wanted)
             changes: dict[str, list[float]] = {mode: [] for mode in plan.modes}
             samples: dict[str, dict[tuple[str, str, str], dict[str, list[float]]]] = {
@@ -237,7 +270,8 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[dict[str,
                         for where in ("same", "cross"):
                             service = ((t.cluster_ip[where], 80) if via == "clusterip"
                                        else (t.node1_ip, t.node_port[where]))
-                            direct, proxied = latencies(netns, [(t.pod_ip[where], HTTP_PORT), service], plan.requests)
+                            direct, proxied = latencies(netns, [(t.pod_ip[where], HTTP_PORT), service],
+                                                        plan.requests, source_ports)
                             path = (source, f"{where}-node", via)
                             got = samples[mode][path]
                             got["p50"].append(percentile(proxied.seconds, 0.5) * 1e3)
@@ -248,7 +282,7 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[dict[str,
                             failed[mode][path][1] += len(direct.failures)
                             for failure in proxied.failures + direct.failures:
                                 reasons.setdefault((mode, n, *path), failure)
-            for mode in plan.modes:
+            for mode in clusters:
                 delays = changes[mode]
                 out["programming"].append({"mode": mode, "services": n, "changes": len(delays),
                                            "p50_s": percentile(delays, 0.5), "p99_s": percentile(delays, 0.99),
@@ -263,7 +297,7 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[dict[str,
                                            "baseline_failures": failed[mode][(source, locality, via)][1]})
             if n == plan.sizes[0]:
                 out["throughput"] = throughput(plan, clusters, step)
-    out["notes"] = [f"{mode}, {n} Services, {source} {locality} {via}: requests failed, the first with {reason} "
+    out["notes"] = stopped + [f"{mode}, {n} Services, {source} {locality} {via}: requests failed, the first with {reason} "
                     f"(latency over the answered ones; counts in failures / baseline_failures)"
                     for (mode, n, source, locality, via), reason in reasons.items()]
     return out
@@ -278,7 +312,7 @@ def throughput(plan: Plan, clusters: dict[str, Cluster], step: Callable[[str], N
             runs[mode]["direct"].append(iperf_gbit(cluster, t.pod_ip["cross"], plan.iperf_seconds))
             runs[mode]["proxied"].append(iperf_gbit(cluster, t.cluster_ip["cross"], plan.iperf_seconds))
     rows = []
-    for mode in plan.modes:
+    for mode in clusters:
         proxied, direct = spread(runs[mode]["proxied"]), spread(runs[mode]["direct"])
         rows.append({"mode": mode, "gbit_per_s": proxied, "baseline_gbit_per_s": direct, "ratio": ratio(proxied, direct)})
     return rows

@@ -41,7 +41,7 @@ class Profile:
 
 
 FULL = Profile("full", (100, 1000, 10000, 30000), repeats=3, requests=300, changes=5, iperf_seconds=5.0)
-QUICK = Profile("quick", (10, 100), repeats=2, requests=40, changes=2, iperf_seconds=1.0)
+QUICK = Profile("quick", (10, 100), repeats=2, requests=30, changes=1, iperf_seconds=1.0)
 
 
 def names(value: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:

@@ -54,10 +54,12 @@ def measure_here(modes: tuple[str, ...], sections: tuple[str, ...], overlay_name
     run: dict[str, Any] = {"where": "guest" if guest.in_guest() else "host", "machine": describe(),
                            "modes": list(modes), "control_plane": [], "programming": [], "latency": [],
                            "throughput": [], "overlays": [], "notes": notes}
+    sections_measured = []
     if modes and "control" in sections:
-        run["control_plane"] = controlplane.measure(control_plan(modes, profile), step)
+        sections_measured.append(controlplane.measure(control_plan(modes, profile), step))
     if modes and "data" in sections:
-        measured = dataplane.measure(data_plan(modes, profile), step)
+        sections_measured.append(dataplane.measure(data_plan(modes, profile), step))
+    for measured in sections_measured:
         run["notes"] += measured.pop("notes")
         run |= measured
     if overlay_names and "overlays" in sections:
@@ -166,7 +168,7 @@ def execute(args: argparse.Namespace, typed: list[str]) -> int:
 
         def step(description: str) -> None:
             if not console.is_terminal:  # a log (the guest's console.log: the host shows its last step)
-                print(f"step: {description}", file=sys.stderr, flush=True)
+                print(f"step: {description} (at {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
             progress.update(task, description=description)
             progress.advance(task)
         host_sections = [s for s in args.only if (s == "overlays" and args.overlays) or (s != "overlays" and here)]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import resource
 import selectors
 import signal
 import socket
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cni.netns import NamespaceMissing, entered, ns_identity
+from kproxy.fdlimit import raise_fd_limit
 from kproxy.lab.workloadspec import SpecError, WorkloadPod, load_spec
 BACKLOG = 1024
 READ_WAIT = 1.0  # answer whatever arrived after this long without a full request
@@ -388,15 +388,6 @@ def remove_pidfile(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
-        except (ValueError, OSError):
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from kproxy.fdlimit import raise_fd_limit
 from kproxy.proxy.kernel import RestoreError
 from kproxy.proxy.netfilter import Jump
 from kproxy.proxy.tables import Backend, Commands, missing_jumps, remove_chains
@@ -70,6 +71,7 @@ class UserspaceProxier:
                  backend: Backend | None = None) -> None:
         self.node = node
         self.copy = copy
+        raise_fd_limit()  # a listener per service port
         if self.copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {', '.join(COPY_MODES)}, not {self.copy!r}")
         if self.copy == "splice" and not hasattr(os, "splice"):
