@@ -535,6 +535,20 @@ def test_changed_services_counts_each_service_port_opened_closed_or_updated_once
 
 
 @pytest.mark.kernel
+def test_more_service_ports_than_listeners_the_node_can_open_are_refused_whole(
+        synced: tuple[UserspaceProxier, FakeIptables], monkeypatch: pytest.MonkeyPatch) -> None:
+    proxier, fake = synced
+    a, b, c = svc("a", ip="10.96.0.10"), svc("b", ip="10.96.0.11"), svc("c", ip="10.96.0.12")
+    proxier.sync(state((a, EPS)))
+    monkeypatch.setattr("kproxy.proxy.userspace.proxier.listener_capacity", lambda: (2, 258, 28232))
+    with pytest.raises(RuntimeError) as refused:
+        proxier.sync(state((a, EPS), (b, EPS), (c, EPS)))
+    assert str(refused.value) == ("3 service ports need 3 listeners, more than this node can open (2: open-file "
+                                  "limit 258 less 256 kept free, 28232 ephemeral ports)")
+    assert sorted(proxier.proxy_ports()) == [a.key] and len(fake.restores) == 1  # nothing of it opened or written
+
+
+@pytest.mark.kernel
 def test_a_refused_restore_makes_the_next_sync_full(synced: tuple[UserspaceProxier, FakeIptables]) -> None:
     proxier, fake = synced
     proxier.sync(state((svc(), EPS)))

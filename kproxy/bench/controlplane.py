@@ -18,6 +18,7 @@ a fresh node namespace and its own agent process, which starts with a full sync:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -33,7 +34,7 @@ from kproxy.bench.machine import cpu_seconds, peak_rss_mib
 from kproxy.bench.stats import spread
 from kproxy.controllers import SERVICE_CIDR
 from kproxy.k8sform import metadata, service_object, service_port
-from kproxy.lab.processes import AGENT, start, stop
+from kproxy.lab.processes import AGENT, log_tail, start, stop
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
 from kproxy.store import Store
@@ -80,7 +81,8 @@ def node_object() -> dict[str, Any]:
             "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}}
 
 
-def wait_version(lab_dir: Path, version: int, poll: float) -> dict[str, Any]:
+def wait_version(lab_dir: Path, version: int, pid: int, poll: float) -> dict[str, Any]:
+    """The agent's status once it has synced version; SyncFailed if it failed to, or exited."""
     deadline = time.monotonic() + SYNC_TIMEOUT
     while time.monotonic() < deadline:
         try:
@@ -91,8 +93,17 @@ def wait_version(lab_dir: Path, version: int, poll: float) -> dict[str, Any]:
             if not status.get("ok"):
                 raise SyncFailed(f"the agent's sync failed: {status.get('error')}")
             return status
+        if exited(pid):
+            raise SyncFailed(f"the agent exited: {log_tail(AGENT.logfile(lab_dir, NODE))}")
         time.sleep(poll)
     raise SyncFailed(f"the agent did not sync version {version} within {SYNC_TIMEOUT:.0f} s")
+
+
+def exited(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid  # our child: reaped here
+    except ChildProcessError:
+        return not Path(f"/proc/{pid}").exists()
 
 
 def netns(name: str, *argv: str) -> None:
@@ -158,7 +169,7 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[Any]]:
                     got = samples[mode]
                     try:
                         with agent_on_fresh_node(lab_dir, f"{plan.prefix}{mode}", mode) as pid:
-                            status = wait_version(lab_dir, store.version(), poll=0.02)  # the agent times itself
+                            status = wait_version(lab_dir, store.version(), pid, poll=0.02)  # the agent times itself
                             got["full"].append(status["seconds"])
                             got["cpu"].append(cpu_seconds(pid))
                             for _ in range(plan.changes):
@@ -166,7 +177,7 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[Any]]:
                                 i = generation * 7919 % n
                                 version = store.write({f"EndpointSlice/bench/svc-{i}":
                                                        endpoint_slice(i, generation, plan.endpoints)})
-                                got["change"].append(wait_version(lab_dir, version, poll=0.001)["seconds"])
+                                got["change"].append(wait_version(lab_dir, version, pid, poll=0.001)["seconds"])
                             got["rss"].append(peak_rss_mib(pid))
                     except SyncFailed as exc:
                         stopped[mode] = f"{mode}: not measured from {n} Services on: {exc}"

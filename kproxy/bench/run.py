@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -32,9 +31,7 @@ SCHEMA = "kproxy-bench/1"
 
 
 def refusal(modes: tuple[str, ...], need_guest: bool) -> str:
-    """Why this run cannot start here, or ""."""
-    if os.geteuid() != 0:
-        return "kproxy bench creates namespaces: run it as root (sudo)"
+    """Why this run cannot start here, or "" (the CLI has refused a user who is not root)."""
     missing = [tool for tool in TOOLS if not shutil.which(tool)]
     if missing:
         return f"missing {', '.join(missing)} (scripts/setup installs them; the benchmark installs nothing)"

@@ -9,7 +9,9 @@ skipped when the text is unchanged: an endpoint change alone touches no rule).
 from __future__ import annotations
 
 import os
+import resource
 import time
+from pathlib import Path
 
 from kproxy.fdlimit import raise_fd_limit
 from kproxy.proxy.kernel import RestoreError
@@ -106,6 +108,7 @@ class UserspaceProxier:
         """In the loop: open, close and update listeners; how many service ports that changed."""
         changed = 0
         wanted = {svc.key: svc for svc in state.services}
+        refuse_past_capacity(len(wanted))
         for key in [k for k in self.proxies if k not in wanted]:
             self.proxies.pop(key).close()
             changed += 1
@@ -152,3 +155,24 @@ class UserspaceProxier:
     def rules_excerpt(self, service: str | None = None) -> str:
         table = self.loop.call(self.table) if self.loop is not None else None
         return live_rules(service, table, self.backend)
+
+
+FD_RESERVE = 256  # for the proxied connections, the status socket, the agent's files
+
+
+def listener_capacity() -> tuple[int, int, int]:
+    """How many listeners this node can open (each binds a port of the ephemeral range and holds an
+    open file), and the two limits: open files, ephemeral ports."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = high - low + 1
+    return min(files - FD_RESERVE, ports), files, ports
+
+
+def refuse_past_capacity(wanted: int) -> None:
+    """A sync that would run out of files or ports half-way is refused whole, before it opens one."""
+    capacity, files, ports = listener_capacity()
+    if wanted > capacity:
+        raise RuntimeError(f"{wanted} service ports need {wanted} listeners, more than this node can open "
+                           f"({capacity}: open-file limit {files} less {FD_RESERVE} kept free, "
+                           f"{ports} ephemeral ports)")
