@@ -240,3 +240,10 @@ def test_table_prints_every_mode_and_where(tmp_path: Path) -> None:
                   "On guest: QEMU TCG, 2 cores", report.GUEST_NOTE):
         assert title in text
     assert "guest: Overlays" not in text
+
+
+def test_the_results_in_the_docs_are_a_valid_document() -> None:
+    """docs/benchmarks.md quotes docs/benchmarks/bench.json: it must stay what `kproxy bench` writes."""
+    published = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks" / "bench.json").read_text())
+    jsonschema.validate(published, SCHEMA)
+    assert {run["where"] for run in published["runs"]} == {"host", "guest"} and published["profile"] == "full"
