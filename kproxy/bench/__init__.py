@@ -17,5 +17,8 @@ def require_root(prog: str) -> bool:
     return False
 
 
+SYNC_TIMEOUT = 3600.0  # a state's sync in a benchmark: 10k Services take minutes in the emulated guest
+
+
 class SyncFailed(KproxyError):
     """A mode could not program a benchmark's state (or not in time): a finding of the run, not its end."""

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 from cni.netns import entered
 from kproxy.agent import status_path
-from kproxy.bench import SyncFailed
+from kproxy.bench import SYNC_TIMEOUT, SyncFailed
 from kproxy.bench.machine import cpu_seconds, peak_rss_mib
 from kproxy.bench.stats import spread
 from kproxy.controllers import SERVICE_CIDR
@@ -42,7 +42,6 @@ from kproxy.store import Store
 NODE = "node1"
 NODE_IP = "172.18.0.2"
 CLUSTER_CIDR = "10.244.0.0/16"
-SYNC_TIMEOUT = 3600.0  # 30k Services in the emulated guest take many minutes
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,7 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[Any]]:
                     except SyncFailed as exc:
                         stopped[mode] = f"{mode}: not measured from {n} Services on: {exc}"
                         continue
-                    got["alone"].append(load_alone(store.read().objects, mode, f"{plan.prefix}alone"))
+                    got["alone"].append(load_alone(objects, mode, f"{plan.prefix}alone"))
         for mode in (m for m in plan.modes if m not in stopped):
             got = samples[mode]
             rows.append({"mode": mode, "services": n, "endpoints_per_service": plan.endpoints,

@@ -24,7 +24,6 @@ repetition by repetition, every mode in turn:
 from __future__ import annotations
 
 import errno
-import json
 import socket
 import subprocess
 import time
@@ -34,8 +33,8 @@ from itertools import cycle
 from typing import Any, Callable, Iterator
 
 from cni.netns import entered
-from kproxy.bench import SyncFailed
-from kproxy.bench.labs import up_all
+from kproxy.bench import SYNC_TIMEOUT, SyncFailed
+from kproxy.bench.labs import IPERF_PORT, iperf, start_iperf_server, up_all
 from kproxy.bench.options import MEASURED_SERVICES
 from kproxy.bench.stats import percentile, ratio, spread
 from kproxy.cluster import Cluster
@@ -45,9 +44,7 @@ from kproxy.lab.build import status as lab_status
 from kproxy.lab.state import ns_path
 
 HTTP_PORT = 8080
-IPERF_PORT = 5201
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
-SYNC_TIMEOUT = 3600.0
 REQUEST_TIMEOUT = 5.0
 SOURCE_PORT_BASE = 10000  # below the ephemeral range (32768-60999), where nothing else of the lab binds
 SOURCE_PORTS_EACH = 10000
@@ -89,19 +86,38 @@ def programmed_change(generation: int) -> dict[str, Any]:
                           [service_port(80 + generation % 2, HTTP_PORT, name="http")], selector={"bench": "filler"})
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What a lab's requests go to, read once its measured Services are applied (they keep their
+    addresses: only the fillers and zz-programmed are applied again)."""
+    client: str  # netns paths
+    external: str
+    pod_ip: dict[str, str]  # "same" / "cross" -> pod IP
+    cluster_ip: dict[str, str]
+    node_port: dict[str, int]
+    node1_ip: str
+
+
+@dataclass(frozen=True)
+class BenchLab:
+    cluster: Cluster
+    targets: Targets
+
+
 @contextmanager
-def labs(plan: Plan, step: Callable[[str], None]) -> Iterator[dict[str, Cluster]]:
+def labs(plan: Plan, step: Callable[[str], None]) -> Iterator[dict[str, BenchLab]]:
     """One lab per mode, up side by side, each taken down again however the run ends."""
     with ExitStack() as downs:
         step(f"data plane: lab up {', '.join(lab_name(plan, mode) for mode in plan.modes)}")
         up_all(TOPOLOGY, {lab_name(plan, mode): ["--mode", mode] for mode in plan.modes}, downs)
-        clusters = {}
+        benched = {}
         for mode in plan.modes:
-            clusters[mode] = Cluster(lab_name(plan, mode))
+            cluster = Cluster(lab_name(plan, mode))
             start_iperf_server(lab_name(plan, mode), "srv-cross", downs)
-            settled(clusters[mode], [*measured_services(), programmed_change(0)])
+            settled(cluster, [*measured_services(), programmed_change(0)])
             route_pod_subnets_from_external(lab_name(plan, mode))
-        yield clusters
+            benched[mode] = BenchLab(cluster, targets_of(cluster))
+        yield benched
 
 
 def settled(cluster: Cluster, objects: list[dict[str, Any]]) -> None:
@@ -116,16 +132,6 @@ def route_pod_subnets_from_external(lab: str) -> None:
     for node in info["nodes"]:
         subprocess.run(["ip", "-n", info["external"]["namespace"], "route", "replace", node["podCIDR"],
                         "via", node["ip"]], check=True, capture_output=True)
-
-
-@dataclass(frozen=True)
-class Targets:
-    client: str  # netns paths
-    external: str
-    pod_ip: dict[str, str]  # "same" / "cross" -> pod IP
-    cluster_ip: dict[str, str]
-    node_port: dict[str, int]
-    node1_ip: str
 
 
 def targets_of(cluster: Cluster) -> Targets:
@@ -201,31 +207,6 @@ def latencies(netns: str, addresses: list[tuple[str, int]], requests: int,
     return got
 
 
-def start_iperf_server(lab: str, pod: str, stops: ExitStack) -> None:
-    """iperf3 -s in the pod, for the whole run: started before the Services exist, as the lab's
-    workload would otherwise open their free target port 5201 itself."""
-    server = subprocess.Popen(["nsenter", f"--net={ns_path(lab, pod)}", "--", "iperf3", "-s"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stops.callback(server.wait)
-    stops.callback(server.kill)
-    deadline = time.monotonic() + 30
-    while not subprocess.run(["nsenter", f"--net={ns_path(lab, pod)}", "--", "ss", "-Hltn", "sport", "=",
-                              f":{IPERF_PORT}"], capture_output=True, text=True).stdout.strip():
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise KproxyError(f"lab {lab}: iperf3 did not listen in pod {pod}")
-        time.sleep(0.02)
-
-
-def iperf_gbit(cluster: Cluster, address: str, seconds: float) -> float:
-    lab = cluster.state.name
-    done = subprocess.run(["nsenter", f"--net={ns_path(lab, 'client')}", "--", "iperf3", "-c", address,
-                           "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J"], capture_output=True, text=True)
-    result = json.loads(done.stdout) if done.stdout.strip() else {}
-    if done.returncode != 0 or "sum_received" not in result.get("end", {}):
-        raise KproxyError(f"lab {lab}: iperf3 to {address} failed: {result.get('error', done.stderr.strip())}")
-    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
-
-
 def steps(plan: Plan) -> int:
     return 1 + len(plan.modes) * (len(plan.sizes) * (1 + plan.repeats) + plan.repeats)
 
@@ -241,31 +222,31 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[dict[str,
     stopped: list[str] = []  # modes that could not hold a size (e.g. userspace past its port range)
     source_ports: dict[tuple[str, int], Iterator[int]] = {}
     generation = 0
-    with labs(plan, step) as clusters:
+    with labs(plan, step) as benched:
         fillers = 0
         for n in plan.sizes:
             wanted = max(0, n - MEASURED_SERVICES)  # zz-same, zz-cross, zz-programmed count too
-            for mode, cluster in list(clusters.items()):
+            for mode, lab in list(benched.items()):
                 step(f"data plane: {mode}, {n} Services applied")
                 try:
-                    settled(cluster, [filler(i) for i in range(fillers, wanted)])
+                    settled(lab.cluster, [filler(i) for i in range(fillers, wanted)])
                 except SyncFailed as exc:
                     stopped.append(f"data plane, {mode}: not measured from {n} Services on: {exc}")
-                    del clusters[mode]
+                    del benched[mode]
             fillers = max(fillers, wanted)
             changes: dict[str, list[float]] = {mode: [] for mode in plan.modes}
             samples: dict[str, dict[tuple[str, str, str], dict[str, list[float]]]] = {
                 mode: {p: {"p50": [], "p99": [], "base50": [], "base99": []} for p in PATHS} for mode in plan.modes}
             failed = {mode: {p: [0, 0] for p in PATHS} for mode in plan.modes}  # through the Service, direct
             for repeat in range(plan.repeats):
-                for mode, cluster in clusters.items():
+                for mode, lab in benched.items():
                     step(f"data plane: {mode}, {n} Services, repetition {repeat + 1}/{plan.repeats}")
                     for _ in range(plan.changes):
                         generation += 1
                         started = time.monotonic()
-                        settled(cluster, [programmed_change(generation)])
+                        settled(lab.cluster, [programmed_change(generation)])
                         changes[mode].append(time.monotonic() - started)
-                    t = targets_of(cluster)
+                    t = lab.targets
                     for source, netns, via in (("pod", t.client, "clusterip"), ("external", t.external, "nodeport")):
                         for where in ("same", "cross"):
                             service = ((t.cluster_ip[where], 80) if via == "clusterip"
@@ -282,7 +263,7 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[dict[str,
                             failed[mode][path][1] += len(direct.failures)
                             for failure in proxied.failures + direct.failures:
                                 reasons.setdefault((mode, n, *path), failure)
-            for mode in clusters:
+            for mode in benched:
                 delays = changes[mode]
                 out["programming"].append({"mode": mode, "services": n, "changes": len(delays),
                                            "p50_s": percentile(delays, 0.5), "p99_s": percentile(delays, 0.99),
@@ -296,23 +277,23 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[dict[str,
                                            "failures": failed[mode][(source, locality, via)][0],
                                            "baseline_failures": failed[mode][(source, locality, via)][1]})
             if n == plan.sizes[0]:
-                out["throughput"] = throughput(plan, clusters, step)
+                out["throughput"] = throughput(plan, benched, step)
     out["notes"] = stopped + [f"{mode}, {n} Services, {source} {locality} {via}: requests failed, the first with {reason} "
                     f"(latency over the answered ones; counts in failures / baseline_failures)"
                     for (mode, n, source, locality, via), reason in reasons.items()]
     return out
 
 
-def throughput(plan: Plan, clusters: dict[str, Cluster], step: Callable[[str], None]) -> list[dict[str, Any]]:
+def throughput(plan: Plan, benched: dict[str, BenchLab], step: Callable[[str], None]) -> list[dict[str, Any]]:
     runs: dict[str, dict[str, list[float]]] = {mode: {"proxied": [], "direct": []} for mode in plan.modes}
     for repeat in range(plan.repeats):
-        for mode, cluster in clusters.items():
+        for mode, lab in benched.items():
             step(f"data plane: {mode}, iperf3, repetition {repeat + 1}/{plan.repeats}")
-            t = targets_of(cluster)
-            runs[mode]["direct"].append(iperf_gbit(cluster, t.pod_ip["cross"], plan.iperf_seconds))
-            runs[mode]["proxied"].append(iperf_gbit(cluster, t.cluster_ip["cross"], plan.iperf_seconds))
+            name, t = lab.cluster.state.name, lab.targets
+            runs[mode]["direct"].append(iperf(name, "client", t.pod_ip["cross"], plan.iperf_seconds)[0])
+            runs[mode]["proxied"].append(iperf(name, "client", t.cluster_ip["cross"], plan.iperf_seconds)[0])
     rows = []
-    for mode in clusters:
+    for mode in benched:
         proxied, direct = spread(runs[mode]["proxied"]), spread(runs[mode]["direct"])
         rows.append({"mode": mode, "gbit_per_s": proxied, "baseline_gbit_per_s": direct, "ratio": ratio(proxied, direct)})
     return rows

@@ -11,17 +11,14 @@ others are held against.
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kproxy.bench.labs import up_all
+from kproxy.bench.labs import iperf, start_iperf_server, up_all
 from kproxy.bench.machine import busy_cpu_seconds
 from kproxy.bench.stats import ratio, spread
-from kproxy.errors import KproxyError
 from kproxy.lab.build import status as lab_status
 from kproxy.lab.state import ns_path
 
@@ -44,30 +41,12 @@ def in_ns(lab: str, member: str, *argv: str, check: bool = True) -> subprocess.C
 
 
 def one_run(lab: str, target: str, seconds: float) -> dict[str, float]:
-    # One test per server (-1), started once the server listens.
-    server = subprocess.Popen(["nsenter", f"--net={ns_path(lab, 'receiver')}", "--", "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not in_ns(lab, "receiver", "ss", "-Hltn", "sport", "=", ":5201").stdout.strip():
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise KproxyError(f"lab {lab}: the iperf3 server did not listen")
-            time.sleep(0.02)
-        busy = busy_cpu_seconds()
-        done = in_ns(lab, "sender", "iperf3", "-c", target, "-t", f"{seconds:g}", "-J", check=False)
-        busy = busy_cpu_seconds() - busy
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
-    result = json.loads(done.stdout) if done.stdout.strip() else {}
-    if done.returncode != 0 or "sum_received" not in result.get("end", {}):
-        raise KproxyError(f"lab {lab}: iperf3 to {target} failed: {result.get('error', done.stderr.strip())}")
-    moved = result["end"]["sum_received"]["bytes"]
+    busy = busy_cpu_seconds()
+    gbit, moved = iperf(lab, "sender", target, seconds)
+    busy = busy_cpu_seconds() - busy
     ping = in_ns(lab, "sender", "ping", "-q", "-c", "200", "-i", "0.002", target).stdout
     rtt = ping.strip().splitlines()[-1].split("=")[1].split("/")  # min/avg/max/mdev
-    return {"gbit": result["end"]["sum_received"]["bits_per_second"] / 1e9, "rtt": float(rtt[1]),
-            "cpu": busy / (moved / 1e9)}
+    return {"gbit": gbit, "rtt": float(rtt[1]), "cpu": busy / (moved / 1e9)}
 
 
 def lab_names(plan: Plan) -> dict[str, str]:
@@ -85,6 +64,8 @@ def measure(plan: Plan, step: Callable[[str], None]) -> list[dict[str, Any]]:
     with ExitStack() as downs:
         step(f"overlays: lab up {', '.join(labs.values())}")
         up_all(TOPOLOGY, {lab: ["--overlay", overlay] for overlay, lab in labs.items()}, downs)
+        for lab in labs.values():
+            start_iperf_server(lab, "receiver", downs)
         targets = {overlay: next(p["ip"] for p in lab_status(lab)["pods"] if p["name"] == "receiver")
                    for overlay, lab in labs.items()}
         for repeat in range(plan.repeats):

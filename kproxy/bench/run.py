@@ -168,8 +168,7 @@ def execute(args: argparse.Namespace, typed: list[str]) -> int:
                 print(f"step: {description} (at {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
             progress.update(task, description=description)
             progress.advance(task)
-        host_sections = [s for s in args.only if (s == "overlays" and args.overlays) or (s != "overlays" and here)]
-        if host_sections:
+        if steps(here, args.only, args.overlays, profile):  # anything to measure on this machine
             doc["runs"].append(measure_here(here, args.only, args.overlays, profile, step, notes))
         if in_guest_too:
             guest_dir = out / "guest"
