@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from kproxy import cliargs
+from kproxy import cliargs, packetcli
 from kproxy.bench import options as bench_options
 from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
@@ -23,9 +23,7 @@ PROG = "kproxy"
 DEBUG_ENV = "KPROXY_DEBUG"  # set: unexpected errors show their traceback
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        raise KproxyError("this command changes network namespaces: run it as root")
+_need_root = cliargs.need_root
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
@@ -473,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="pod or node name, 'external' or 'underlay'")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_exec)
+    packetcli.add_commands(sub, lab_help)
     return parser
 
 

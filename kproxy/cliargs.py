@@ -4,6 +4,7 @@ and a bad one is one line on stderr naming it (exit 2, as argparse's usage error
 from __future__ import annotations
 
 import argparse
+import os
 import ipaddress
 import sys
 from typing import Callable, NoReturn
@@ -28,6 +29,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(USAGE_ERROR)
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        raise KproxyError("this command works in network namespaces: run it as root")
 
 
 def _argument(name: str, check: Callable[[str], object]) -> Callable[[str], object]:
@@ -78,10 +84,20 @@ def _node_port_addresses(text: str) -> tuple[str, ...]:
     return tuple(part if part == "primary" else _ipv4_network(part) for part in text.split(","))
 
 
-def _replicas(text: str) -> int:
+def _whole_number(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise KproxyError(f"{text!r} is not a whole number, 0 or more")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise KproxyError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _grace_period(text: str) -> int:
@@ -116,7 +132,9 @@ OBJECT_NAME = _argument("name", _dns("subdomain", "name"))
 IPV4_ADDRESS = _argument("IPv4 address", _ipv4_address)
 IPV4_NETWORK = _argument("IPv4 CIDR", _ipv4_network)
 NODE_PORT_ADDRESSES = _argument("node port addresses", _node_port_addresses)
-REPLICAS = _argument("replicas", _replicas)
+REPLICAS = _argument("replicas", _whole_number)
+COUNT = _argument("count", _whole_number)
+SECONDS = _argument("seconds", _seconds)
 GRACE_PERIOD = _argument("grace period", _grace_period)
 LABEL = _argument("label", _label)
 MODE_OPTION = _argument("mode option", parse_option)

@@ -78,7 +78,17 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
      "(see 'kproxy lab up --help')"),
     (["nonsense"],
      "kproxy: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'lab', 'apply', 'delete', 'get', "
-     "'scale', 'rollout', 'rules', 'bench', 'modes', 'render', 'exec') (see 'kproxy --help')"),
+     "'scale', 'rollout', 'rules', 'bench', 'modes', 'render', 'exec', 'capture', 'trace', 'packet-lab') "
+     "(see 'kproxy --help')"),
+    (["capture", "node1", "--count", "-1"],
+     "kproxy capture: error: argument --count: '-1' is not a whole number, 0 or more "
+     "(see 'kproxy capture --help')"),
+    (["capture", "node1", "--timeout", "0"],
+     "kproxy capture: error: argument --timeout: '0' is not a number of seconds above 0 "
+     "(see 'kproxy capture --help')"),
+    (["packet-lab", "run", "clusterip-dnat", "--overlay", "geneve"],
+     "kproxy packet-lab run: error: argument --overlay: invalid choice: 'geneve' (choose from 'vxlan', "
+     "'host-gw', 'udp') (see 'kproxy packet-lab run --help')"),
 ])
 def test_a_bad_argument_is_one_line_naming_it_and_exit_2(state_dir: Path, argv: list[str], error: str) -> None:
     assert run(*argv) == (2, "", error + "\n")
@@ -134,7 +144,8 @@ def test_a_closed_stdout_ends_quietly_like_cat(argv: list[str]) -> None:
     ["delete", "svc", "web", "--lab", MISSING], ["delete", "-f", str(WEB), "--lab", MISSING],
     ["rules", "node1", "--lab", MISSING], ["exec", "--lab", MISSING, "web-1", "--", "true"],
     ["lab", "status", MISSING], ["lab", "down", MISSING], ["lab", "add-node", "node4", "--lab", MISSING],
-    ["lab", "remove-node", "node1", "--lab", MISSING],
+    ["lab", "remove-node", "node1", "--lab", MISSING], ["capture", "--lab", MISSING, "node1"],
+    ["packet-lab", "check", "clusterip-dnat", "--lab", MISSING],
 ])
 def test_a_lab_that_does_not_exist_is_an_error_and_nothing_is_created(state_dir: Path, argv: list[str]) -> None:
     status, out, err = run(*argv)

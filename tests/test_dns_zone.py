@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dnslib import EDNS0, QTYPE, DNSRecord
+from dnslib import EDNS0, DNSRecord
 from hypothesis import given, settings, strategies as st
 
 from kproxy.dns.metrics import DNSMetrics

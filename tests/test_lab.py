@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
 from kproxy.lab.state import NETNS_DIR, lab_dir, ns_name, ns_path
+from kproxy.packets.netns import Sniffer
 from tests.conditions import wait_for
 from tests.labtools import kproxy, node_ip, pod_ip, running_lab, status, unique_lab_name, write_topology
 from tests.runtime import in_ns
@@ -67,26 +67,11 @@ def test_full_reachability_matrix(overlay: str) -> None:
 
 
 def capture(lab: str, action: Any, count: int = 2) -> list[Any]:
-    """Packets seen on the underlay bridge while action runs (scapy reads the pcap)."""
-    from scapy.all import rdpcap  # imported late: scapy snapshots interfaces at import
-
-    pcap = Path(f"/tmp/kproxy-test-{lab}.pcap")
-    dumper = subprocess.Popen(["nsenter", f"--net={ns_path(lab, 'underlay')}", "--", "tcpdump", "-i", "br0",
-                               "-U", "-w", str(pcap), "-c", str(count), "udp or icmp"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while not pcap.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # tcpdump creates the file before the capture is armed
-        action()
-        dumper.wait(timeout=10)
-        return list(rdpcap(str(pcap)))
-    finally:
-        if dumper.poll() is None:
-            dumper.terminate()
-            dumper.wait()
-        pcap.unlink(missing_ok=True)
+    """The first count packets seen on the underlay bridge while action runs."""
+    with Sniffer(ns_path(lab, "underlay"), "br0", bpf="udp or icmp", count=count) as sniffer:
+        action()  # the socket is bound before this: nothing it sends is missed
+        sniffer.wait(10)
+    return sniffer.packets[:count]
 
 
 def test_vxlan_traffic_is_vxlan_on_udp_8472_with_vni_1() -> None:

@@ -7,7 +7,6 @@ rule syncs against a fake iptables (tests/fakes/iptables.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import threading
 import time
@@ -29,7 +28,6 @@ from kproxy.proxy.userspace.listener import ServiceProxy, ready_addresses
 from kproxy.proxy.userspace.loop import ProxyLoop
 from kproxy.proxy.userspace.proxier import UserspaceProxier
 from kproxy.proxy.userspace.rules import JUMPS, is_own_chain, placeholder_ports, render
-from kproxy.proxy.userspace.status import format_table
 from kproxy.proxy.userspace.tcp import DIAL_TIMEOUTS
 from tests.fakes.iptables import FakeIptables
 

@@ -9,7 +9,7 @@ scheduler=sh``) until the mode itself reads them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterable, Mapping, NamedTuple, Protocol
 
 from kproxy.errors import KproxyError
 from kproxy import kmod
@@ -49,6 +49,66 @@ class Option:
     choices: tuple[str, ...]
 
 
+class Remembered(NamedTuple):
+    """One client a node remembers for ClientIP session affinity, as the kernel shows it."""
+
+    client: str  # the client's IP
+    endpoint: str  # "ip:port", the endpoint the client's new connections go to
+    detail: str  # the record as its tool prints it, for the learner
+    hits: int | None  # connections counted (a recent list's timestamps); None when the record counts time
+    seconds_left: int | None  # until the record expires; None when it keeps hits instead
+    timeout: int | None  # the record's own timeout, where the kernel stores one (an nftables set's)
+
+
+# Runs argv inside one node's network namespace; its stdout.
+NodeCommand = Callable[..., str]
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """Where a mode keeps ClientIP session affinity in the kernel (for packet lab 7)."""
+
+    where: str  # where to look, one line
+    how: str  # how the rules use it, a few sentences
+    # Every client the node (run) remembers, for every service with affinity.
+    read: Callable[[NodeCommand], list[Remembered]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The one flow `kproxy trace` sends: what a node's trace rules match."""
+
+    protocol: str  # "tcp" or "udp"
+    port: int  # the probe's own source port, unique to the trace: its packets carry it as sport or dport
+
+    @property
+    def name(self) -> str:
+        """What the trace's tables and chains are called: two traces at once keep apart."""
+        return f"kproxy-trace-{self.port}"
+
+    @property
+    def comment(self) -> str:
+        """The comment on the trace's rules."""
+        return f"kproxy trace {self.port}"
+
+
+class Tracer(Protocol):
+    """Which rules one node's packets of a probe met. Runs from outside the node: it enters the
+    node's namespace (given when it is made) for each command."""
+
+    def arm(self, probe: Probe) -> None:
+        """Start listening, then match the probe's packets; returns once the listener is sure to see them."""
+        ...
+
+    def read(self) -> list[str]:
+        """Stop listening; what the probe's packets met, one line each, in order."""
+        ...
+
+    def disarm(self) -> None:
+        """Remove what arm added (and what an interrupted trace left); safe twice and after a failed arm."""
+        ...
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
@@ -71,6 +131,13 @@ class Mode:
     # What of a service port the mode cannot program ("" when nothing), e.g. a traffic
     # policy the old userspace proxier never had: such Services are refused, not half-served.
     unsupported: Callable[[ServicePort], str] = lambda svc: ""
+    # The mode's own process accepts the client's connection and opens another to the endpoint (the
+    # userspace proxy); otherwise the kernel rewrites and forwards the client's own packets.
+    relays: bool = False
+    # Where the kernel keeps ClientIP affinity; None when the kernel keeps none (the proxy process does).
+    affinity: Affinity | None = None
+    # The tracer of one node (its namespace's path) for `kproxy trace`.
+    tracer: Callable[[str], Tracer] | None = None
 
     def runs_here(self) -> bool:
         """Whether this kernel has (loaded, or to load) every module the mode needs. Only looks."""

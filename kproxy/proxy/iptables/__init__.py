@@ -31,6 +31,7 @@ quadratic in the chains named (14 s at 10k) until the ``-Z`` (1.9 s).
 
 from __future__ import annotations
 
+from kproxy.proxy.iptables.affinity import AFFINITY
 from kproxy.proxy.iptables.excerpt import live_rules
 from kproxy.proxy.iptables.names import ServiceChains, endpoint_chain_name, is_own_chain, service_chain_names
 from kproxy.proxy.iptables.proxier import IptablesProxier
@@ -40,6 +41,7 @@ from kproxy.proxy.iptables.rules import probability
 from kproxy.proxy.kernel import RestoreError, restore
 from kproxy.proxy.mode import Mode, Option, Options
 from kproxy.proxy.types import NodeInfo, ProxyState
+from kproxy.proxy.xtables_trace import XtablesTracer
 
 __all__ = ["IptablesProxier", "LARGE_CLUSTER_ENDPOINTS", "Leftovers", "MODE", "RenderCache",
            "RestoreError", "Ruleset", "ServiceChains", "changed_service_ports", "endpoint_chain_name", "is_own_chain",
@@ -67,4 +69,6 @@ MODE = Mode(
         state, node, localhost_nodeports=_localhost_nodeports(options)).text(),
     rules_excerpt=lambda state, node, options, service: live_rules(render(state, node).owners, service),
     load_alone=_load_alone,
+    affinity=AFFINITY,
+    tracer=XtablesTracer,
 )

@@ -37,10 +37,12 @@ The package, by job:
 
 from __future__ import annotations
 
+from kproxy.proxy.ipvs.affinity import AFFINITY
 from kproxy.proxy.ipvs.proxier import IpvsProxier
 from kproxy.proxy.ipvs.render import (DEFAULT_SCHEDULER, SCHEDULER_ANNOTATION, SCHEDULERS, Ruleset, VirtualServer,
                                       kernel_modules, render, service_scheduler)
 from kproxy.proxy.ipvs.sets import IPSETS
+from kproxy.proxy.ipvs.trace import IpvsTracer
 from kproxy.proxy.mode import Mode, Option, Options
 from kproxy.proxy.types import NodeInfo, ProxyState
 
@@ -66,4 +68,6 @@ MODE = Mode(
     rules_excerpt=_live_rules,
     kernel_modules=lambda options: kernel_modules(options["scheduler"]),
     service_info=service_scheduler,
+    affinity=AFFINITY,
+    tracer=IpvsTracer,
 )

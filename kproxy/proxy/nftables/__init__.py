@@ -34,10 +34,12 @@ from __future__ import annotations
 import subprocess
 
 from kproxy.proxy.mode import Mode, Option, Options
+from kproxy.proxy.nftables.affinity import AFFINITY
 from kproxy.proxy.nftables.backend import Libnftables
 from kproxy.proxy.nftables.excerpt import live_rules
 from kproxy.proxy.nftables.proxier import NftablesProxier
 from kproxy.proxy.nftables.render import CHOICES, VMAP_LIMIT, Ruleset, render
+from kproxy.proxy.nftables.trace import NftablesTracer
 from kproxy.proxy.nftables.transaction import full_transaction
 from kproxy.proxy.types import NodeInfo, ProxyState
 
@@ -77,4 +79,6 @@ MODE = Mode(
     render_text=lambda state, node, options: _render(state, node, options).text(),
     rules_excerpt=_live_rules,
     load_alone=_load_alone,
+    affinity=AFFINITY,
+    tracer=NftablesTracer,
 )

@@ -24,6 +24,7 @@ from kproxy.proxy.mode import Mode, Option
 from kproxy.proxy.userspace.proxier import COPY_MODES, DEFAULT_COPY, UserspaceProxier
 from kproxy.proxy.userspace.rules import JUMPS, Ruleset, is_own_chain, render, render_text, unsupported
 from kproxy.proxy.userspace.status import live_rules
+from kproxy.proxy.xtables_trace import XtablesTracer
 
 __all__ = ["JUMPS", "MODE", "Ruleset", "UserspaceProxier", "is_own_chain", "live_rules", "render"]
 
@@ -36,4 +37,6 @@ MODE = Mode(
     render_text=lambda state, node, options: render_text(state, node),
     rules_excerpt=lambda state, node, options, service: live_rules(service),
     unsupported=unsupported,
+    relays=True,
+    tracer=XtablesTracer,
 )
