@@ -29,6 +29,12 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in listed.splitlines() if line.strip()}
 
 
+def as_foreground_job() -> None:
+    """SIGINT at its default, as in a job started from a terminal. A job a shell puts in the background
+    (as CI's runner may do) starts with SIGINT ignored, Python keeps it ignored, and Ctrl-C would not reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def bench(*argv: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run([KPROXY, "bench", *argv], capture_output=True, text=True, timeout=timeout)
 
@@ -100,7 +106,7 @@ def test_ctrl_c_takes_down_what_it_brought_up(tmp_path: Path) -> None:
     before = namespaces()
     running = subprocess.Popen([KPROXY, "bench", "--only", "overlays", "--overlays", "vxlan,host-gw", "--repeats", "50",
                                 "--out", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=as_foreground_job)
     try:
         step = running.stderr.readline() if running.stderr else ""
         while step and "vxlan, repetition 1/50" not in step:  # its labs are up and measuring
