@@ -218,6 +218,22 @@ def test_down_removes_a_half_built_lab_without_state() -> None:
             subprocess.run(["ip", "netns", "del", ns_name(lab, member)], capture_output=True)
 
 
+def test_down_ends_what_a_crashed_command_left_running_in_the_lab() -> None:
+    """A benchmark killed with SIGKILL leaves its iperf3 server in a pod; down ends it, so no namespace
+    lives on (with its links) after the lab is gone."""
+    with running_lab() as lab:
+        left = subprocess.Popen(["nsenter", f"--net={ns_path(lab, 'web-1')}", "--", "sleep", "600"],
+                                start_new_session=True)
+        try:
+            kproxy("lab", "down", lab)
+            assert left.wait(timeout=30) == -signal.SIGTERM
+            assert lab_traces(lab) == []
+        finally:
+            if left.poll() is None:
+                left.kill()
+                left.wait()
+
+
 def test_two_labs_at_once_and_down_leaves_nothing() -> None:
     with running_lab() as one, running_lab("--overlay", "host-gw") as two:
         for lab in (one, two):

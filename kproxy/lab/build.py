@@ -16,14 +16,14 @@ import shutil
 from typing import Any, Callable
 
 from cni.netns import entered, iproute_in, write_sysctl
-from kproxy import kmod
+from kproxy import children, kmod
 from kproxy.dns import addon
 from kproxy.agent import status_path
 from kproxy.errors import KproxyError
 from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
 from kproxy.lab import announce, kubelet, overlay, processes, supervisor
-from kproxy.lab.state import LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, ns_prefix, \
-    save_state
+from kproxy.lab.state import NETNS_DIR, LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, \
+    ns_prefix, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
 from kproxy.lab.wiring import ETC_NETNS, EXTERNAL, UNDERLAY, cni_config, delete_namespaces, \
     ensure_default_route, ensure_namespaces, ensure_uplink, random_mac, remove_resolv_conf
@@ -237,6 +237,9 @@ def teardown(name: str) -> list[str]:
         for node in processes.nodes_with(daemon, directory):
             processes.stop(daemon, directory, node)
     names = lab_namespaces(name)
+    # What is still in them (a command a crash left there) would keep each namespace, its links and
+    # its routes alive after the delete, out of everyone's sight.
+    children.end_all_in([NETNS_DIR / ns for ns in names])
     delete_namespaces(names)
     for leftover in ETC_NETNS.glob(f"{ns_prefix(name)}*"):  # of namespaces a crash removed before their files
         remove_resolv_conf(leftover.name)

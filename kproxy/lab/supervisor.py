@@ -33,7 +33,6 @@ import argparse
 import fcntl
 import json
 import os
-import select
 import selectors
 import signal
 import subprocess
@@ -43,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kproxy import children
 from kproxy.controllers import now_iso, record_restart
 from kproxy.errors import KproxyError
 from kproxy.lab import processes
@@ -279,10 +279,10 @@ class Supervisor:
         """SIGTERM each (through its pidfd: never a recycled pid), SIGKILL what is left after STOP_TIMEOUT."""
         pidfds = [r.pidfd for r in records if r.pidfd is not None]
         for pidfd in pidfds:
-            _send(pidfd, signal.SIGTERM)
-            _send(pidfd, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
-        for pidfd in _still_running(pidfds, STOP_TIMEOUT):
-            _send(pidfd, signal.SIGKILL)
+            children.send(pidfd, signal.SIGTERM)
+            children.send(pidfd, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
+        for pidfd in children.still_running(pidfds, STOP_TIMEOUT):
+            children.send(pidfd, signal.SIGKILL)
         for record in records:
             if record.proc is not None:
                 record.proc.wait()
@@ -300,24 +300,6 @@ class Supervisor:
     def _save(self) -> None:
         _write_json(self.lab_dir / STATUS, {"pid": os.getpid(), "applied": self.generation,
                                              "daemons": {n: r.public() for n, r in sorted(self.records.items())}})
-
-
-def _send(pidfd: int, sig: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _still_running(pidfds: list[int], timeout: float) -> list[int]:
-    """Wait up to timeout for the processes to exit (a pidfd is readable once its process has);
-    the pidfds of those that did not."""
-    left = list(pidfds)
-    deadline = time.monotonic() + timeout
-    while left and time.monotonic() < deadline:
-        ready, _, _ = select.select(left, [], [], max(0.0, deadline - time.monotonic()))
-        left = [fd for fd in left if fd not in ready]
-    return left
 
 
 def _runs_as(pid: int, argv: list[str], netns: str) -> bool:
@@ -459,11 +441,11 @@ def stop(lab_dir: Path) -> None:
         if supervisor_pid(lab_dir) != pid:  # it exited and the pid was recycled before the pidfd was opened
             return
         for sig in (signal.SIGTERM, signal.SIGCONT):
-            _send(pidfd, sig)
+            children.send(pidfd, sig)
         # Its daemons get STOP_TIMEOUT to stop, then SIGKILL: give it that and a little more.
-        if _still_running([pidfd], 2 * STOP_TIMEOUT + 1):
-            _send(pidfd, signal.SIGKILL)
-            _still_running([pidfd], STOP_TIMEOUT)
+        if children.still_running([pidfd], 2 * STOP_TIMEOUT + 1):
+            children.send(pidfd, signal.SIGKILL)
+            children.still_running([pidfd], STOP_TIMEOUT)
     finally:
         os.close(pidfd)
     (lab_dir / PIDFILE).unlink(missing_ok=True)
