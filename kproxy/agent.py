@@ -32,7 +32,7 @@ from kproxy.healthcheck import HealthServer
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 from kproxy.proxy.mode import Proxier, parse_option_pairs
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
-from kproxy.store import Store, View
+from kproxy.store import View, open_store
 
 HEALTHZ_PORT = 10256
 METRICS_PORT = 10249
@@ -79,7 +79,7 @@ class Agent:
         self.mode = proxy_mode(mode)
         self.mode_options = self.mode.options_of(mode_options or {})
         self.cluster_cidr = cluster_cidr
-        self.watcher = Store(lab_dir / "store").watch()
+        self.watcher = open_store(lab_dir).watch()
         self.metrics = Metrics()
         self.proxier: Proxier | None = None
         self.tracker = StateTracker(self.mode.service_info)

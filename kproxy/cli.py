@@ -240,12 +240,12 @@ def cmd_get(args: argparse.Namespace) -> int:
     from kproxy.lab.build import require
     from kproxy.lab.state import choose_lab, lab_dir
     from kproxy.selectors import parse_selector
-    from kproxy.store import Store
+    from kproxy.store import open_store
 
     kind = getcmd.resolve_kind(args.kind)
     selector = parse_selector(args.selector) if args.selector else None
     lab = require(choose_lab(args.lab)).name  # a mistyped lab is an error, not an empty one
-    view = Store(lab_dir(lab) / "store").read()
+    view = open_store(lab_dir(lab)).read()
     namespace = None if args.all_namespaces else args.namespace
     items = getcmd.select(view, kind, namespace, selector, args.name)
     if args.output in ("json", "yaml"):
@@ -287,14 +287,14 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from kproxy.lab.build import require
     from kproxy.lab.state import choose_lab, lab_dir, ns_path
     from kproxy.proxy.source import node_info, proxy_state
-    from kproxy.store import Store
+    from kproxy.store import open_store
 
     lab = choose_lab(args.lab)
     lab_state = require(lab)
     _need_root()
     if args.node not in lab_state.nodes:
         raise KproxyError(f"lab {lab} has no node {args.node!r} (nodes: {', '.join(sorted(lab_state.nodes))})")
-    view = Store(lab_dir(lab) / "store").read()
+    view = open_store(lab_dir(lab)).read()
     service = args.service if args.service is None or "/" in args.service else f"{args.namespace}/{args.service}"
     if service and f"Service/{service.split(':')[0]}" not in view.objects:
         raise KproxyError(f"service {service} not found")

@@ -23,7 +23,7 @@ from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
 from kproxy.proxy import mode as proxy_mode
 from kproxy.scheduler import choose_node
-from kproxy.store import IDENTITY, Obj, Store, View, carry_identity, timestamp
+from kproxy.store import IDENTITY, Obj, View, carry_identity, open_store, timestamp
 
 SYNC_TIMEOUT = 15.0
 # Between a pod leaving every node's rules and its workload stopping, when neither the pod's
@@ -42,7 +42,7 @@ class Outcome:
 class Cluster:
     def __init__(self, lab: str) -> None:
         self.state: LabState = require(lab)
-        self.store = Store(lab_dir(lab) / "store")
+        self.store = open_store(lab_dir(lab))
 
     # Reading ---------------------------------------------------------------
     def view(self) -> View:

@@ -66,10 +66,10 @@ def scene(mode: str) -> None:
         run("get", "svc", "--lab", lab, "-o", "wide")
         run("get", "endpoints", "--lab", lab)
 
-        from kproxy.store import Store
+        from kproxy.store import open_store
         from kproxy.lab.state import lab_dir
 
-        svc = Store(lab_dir(lab) / "store").read().objects["Service/default/web"]
+        svc = open_store(lab_dir(lab)).read().objects["Service/default/web"]
         cluster_ip = svc["spec"]["clusterIP"]
         step(f"12 requests from the client pod to the ClusterIP {cluster_ip}:80")
         answers = [parse_answer(probe_tcp(ns_path(lab, "client"), cluster_ip, 80, timeout=5)) for _ in range(12)]

@@ -33,7 +33,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from kproxy.lab import build
     from kproxy.lab.state import choose_lab, lab_dir
     from kproxy.proxy import mode
-    from kproxy.store import Store
+    from kproxy.store import open_store
     from kproxy.trace.hops import render_json, render_text
     from kproxy.trace.plan import plan
     from kproxy.trace.run import trace
@@ -41,7 +41,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     lab = build.require(choose_lab(args.lab)).name
     cliargs.need_root()
     info = build.status(lab)
-    view = Store(lab_dir(lab) / "store").read()
+    view = open_store(lab_dir(lab)).read()
     flow = plan(info, view.of_kind("Service"), view.of_kind("EndpointSlice"), args.source, args.destination,
                 args.proto)
     done = trace(flow, lab, mode(info["mode"]), info["overlay"], args.timeout)

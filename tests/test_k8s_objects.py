@@ -20,6 +20,7 @@ from kproxy.lab.build import node_object, plan, topology_pod_objects
 from kproxy.lab.topology import parse_topology, place_pods
 from kproxy.model import parse_manifests
 from kproxy.store import Store, View
+from kproxy.store.file import FileStore
 from tests.k8s_schema import KINDS, validate
 
 MANIFESTS = """
@@ -95,7 +96,7 @@ def write(store: Store, objects: list[dict[str, Any]]) -> None:
 @pytest.fixture
 def view(tmp_path: Path) -> View:
     """A two-node cluster with a Deployment (one pod ready, one not), its Service, and topology pods."""
-    store = Store(tmp_path)
+    store = FileStore(tmp_path)
     topology = parse_topology({"nodes": [{"name": "node1"}, {"name": "node2"}],
                                "pods": [{"name": "client", "nodeName": "node1"}]}, name="lab")
     state = plan(topology, None)

@@ -7,8 +7,9 @@ import re
 from multiprocessing import Pool
 from pathlib import Path
 
-from kproxy import store as store_mod
-from kproxy.store import Store, carry_identity, key_of
+from kproxy.store import file as store_mod
+from kproxy.store import carry_identity, key_of
+from kproxy.store.file import FileStore
 
 
 def svc(name: str, ip: str = "10.96.0.10") -> dict[str, object]:
@@ -16,7 +17,7 @@ def svc(name: str, ip: str = "10.96.0.10") -> dict[str, object]:
 
 
 def test_writes_bump_the_version_and_reads_see_every_batch(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = FileStore(tmp_path)
     assert store.read().version == 0
     v1 = store.write({key_of("Service", "default", "a"): svc("a"), key_of("Service", "default", "b"): svc("b")})
     v2 = store.write({key_of("Service", "default", "a"): None})
@@ -27,7 +28,7 @@ def test_writes_bump_the_version_and_reads_see_every_batch(tmp_path: Path) -> No
 
 
 def test_a_watcher_sees_only_what_changed(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = FileStore(tmp_path)
     store.write({"Service/default/a": svc("a")})
     watcher = store.watch()
     assert watcher.view.version == 1 and watcher.poll() == set()
@@ -39,7 +40,7 @@ def test_a_watcher_sees_only_what_changed(tmp_path: Path) -> None:
 
 def test_a_watcher_keeps_only_what_it_is_told_from_snapshot_and_journal(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(store_mod, "COMPACT_MIN_BYTES", 300)
-    store = Store(tmp_path)
+    store = FileStore(tmp_path)
 
     def names_of_services(key: str, obj: dict) -> dict | None:
         return {"name": obj["metadata"]["name"]} if key.startswith("Service/") else None
@@ -57,7 +58,7 @@ def test_a_watcher_keeps_only_what_it_is_told_from_snapshot_and_journal(tmp_path
 
 
 def test_a_half_written_journal_line_is_not_read(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = FileStore(tmp_path)
     store.write({"Service/default/a": svc("a")})
     watcher = store.watch()
     with open(tmp_path / store_mod.JOURNAL, "ab") as journal:
@@ -67,7 +68,7 @@ def test_a_half_written_journal_line_is_not_read(tmp_path: Path) -> None:
 
 def test_compaction_folds_the_journal_and_watchers_follow(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(store_mod, "COMPACT_MIN_BYTES", 500)
-    store = Store(tmp_path)
+    store = FileStore(tmp_path)
     watcher = store.watch()
     for i in range(20):
         store.write({f"Service/default/s{i}": svc(f"s{i}", f"10.96.0.{i + 1}")})
@@ -80,7 +81,7 @@ def test_compaction_folds_the_journal_and_watchers_follow(tmp_path: Path, monkey
 
 def _write_many(args: tuple[str, int]) -> list[int]:
     directory, worker = args
-    store = Store(Path(directory))
+    store = FileStore(Path(directory))
     return [store.write({f"Service/default/w{worker}-{i}": svc(f"w{worker}-{i}")}) for i in range(25)]
 
 
@@ -88,12 +89,12 @@ def test_concurrent_writers_get_distinct_versions(tmp_path: Path) -> None:
     with Pool(4) as pool:
         versions = [v for batch in pool.map(_write_many, [(str(tmp_path), w) for w in range(4)]) for v in batch]
     assert sorted(versions) == list(range(1, 101))
-    assert len(Store(tmp_path).read().objects) == 100
+    assert len(FileStore(tmp_path).read().objects) == 100
     assert os.path.exists(tmp_path / "lock")
 
 
 def test_a_write_stamps_identity_once_and_the_resource_version_every_time(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = FileStore(tmp_path)
     store.write({"Service/default/a": svc("a")})
     first = store.read().objects["Service/default/a"]["metadata"]
     assert first["resourceVersion"] == "1" and len(first["uid"]) == 36
@@ -106,3 +107,11 @@ def test_a_write_stamps_identity_once_and_the_resource_version_every_time(tmp_pa
     assert again["resourceVersion"] == "3" and view.objects["Service/default/b"]["metadata"]["resourceVersion"] == "2"
     assert (again["uid"], again["creationTimestamp"]) == (first["uid"], first["creationTimestamp"])
     assert view.objects["Service/default/b"]["metadata"]["uid"] != first["uid"]
+
+
+def test_a_lab_store_is_opened_only_through_open_store() -> None:
+    """The seam a second store backend plugs into: nothing else names the file store."""
+    package = Path(__file__).parent.parent / "kproxy"
+    naming = [str(path.relative_to(package)) for path in package.rglob("*.py")
+              if path.parent.name != "store" and ("FileStore" in path.read_text() or "store.file" in path.read_text())]
+    assert naming == []

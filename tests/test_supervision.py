@@ -29,7 +29,7 @@ from kproxy.lab.state import lab_dir, ns_path
 from kproxy.proxy import iptables, kernel
 from kproxy.proxy.source import StateTracker, node_info
 from kproxy.proxy.types import ProxyState
-from kproxy.store import Store
+from kproxy.store import open_store
 from tests.conditions import wait_for
 from tests.labtools import kproxy, running_lab, status
 from tests.test_lab import lab_traces
@@ -119,7 +119,7 @@ def test_a_killed_agent_is_back_at_once_resyncs_fully_and_its_restart_shows() ->
         assert re.fullmatch(rf"node1 .* pid {old}\s+0\s+pid \d+\s+0\s+kp_{lab}_node1", status_row(lab, "node1"))
         os.kill(old, signal.SIGKILL)
         new = replaced(processes.AGENT, lab, "node1", old)
-        version = Store(lab_dir(lab) / "store").version()
+        version = open_store(lab_dir(lab)).version()
         report = wait_for("the new agent's full resync", lambda: (r := agent_report(lab, "node1")).get("pid") == new
                           and r.get("version", 0) >= version and r, 15)
         assert report["ok"] and report["fullSyncs"] == 1

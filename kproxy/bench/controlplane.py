@@ -37,7 +37,7 @@ from kproxy.k8sform import metadata, service_object, service_port
 from kproxy.lab.processes import AGENT, log_tail, start, stop
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.source import TRIGGER_TIME_ANNOTATION, StateTracker, node_info
-from kproxy.store import Store
+from kproxy.store import open_store
 
 NODE = "node1"
 NODE_IP = "172.18.0.2"
@@ -156,7 +156,7 @@ def measure(plan: Plan, step: Callable[[str], None]) -> dict[str, list[Any]]:
             mode: {"full": [], "alone": [], "change": [], "cpu": [], "rss": []} for mode in plan.modes}
         with tempfile.TemporaryDirectory(prefix="kproxy-bench-") as tmp:
             lab_dir = Path(tmp)
-            store = Store(lab_dir / "store")
+            store = open_store(lab_dir)
             objects: dict[str, Any] = {f"Node/{NODE}": node_object()}
             for i in range(n):
                 objects[f"Service/bench/svc-{i}"] = service(i)

@@ -36,7 +36,7 @@ from kproxy.dns.responder import Responder
 from kproxy.dns.zone import SERVICE_NAME_LABEL, Zone, ZoneConfig
 from kproxy.memory import release_free_memory
 from kproxy.lab.workload import raise_fd_limit, remove_pidfile, write_pidfile
-from kproxy.store import Obj, Store, View
+from kproxy.store import Obj, View, open_store
 
 DNS_PORT = 53
 METRICS_PORT = 9153
@@ -102,7 +102,7 @@ class _Connection:
 
 class Server:
     def __init__(self, lab_dir: Path, domain: str, port: int = DNS_PORT) -> None:
-        self.watcher = Store(lab_dir / "store").watch(keep=dns_fields)
+        self.watcher = open_store(lab_dir).watch(keep=dns_fields)
         self.domain = domain
         self.metrics = DNSMetrics(VERSION)
         self.responder = Responder(build_zone(self.watcher.view, domain), self.metrics)

@@ -30,7 +30,7 @@ from kproxy.lab.wiring import ETC_NETNS, EXTERNAL, UNDERLAY, cni_config, delete_
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
 from kproxy.scheduler import node_labels
-from kproxy.store import Store, carry_identity
+from kproxy.store import Store, carry_identity, open_store
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
 
@@ -142,7 +142,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     chosen = proxy_mode(state.mode)
     options = chosen.options_of(state.mode_options)
     if previous is not None and previous.mode != state.mode:  # the Services stored must suit the new mode
-        chosen.refuse_unsupported(Store(lab_dir(state.name) / "store").read().of_kind("Service"))
+        chosen.refuse_unsupported(open_store(lab_dir(state.name)).read().of_kind("Service"))
     # Before anything is made: a kernel that lacks a module gets a refusal, not a half-built lab.
     loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(options)])
     if loaded:
@@ -183,7 +183,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
             overlay.apply(ipr, state.overlay, state.pod_cidr, spec.ip, spec.pod_cidr, spec.vtep_mac, peers)
     # External clients reach NodePorts on node IPs; a route to the pod network is
     # not theirs to have, exactly like a client outside a cluster.
-    store = Store(directory / "store")
+    store = open_store(directory)
     _sync_store_topology(state, topology, store)
     _sync_store_dns(state, store)
     report = kubelet.sync(state, store)

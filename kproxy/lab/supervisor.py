@@ -46,7 +46,7 @@ from kproxy import children
 from kproxy.controllers import now_iso, record_restart
 from kproxy.errors import KproxyError
 from kproxy.lab import processes
-from kproxy.store import Store
+from kproxy.store import Store, open_store
 
 MODULE = "kproxy.lab.supervisor"
 SPEC = "supervisor.json"
@@ -251,7 +251,7 @@ class Supervisor:
         self._save()
         log(f"{'restarted' if restart else 'started'} {want.name} (pid {proc.pid}, restarts {record.restarts})")
         if restart and want.kind == processes.WORKLOAD.kind:
-            bump_restart_counts(Store(self.lab_dir / "store"), want.node, record.started_at, record.last_exit)
+            bump_restart_counts(open_store(self.lab_dir), want.node, record.started_at, record.last_exit)
 
     def _exited(self, record: Record) -> None:
         assert record.pidfd is not None

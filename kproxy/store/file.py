@@ -1,20 +1,11 @@
-"""The lab's embedded store: desired state as Kubernetes-shaped objects.
+"""The embedded file store: like etcd in miniature, a snapshot plus an append-only journal and one
+version counter.
 
-Like etcd in miniature: a snapshot plus an append-only journal, one version
-counter. A write is one journal line ({"v": N, "changes": {key: obj | null}})
-appended under flock, so a batch is atomic for readers, who only consume
-complete lines. Watchers (the node agents) keep the objects in memory and
-read only the journal lines past their version, so a change costs its own
-size, not the size of the cluster. When the journal grows past the snapshot,
-a writer folds it into a new snapshot (atomic rename) and starts a new
-journal file; watchers notice the new file and reload.
-
-Keys are "Kind/namespace/name" ("Node/name" for cluster-scoped objects).
-
-Like the API server, a write stamps every object it stores: metadata.uid and
-creationTimestamp when the object has none yet (a writer updating an object
-carries them over from the old one, see carry_identity), and
-metadata.resourceVersion, the version of this write.
+A write is one journal line ({"v": N, "changes": {key: obj | null}}) appended under flock, so a
+batch is atomic for readers, who only consume complete lines. Watchers keep the objects in memory
+and read only the journal lines past their version, so a change costs its own size, not the size
+of the cluster. When the journal grows past the snapshot, a writer folds it into a new snapshot
+(atomic rename) and starts a new journal file; watchers notice the new file and reload.
 """
 
 from __future__ import annotations
@@ -22,17 +13,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
-Obj = dict[str, Any]  # a stored object in its Kubernetes form (kproxy.k8sform), as JSON loads it
-# What a watcher keeps of an object (key, obj): a part of it, or None to drop it. A follower that
-# needs a few fields of a few kinds (cluster DNS) holds only those, not the whole cluster.
-Keep = Callable[[str, Obj], "Obj | None"]
+from kproxy.store import Keep, Obj, View, changed_keys, stamp
+
 SNAPSHOT = "snapshot.json"
 JOURNAL = "journal.jsonl"
 VERSION = "version"  # the latest version, so a writer need not read the whole store
@@ -40,47 +26,9 @@ LOCK = "lock"
 COMPACT_MIN_BYTES = 1 << 20
 
 
-def timestamp() -> str:
-    """Now as Kubernetes prints a metav1.Time: RFC 3339 in UTC, whole seconds."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+class FileStore:
+    """The store in one directory."""
 
-
-IDENTITY = ("uid", "creationTimestamp", "resourceVersion")
-
-
-def carry_identity(obj: Obj, old: Obj | None) -> Obj:
-    """An update of old keeps its uid, creationTimestamp and (until written) resourceVersion; returns obj."""
-    if old is not None:
-        for name in IDENTITY:
-            if name in old["metadata"]:
-                obj["metadata"][name] = old["metadata"][name]
-    return obj
-
-
-def _stamp(obj: Obj, version: int, now: str) -> None:
-    meta = obj["metadata"]
-    meta.setdefault("uid", str(uuid.uuid4()))
-    meta.setdefault("creationTimestamp", now)
-    meta["resourceVersion"] = str(version)
-
-
-def key_of(kind: str, namespace: str, name: str) -> str:
-    return f"{kind}/{namespace}/{name}" if namespace else f"{kind}/{name}"
-
-
-@dataclass
-class View:
-    """The store as of one version."""
-
-    version: int = 0
-    objects: dict[str, Obj] = field(default_factory=dict)
-
-    def of_kind(self, kind: str) -> list[Obj]:
-        prefix = kind + "/"
-        return [obj for key, obj in sorted(self.objects.items()) if key.startswith(prefix)]
-
-
-class Store:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
 
@@ -130,10 +78,7 @@ class Store:
         """Apply a batch atomically, stamping its objects in place; returns the new version."""
         with self._locked():
             version = self.version() + 1
-            now = timestamp()
-            for obj in changes.values():
-                if obj is not None:
-                    _stamp(obj, version, now)
+            stamp(changes, version)
             line = json.dumps({"v": version, "changes": dict(changes)}, separators=(",", ":")) + "\n"
             with open(self.dir / JOURNAL, "ab") as journal:
                 journal.write(line.encode())
@@ -155,8 +100,8 @@ class Store:
         os.replace(tmp, self.dir / SNAPSHOT)
         os.replace(empty, self.dir / JOURNAL)
 
-    def watch(self, keep: Keep | None = None) -> Watcher:
-        return Watcher(self, keep)
+    def watch(self, keep: Keep | None = None) -> FileWatcher:
+        return FileWatcher(self, keep)
 
 
 def _apply_lines(view: View, data: bytes, changed: set[str] | None = None, keep: Keep | None = None) -> int | None:
@@ -190,10 +135,10 @@ def _apply_lines(view: View, data: bytes, changed: set[str] | None = None, keep:
         view.version = entry["v"]
 
 
-class Watcher:
-    """Follows the store: poll() returns the keys that changed since the last call."""
+class FileWatcher:
+    """Follows a FileStore: poll() returns the keys that changed since the last call."""
 
-    def __init__(self, store: Store, keep: Keep | None = None) -> None:
+    def __init__(self, store: FileStore, keep: Keep | None = None) -> None:
         self.store = store
         self.keep = keep
         self.view, self._inode, self._offset = store._load(keep)
@@ -218,9 +163,5 @@ class Watcher:
                 return set()
         before = self.view.objects
         self.view, self._inode, self._offset = self.store._load(self.keep)
-        return _changed(before, self.view.objects)
+        return changed_keys(before, self.view.objects)
 
-
-def _changed(before: Mapping[str, Obj], after: Mapping[str, Obj]) -> set[str]:
-    keys = set(before) | set(after)
-    return {k for k in keys if before.get(k) is not after.get(k) and before.get(k) != after.get(k)}

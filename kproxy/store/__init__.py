@@ -1,0 +1,109 @@
+"""The lab's store: desired state as Kubernetes-shaped objects, behind one small interface.
+
+A store holds objects under keys "Kind/namespace/name" ("Node/name" for cluster-scoped objects)
+and one version counter, like etcd's revision. A write is a batch (one `apply`), atomic for every
+reader. Watchers (the node agents, cluster DNS) keep the objects in memory and learn only what
+changed since their version.
+
+Like the API server, a write stamps every object it stores: metadata.uid and creationTimestamp
+when the object has none yet (a writer updating an object carries them over from the old one, see
+carry_identity), and metadata.resourceVersion, the version of this write.
+
+``open_store(lab_dir)`` is the lab's store; the embedded file store (kproxy.store.file) is the
+default and needs nothing installed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+Obj = dict[str, Any]  # a stored object in its Kubernetes form (kproxy.k8sform), as JSON loads it
+# What a watcher keeps of an object (key, obj): a part of it, or None to drop it. A follower that
+# needs a few fields of a few kinds (cluster DNS) holds only those, not the whole cluster.
+Keep = Callable[[str, Obj], "Obj | None"]
+IDENTITY = ("uid", "creationTimestamp", "resourceVersion")
+
+
+def timestamp() -> str:
+    """Now as Kubernetes prints a metav1.Time: RFC 3339 in UTC, whole seconds."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def carry_identity(obj: Obj, old: Obj | None) -> Obj:
+    """An update of old keeps its uid, creationTimestamp and (until written) resourceVersion; returns obj."""
+    if old is not None:
+        for name in IDENTITY:
+            if name in old["metadata"]:
+                obj["metadata"][name] = old["metadata"][name]
+    return obj
+
+
+def stamp(changes: Mapping[str, Obj | None], version: int) -> None:
+    """What the API server sets on each object a write stores (version: the write's)."""
+    now = timestamp()
+    for obj in changes.values():
+        if obj is not None:
+            meta = obj["metadata"]
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", now)
+            meta["resourceVersion"] = str(version)
+
+
+def key_of(kind: str, namespace: str, name: str) -> str:
+    return f"{kind}/{namespace}/{name}" if namespace else f"{kind}/{name}"
+
+
+@dataclass
+class View:
+    """The store as of one version."""
+
+    version: int = 0
+    objects: dict[str, Obj] = field(default_factory=dict)
+
+    def of_kind(self, kind: str) -> list[Obj]:
+        prefix = kind + "/"
+        return [obj for key, obj in sorted(self.objects.items()) if key.startswith(prefix)]
+
+
+class Watcher(Protocol):
+    """Follows a store from the version it was made at."""
+
+    view: View  # the objects as of view.version, each cut down by the watcher's Keep
+
+    def poll(self) -> set[str]:
+        """The keys that changed since the last call (view is current after it)."""
+        ...
+
+
+class Store(Protocol):
+    def read(self) -> View:
+        ...
+
+    def version(self) -> int:
+        """The latest version, without reading the objects."""
+        ...
+
+    def write(self, changes: Mapping[str, Obj | None]) -> int:
+        """Apply a batch (None deletes) all at once or not at all, stamping its objects in place;
+        returns the new version."""
+        ...
+
+    def watch(self, keep: Keep | None = None) -> Watcher:
+        ...
+
+
+def changed_keys(before: Mapping[str, Obj], after: Mapping[str, Obj]) -> set[str]:
+    """The keys whose objects differ between two views' objects (a watcher's resync)."""
+    keys = set(before) | set(after)
+    return {k for k in keys if before.get(k) is not after.get(k) and before.get(k) != after.get(k)}
+
+
+def open_store(lab_dir: Path) -> Store:
+    """The store of the lab whose state is in lab_dir."""
+    from kproxy.store.file import FileStore  # the store package's own backends import it
+
+    return FileStore(lab_dir / "store")
