@@ -52,6 +52,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kproxy import debs
+from kproxy.errors import KproxyError
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "guest"
 META_PACKAGE = "linux-image-amd64"
@@ -134,26 +137,18 @@ def ensure_kernel(cache: Path = CACHE, log=print) -> GuestKernel:
         return kernel
     started = time.monotonic()
     version = _wanted_version()
-    debs = cache / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
     package = f"linux-image-{version}"
-    if not list(debs.glob(f"{package}_*.deb")):
-        log(f"guest: downloading {package} (not installed: unpacked into {cache})")
-        done = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise GuestError(f"apt-get download {package} failed: {done.stderr.strip()}")
-    deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
-    root = cache / "root"
-    if root.exists():
-        shutil.rmtree(root)
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    try:
+        root = debs.unpacked([package], cache, log=lambda message: log(f"guest: {message}"))
+    except KproxyError as exc:
+        raise GuestError(str(exc)) from None
     subprocess.run(["depmod", "-b", str(root), version], check=True)
     vmlinux = cache / f"vmlinux-{version}"
     vmlinux.write_bytes(extract_vmlinux((root / "boot" / f"vmlinuz-{version}").read_bytes()))
     initramfs = cache / f"initramfs-{version}.cpio"
     build_initramfs(root, version, initramfs)
     (cache / "kernel.json").write_text(json.dumps(
-        {"version": version, "vmlinux": vmlinux.name, "initramfs": initramfs.name, "deb": deb.name}))
+        {"version": version, "vmlinux": vmlinux.name, "initramfs": initramfs.name, "package": package}))
     log(f"guest: kernel {version} cached in {time.monotonic() - started:.1f} s")
     kernel = _cached_kernel(cache)
     assert kernel
