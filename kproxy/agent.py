@@ -79,7 +79,7 @@ class Agent:
         self.mode = proxy_mode(mode)
         self.mode_options = self.mode.options_of(mode_options or {})
         self.cluster_cidr = cluster_cidr
-        self.watcher = open_store(lab_dir).watch()
+        self.watcher = open_store(lab_dir, on_underlay=True).watch()
         self.metrics = Metrics()
         self.proxier: Proxier | None = None
         self.tracker = StateTracker(self.mode.service_info)

@@ -18,6 +18,7 @@ from kproxy.cliargs import one_line
 from kproxy.errors import KproxyError
 from kproxy.lab.topology import DEFAULT_LOAD_BALANCER_CIDR, OVERLAYS, SERVICE_CIDR as LAB_SERVICE_CIDR
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
+from kproxy.store import BACKENDS as STORE_BACKENDS
 
 PROG = "kproxy"
 DEBUG_ENV = "KPROXY_DEBUG"  # set: unexpected errors show their traceback
@@ -36,7 +37,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     _need_root()
     started = time.monotonic()
     with lab_lock(topology.name):
-        state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns)
+        state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns, store=args.store)
         cluster = Cluster(state.name)
         lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
@@ -89,6 +90,9 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         return 0
     print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
           f"external {info['external']['ip']}  load balancers {info['loadBalancerCIDR'] or '<none>'}")
+    store = info["store"]
+    print(f"store {store['backend']}{' at ' + store['endpoint'] if 'endpoint' in store else ''}  "
+          + (f"version {store['version']}" if "version" in store else f"unreachable: {store['error']}"))
     supervisor = info["supervisorPid"]
     print(f"supervisor pid {supervisor}" if supervisor
           else "supervisor DEAD ('kproxy lab up' with this lab's topology starts a new one)")
@@ -375,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dns", action=argparse.BooleanOptionalAction, default=None,
                    help="cluster DNS: kube-dns at 10.96.0.10 with two coredns pods, pods resolving through it "
                         "(default: on for a new lab, as it was for a running one; --no-dns leaves it out)")
+    p.add_argument("--store", choices=STORE_BACKENDS,
+                   help="where the lab keeps its objects: file (embedded, nothing to install) or etcd (etcd 3.4 in "
+                        "a control-plane namespace on the underlay; the agents watch it from their nodes) "
+                        "(default: file for a new lab, the running lab's store for a running one)")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", type=cliargs.LAB, help=lab_help)
@@ -468,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exec", help="run a command in a pod, node, external or underlay namespace")
     p.add_argument("--lab", type=cliargs.LAB, help=lab_help)
-    p.add_argument("target", help="pod or node name, 'external' or 'underlay'")
+    p.add_argument("target", help="pod or node name, 'external', 'underlay' or (with the etcd store) 'control-plane'")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_exec)
     packetcli.add_commands(sub, lab_help)

@@ -13,11 +13,13 @@ import pytest
 
 from tests.labtools import Lab, kproxy, running_lab
 
-# (mode, its options): nftables twice, with kube-proxy's numgen vmap and with the cascade that
-# large clusters get, which must behave the same.
+# (mode, its options, and lab up's other options): nftables twice, with kube-proxy's numgen vmap and
+# with the cascade that large clusters get, which must behave the same.
 MODES = [("iptables",), ("userspace",),
          pytest.param(("ipvs",), marks=pytest.mark.ipvs, id="ipvs"),  # in a QEMU guest where this kernel lacks IPVS
-         ("nftables",), ("nftables", "--mode-opt", "endpoint-choice=cascade")]
+         ("nftables",), ("nftables", "--mode-opt", "endpoint-choice=cascade"),
+         # The whole suite once more with the lab's objects in etcd (the agents watching it over the underlay).
+         pytest.param(("iptables", "--store", "etcd"), id="iptables-etcd")]
 
 MANIFESTS = """
 apiVersion: v1

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kproxy.lab import processes
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
 from kproxy.lab.state import NETNS_DIR, lab_dir, ns_name, ns_path
 from kproxy.packets.netns import Sniffer
@@ -31,8 +32,8 @@ def lab_traces(name: str) -> list[str]:
         found.append(str(lab_dir(name)))
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     found += [line for line in ps.splitlines()
-              if any(daemon in line for daemon in ("kproxy.lab.workload", "kproxy.agent", "kproxy.lab.supervisor",
-                                                   "kproxy.lab.udpoverlay"))
+              if any(program in line for program in ("kproxy.lab.supervisor", "etcd ",
+                                                     *(daemon.module for daemon in processes.DAEMONS)))
               and f"/{name}" in line]
     return found
 

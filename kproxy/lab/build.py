@@ -25,27 +25,29 @@ from kproxy.lab import announce, kubelet, overlay, processes, supervisor
 from kproxy.lab.state import NETNS_DIR, LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, \
     ns_prefix, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
-from kproxy.lab.wiring import ETC_NETNS, EXTERNAL, UNDERLAY, cni_config, delete_namespaces, \
+from kproxy.lab.wiring import CONTROL_PLANE, ETC_NETNS, EXTERNAL, UNDERLAY, cni_config, delete_namespaces, \
     ensure_default_route, ensure_namespaces, ensure_uplink, random_mac, remove_resolv_conf
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
 from kproxy.scheduler import node_labels
-from kproxy.store import Store, carry_identity, open_store
+from kproxy.store import Store, carry_identity, config_of, configure, open_store
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
 
 
 def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
-         mode_options: dict[str, str] | None = None, dns: bool | None = None) -> LabState:
+         mode_options: dict[str, str] | None = None, dns: bool | None = None, store: str | None = None) -> LabState:
     """The state this topology asks for, keeping every assignment previous made. mode_options
     are merged over the running lab's when the mode stays, and replace them when it changes;
-    dns None keeps the running lab's cluster DNS (a new lab has it)."""
+    dns None keeps the running lab's cluster DNS (a new lab has it); store None keeps the running
+    lab's store (a new lab has the file store)."""
     mode = mode or (previous.mode if previous else DEFAULT_MODE)
     kept_options = previous.mode_options if previous is not None and previous.mode == mode else {}
     options = {**kept_options, **(mode_options or {})}
     proxy_mode(mode).options_of(options)  # refused here, before anything is made
+    store = store or (previous.store if previous else "file")
     if previous is not None:
-        for what, old, new in (("overlay", previous.overlay, topology.overlay),
+        for what, old, new in (("store", previous.store, store), ("overlay", previous.overlay, topology.overlay),
                                ("podCIDR", previous.pod_cidr, str(topology.pod_cidr)),
                                ("nodeCIDR", previous.node_cidr, str(topology.node_cidr)),
                                ("loadBalancerCIDR", previous.load_balancer_cidr or str(topology.load_balancer_cidr),
@@ -66,10 +68,13 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
         generation=previous.generation if previous else 0,
         pods=dict(previous.pods) if previous else {},
         dns=dns if dns is not None else previous.dns if previous else True,
+        store=store,
+        control_plane_ip=str(hosts[-2]) if store == "etcd" else "",
     )
     wanted = {n.name for n in topology.nodes}
     kept = {name: n for name, n in (previous.nodes if previous else {}).items() if name in wanted}
-    free_ips = (str(ip) for ip in hosts[1:-1] if str(ip) not in {n.ip for n in kept.values()})  # .1 stays free
+    # .1 stays free; the last two are the external client's and the control plane's
+    free_ips = (str(ip) for ip in hosts[1:-2] if str(ip) not in {n.ip for n in kept.values()})
     subnets = list(topology.pod_cidr.subnets(new_prefix=24))[1:1 + node_subnet_count(topology.pod_cidr)]
     free_cidrs = (str(net) for net in subnets if str(net) not in {n.pod_cidr for n in kept.values()})
     for node in topology.nodes:
@@ -132,13 +137,15 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
 
 
 def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str] | None = None,
-       say: Callable[[str], object] = print, dns: bool | None = None) -> tuple[LabState, kubelet.Report]:
+       say: Callable[[str], object] = print, dns: bool | None = None,
+       store: str | None = None) -> tuple[LabState, kubelet.Report]:
     """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded);
-    dns: with cluster DNS or without (None: as the running lab, a new one with)."""
+    dns: with cluster DNS or without (None: as the running lab, a new one with); store: "file"
+    or "etcd" (None: as the running lab, a new one the file store)."""
     previous = load_state(topology.name)
     if previous is None and lab_namespaces(topology.name):
         teardown(topology.name)  # leftovers of a crash before any state was written
-    state = plan(topology, previous, mode, mode_options, dns)
+    state = plan(topology, previous, mode, mode_options, dns, store)
     chosen = proxy_mode(state.mode)
     options = chosen.options_of(state.mode_options)
     if previous is not None and previous.mode != state.mode:  # the Services stored must suit the new mode
@@ -164,7 +171,8 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     present = lab_namespaces(state.name)
     delete_namespaces([ns_name(state.name, n) for n in gone_nodes if ns_name(state.name, n) in present])
 
-    ensure_namespaces(state.name, [UNDERLAY, EXTERNAL, *state.nodes])
+    control_plane = [CONTROL_PLANE] if state.control_plane_ip else []
+    ensure_namespaces(state.name, [UNDERLAY, EXTERNAL, *state.nodes, *control_plane])
     prefix = ipaddress.ip_network(state.node_cidr).prefixlen
     for node, spec in state.nodes.items():
         ensure_uplink(state.name, node, spec.ip, prefix)
@@ -176,6 +184,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
         cni_dir.mkdir(parents=True, exist_ok=True)
         (cni_dir / f"{node}.conf").write_text(json.dumps(cni_config(state, node), indent=2) + "\n")
     ensure_uplink(state.name, EXTERNAL, state.external_ip, prefix)
+    _ensure_store(state, prefix)
     for node, spec in state.nodes.items():
         peers = [overlay.Peer(name, n.ip, n.pod_cidr, n.vtep_mac) for name, n in sorted(state.nodes.items())
                  if name != node]
@@ -195,6 +204,21 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     save_state(state)
     kubelet.ensure_daemons(state)  # agents last: their first sync finds every pod wired, not one sync per pod
     return state, report
+
+
+def _ensure_store(state: LabState, prefix: int) -> None:
+    """The lab's store recorded for everyone who opens it; with etcd, etcd answering in the
+    control-plane member (before anything reads or writes the store)."""
+    directory = lab_dir(state.name)
+    if state.store != "etcd":
+        configure(directory, {"backend": "file"})
+        return
+    from kproxy.store import etcdserver  # requests and etcd's flags: for labs that use etcd only
+
+    ensure_uplink(state.name, CONTROL_PLANE, state.control_plane_ip, prefix)
+    configure(directory, {"backend": "etcd", "endpoint": f"http://{state.control_plane_ip}:{etcdserver.CLIENT_PORT}",
+                          "prefix": f"/kproxy/{state.name}/", "netns": ns_path(state.name, CONTROL_PLANE)})
+    supervisor.ensure(directory, list(dict.fromkeys([*supervisor.current(directory), *kubelet.control_plane(state)])))
 
 
 def _sync_store_dns(state: LabState, store: Store) -> None:
@@ -305,4 +329,18 @@ def status(lab: str) -> dict[str, Any]:
             "supervisorPid": supervisor.supervisor_pid(directory),
             "nodeCIDR": state.node_cidr, "loadBalancerCIDR": state.load_balancer_cidr,
             "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
-            "nodes": nodes, "pods": pods}
+            "store": _store_status(state), "nodes": nodes, "pods": pods}
+
+
+def _store_status(state: LabState) -> dict[str, Any]:
+    """Which store, where, and its version (etcd's revision of the lab's last write), or why it did not answer."""
+    config = config_of(lab_dir(state.name))
+    shown: dict[str, Any] = {"backend": config["backend"]}
+    if "endpoint" in config:
+        shown["endpoint"] = config["endpoint"]
+        shown["namespace"] = ns_name(state.name, CONTROL_PLANE)
+    try:
+        shown["version"] = open_store(lab_dir(state.name)).version()
+    except KproxyError as exc:
+        shown["error"] = str(exc)
+    return shown

@@ -23,8 +23,8 @@ from kproxy.lab import overlay, processes, supervisor
 from kproxy.lab.probe import http_get, probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
 from kproxy.lab.workloadspec import DEFAULT_PORT
-from kproxy.lab.wiring import delete_namespaces, ensure_namespaces, pod_address, remove_resolv_conf, run_cni, \
-    wire_pod, write_resolv_conf
+from kproxy.lab.wiring import CONTROL_PLANE, delete_namespaces, ensure_namespaces, pod_address, remove_resolv_conf, \
+    run_cni, wire_pod, write_resolv_conf
 from kproxy.store import Store, View
 
 READY_TIMEOUT = 10.0
@@ -169,14 +169,23 @@ def agent_args(state: LabState, node: str) -> list[str]:
                for arg in ("--mode-opt", f"{name}={value}")])
 
 
+def control_plane(state: LabState) -> list[supervisor.Wanted]:
+    """etcd, where the lab keeps its store there (started first: everything else reads the store)."""
+    if state.store != "etcd":
+        return []
+    return [supervisor.Wanted(processes.ETCD.kind, CONTROL_PLANE, ns_path(state.name, CONTROL_PLANE),
+                              ("--lab-dir", str(lab_dir(state.name)), "--ip", state.control_plane_ip))]
+
+
 def _workloads(state: LabState) -> list[supervisor.Wanted]:
-    """Each node's workload that has a spec (the kubelet's sync writes it), each wired DNS pod's server,
-    and with the udp overlay each node's copier (what carries pods' packets between nodes)."""
+    """The control plane's etcd, each node's workload that has a spec (the kubelet's sync writes it),
+    each wired DNS pod's server, and with the udp overlay each node's copier (what carries pods'
+    packets between nodes)."""
     directory = lab_dir(state.name)
     copiers = [supervisor.Wanted(processes.UDP_OVERLAY.kind, node, ns_path(state.name, node),
                                  ("--lab-dir", str(directory), "--node", node))
                for node in sorted(state.nodes)] if overlay.runs_copier(state.overlay) else []
-    return copiers + [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
+    return control_plane(state) + copiers + [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
                               ("--spec", str(processes.spec_path(directory, node))))
             for node in sorted(state.nodes) if processes.spec_path(directory, node).exists()] + \
         [supervisor.Wanted(processes.DNS.kind, member, ns_path(state.name, member), ("--lab-dir", str(directory)))

@@ -1,5 +1,5 @@
 """The lab's own daemons (per node the pod workload, the node agent and with the udp overlay flanneld's
-copier; per DNS pod its server): start, find, stop.
+copier; per DNS pod its server; with the etcd store, etcd): start, find, stop.
 
 Each runs inside its node's namespace, detached, with a pidfile in the lab
 directory that the daemon writes once it is initialised. In a lab they are
@@ -40,7 +40,8 @@ WORKLOAD = Daemon("workload", "kproxy.lab.workload")
 AGENT = Daemon("agent", "kproxy.agent")
 DNS = Daemon("dns", "kproxy.dns.server")  # one per cluster DNS pod: its "node" is the pod's member name
 UDP_OVERLAY = Daemon("flanneld", "kproxy.lab.udpoverlay")  # per node with the udp overlay: flannel0's copier
-DAEMONS = (AGENT, WORKLOAD, DNS, UDP_OVERLAY)
+ETCD = Daemon("etcd", "kproxy.store.etcdserver")  # with --store etcd: its "node" is the control-plane member
+DAEMONS = (AGENT, WORKLOAD, DNS, UDP_OVERLAY, ETCD)
 
 
 def spec_path(lab_dir: Path, node: str) -> Path:

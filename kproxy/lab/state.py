@@ -80,6 +80,8 @@ class LabState:
     mode_options: dict[str, str] = field(default_factory=dict)  # the mode's, as given (Mode.options_of fills the rest)
     dns: bool = False  # cluster DNS (kproxy.dns.addon) runs in the lab
     load_balancer_cidr: str = ""  # the pool LoadBalancer Services get addresses from; "": none (an older lab)
+    store: str = "file"  # the lab's store: "file" (embedded) or "etcd" (etcd in the control-plane member)
+    control_plane_ip: str = ""  # the control-plane member's underlay address ("": the lab has none)
 
     @property
     def load_balancer_pool(self) -> ipaddress.IPv4Network | None:

@@ -33,7 +33,7 @@ DEFAULT_LOAD_BALANCER_CIDR = "172.18.255.0/24"
 LAB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 OBJECT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 NODE_NAME_MAX = 12  # "to-" + name must fit IFNAMSIZ
-RESERVED_NAMES = ("underlay", "external")
+RESERVED_NAMES = ("underlay", "external", "control-plane")  # the lab's own members
 PODS_PER_NODE = 253  # .2 .. .254 of the node's /24 (.1 is the bridge)
 
 

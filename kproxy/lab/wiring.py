@@ -27,6 +27,7 @@ from kproxy.lab.state import LabState, lab_dir, lab_namespaces, ns_name, ns_path
 
 UNDERLAY = "underlay"
 EXTERNAL = "external"
+CONTROL_PLANE = "control-plane"  # with the etcd store: etcd's member on the underlay, like a control-plane node
 UNDERLAY_BRIDGE = "br0"
 NODE_UPLINK = "eth0"
 CNI_NETWORK = "kproxy"

@@ -9,12 +9,14 @@ Like the API server, a write stamps every object it stores: metadata.uid and cre
 when the object has none yet (a writer updating an object carries them over from the old one, see
 carry_identity), and metadata.resourceVersion, the version of this write.
 
-``open_store(lab_dir)`` is the lab's store; the embedded file store (kproxy.store.file) is the
-default and needs nothing installed.
+``open_store(lab_dir)`` is the lab's store, as ``configure`` recorded it: the embedded file store
+(kproxy.store.file), the default, which needs nothing installed, or etcd (kproxy.store.etcd).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,8 +104,35 @@ def changed_keys(before: Mapping[str, Obj], after: Mapping[str, Obj]) -> set[str
     return {k for k in keys if before.get(k) is not after.get(k) and before.get(k) != after.get(k)}
 
 
-def open_store(lab_dir: Path) -> Store:
-    """The store of the lab whose state is in lab_dir."""
+CONFIG = "store.json"  # in a lab's directory: which store it uses; none: the file store
+BACKENDS = ("file", "etcd")
+
+
+def configure(lab_dir: Path, config: dict[str, str]) -> None:
+    """Record which store the lab uses: {"backend": "file"}, or {"backend": "etcd", "endpoint":
+    "http://IP:PORT", "prefix": "/kproxy/LAB/", "netns": the namespace to reach it from off the underlay}."""
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    tmp = lab_dir / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, lab_dir / CONFIG)
+
+
+def config_of(lab_dir: Path) -> dict[str, str]:
+    try:
+        return json.loads((lab_dir / CONFIG).read_text())
+    except FileNotFoundError:
+        return {"backend": "file"}
+
+
+def open_store(lab_dir: Path, on_underlay: bool = False) -> Store:
+    """The store of the lab whose state is in lab_dir. on_underlay: this process runs in one of
+    the lab's nodes and reaches a networked store over the underlay, as kube-proxy reaches the
+    API server; everyone else (the CLI, the supervisor, DNS pods) enters the store's namespace."""
+    config = config_of(lab_dir)
+    if config["backend"] == "etcd":
+        from kproxy.store.etcd import EtcdStore  # requests is imported only by labs that use etcd
+
+        return EtcdStore(config["endpoint"], config["prefix"], None if on_underlay else config.get("netns"))
     from kproxy.store.file import FileStore  # the store package's own backends import it
 
     return FileStore(lab_dir / "store")
