@@ -1,5 +1,6 @@
 """Ending processes: a child this process started (asked first with SIGTERM, then told with SIGKILL),
-and every process left in namespaces a lab made. Signals go through pidfds: never to a recycled pid."""
+and every process left in namespaces a lab made (signals through pidfds: never to a recycled pid);
+and this process ended by SIGTERM as by Ctrl-C, so that its cleanups run."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import select
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Iterator
 
 
 def end(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
@@ -86,3 +89,16 @@ def end_all_in(namespaces: list[Path], grace: float = 2.0) -> int:
     finally:
         for pidfd in pidfds:
             os.close(pidfd)
+
+
+@contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so every cleanup below runs."""
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -76,6 +76,9 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (["lab", "up", "--mode", "nft"],
      "kproxy lab up: error: argument --mode: invalid choice: 'nft' (choose from 'iptables', 'userspace', 'ipvs', 'nftables') "
      "(see 'kproxy lab up --help')"),
+    (["lab", "up", "--store", "nfs"],
+     "kproxy lab up: error: argument --store: invalid choice: 'nfs' (choose from 'file', 'etcd') "
+     "(see 'kproxy lab up --help')"),
     (["nonsense"],
      "kproxy: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'lab', 'apply', 'delete', 'get', "
      "'scale', 'rollout', 'rules', 'bench', 'modes', 'render', 'exec', 'capture', 'trace', 'packet-lab') "

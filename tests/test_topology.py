@@ -50,6 +50,15 @@ def test_a_running_lab_cannot_switch_overlay_in_place() -> None:
         plan(parse_topology(topo(), overlay="host-gw"), first)
 
 
+def test_an_etcd_lab_has_its_control_plane_at_the_last_address_but_one_and_keeps_its_store() -> None:
+    first = plan(parse_topology(topo()), None, store="etcd")
+    assert (first.store, first.control_plane_ip, first.external_ip) == ("etcd", "172.18.0.253", "172.18.0.254")
+    assert plan(parse_topology(topo()), first).store == "etcd"  # up without --store keeps it
+    assert plan(parse_topology(topo()), None).control_plane_ip == ""  # the file store has no control plane
+    with pytest.raises(KproxyError, match="runs with store etcd, not file; take it down first"):
+        plan(parse_topology(topo()), first, store="file")
+
+
 @pytest.mark.parametrize(
     "over, message",
     [

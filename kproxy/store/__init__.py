@@ -80,6 +80,10 @@ class Watcher(Protocol):
         """The keys that changed since the last call (view is current after it)."""
         ...
 
+    def close(self) -> None:
+        """Stop following (a networked store's stream); the view stays as it was."""
+        ...
+
 
 class Store(Protocol):
     def read(self) -> View:

@@ -165,3 +165,6 @@ class FileWatcher:
         self.view, self._inode, self._offset = self.store._load(self.keep)
         return changed_keys(before, self.view.objects)
 
+    def close(self) -> None:
+        """Nothing to release: the journal is opened at each poll."""
+

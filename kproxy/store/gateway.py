@@ -121,9 +121,7 @@ class Gateway:
                                                         timeout=(TIMEOUT, read_timeout)) as answer:
                 if answer.status_code != 200:
                     raise _error(self.endpoint, answer)
-                for line in answer.iter_lines():
-                    if not line:
-                        continue
+                for line in _lines(answer):
                     message = json.loads(line)
                     if "error" in message:  # etcd shutting down: the gateway's last line
                         raise EtcdUnavailable(f"etcd at {self.endpoint} ended the watch: "
@@ -142,6 +140,22 @@ class Gateway:
         except NamespaceMissing as exc:
             raise EtcdUnavailable(f"etcd at {self.endpoint} is unreachable: {exc.strerror}") from None
         raise EtcdUnavailable(f"etcd at {self.endpoint} closed the watch")
+
+
+def _lines(answer: requests.Response) -> Iterator[bytes]:
+    """The stream's lines as they complete. Not iter_lines: it joins a line's pieces one 512-byte chunk
+    at a time, quadratic in a watch answer of one big apply (10k Services: ~4 MB on one line)."""
+    buffer = bytearray()
+    scanned = 0
+    for chunk in answer.iter_content(chunk_size=None):
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", max(start, scanned))) >= 0:
+            if end > start:
+                yield bytes(buffer[start:end])
+            start = end + 1
+        del buffer[:start]
+        scanned = len(buffer)
 
 
 def _reason(exc: requests.RequestException) -> str:

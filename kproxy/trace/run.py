@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
 import threading
 import time
-from contextlib import ExitStack, contextmanager
-from types import FrameType
-from typing import Any, Callable, Iterator
+from contextlib import ExitStack
+from typing import Any, Callable
 
-from kproxy.children import end
+from kproxy.children import end, terminated_as_interrupt
 from kproxy.errors import KproxyError
 from kproxy.packets.decode import headers
 from kproxy.packets.netns import READY_TIMEOUT, WORKER, first_line, answers
@@ -70,19 +68,6 @@ class Recorder:
         if self._reader is not None:
             self._reader.join(5)
         self._proc = None
-
-
-@contextmanager
-def terminated_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so every cleanup below runs."""
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def guard_name(probe: Probe) -> str:
