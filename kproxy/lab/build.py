@@ -154,6 +154,10 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(options)])
     if loaded:
         say(kmod.notice(loaded))
+    if state.store == "etcd":  # likewise etcd: fetched now (scripts/setup has it already), or refused now
+        from kproxy.store import etcdserver
+
+        etcdserver.binary(log=say)
     directory = lab_dir(state.name)
     directory.mkdir(parents=True, exist_ok=True)
     if previous is not None and (previous.mode != state.mode or chosen.options_of(previous.mode_options) != options):
