@@ -175,7 +175,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     present = lab_namespaces(state.name)
     delete_namespaces([ns_name(state.name, n) for n in gone_nodes if ns_name(state.name, n) in present])
 
-    control_plane = [CONTROL_PLANE] if state.control_plane_ip else []
+    control_plane = [CONTROL_PLANE] if state.store == "etcd" else []
     ensure_namespaces(state.name, [UNDERLAY, EXTERNAL, *state.nodes, *control_plane])
     prefix = ipaddress.ip_network(state.node_cidr).prefixlen
     for node, spec in state.nodes.items():

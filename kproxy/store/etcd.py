@@ -7,9 +7,9 @@ lab's version is the revision of its latest write (etcd's revision counts every 
 other labs' too).
 
 A watcher reads the prefix once, then (from its first poll) follows etcd's watch from the revision
-after that read, in a thread of its own; poll() applies what arrived. Where the stream breaks (etcd restarted, the
-network went away) the thread resumes from the revision after the last it saw, so no change is
-lost or seen twice. Where etcd has compacted that revision away, the watcher reads the whole
+after that read, in a thread of its own; poll() applies what arrived. Where the stream breaks
+(etcd restarted, the network went away) the thread resumes from the revision after the last it
+saw, so no change is lost or seen twice. Where etcd has compacted that revision away, the watcher reads the whole
 prefix again and reports what differs (a full resync).
 """
 
@@ -153,15 +153,13 @@ class EtcdWatcher:
             self.view.version = revision
 
     def _apply(self, key: str, value: bytes | None, mod_revision: int, changed: set[str]) -> None:
-        if value is None:
-            if self.view.objects.pop(key, None) is not None:
-                changed.add(key)
-            return
-        obj = _object(value, mod_revision)
-        kept = self.keep(key, obj) if self.keep is not None else obj
-        if kept is None:
-            if self.view.objects.pop(key, None) is not None:
-                changed.add(key)
-            return
-        self.view.objects[key] = kept
-        changed.add(key)
+        """One event: the object stored (as the watcher's Keep cuts it), or gone (deleted, or no longer kept)."""
+        kept = None
+        if value is not None:
+            obj = _object(value, mod_revision)
+            kept = self.keep(key, obj) if self.keep is not None else obj
+        if kept is not None:
+            self.view.objects[key] = kept
+            changed.add(key)
+        elif self.view.objects.pop(key, None) is not None:
+            changed.add(key)

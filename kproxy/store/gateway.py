@@ -1,6 +1,6 @@
 """etcd 3.4's JSON gateway (POST /v3/kv/..., /v3/watch), over requests: what the etcd store needs.
 
-Why the gateway over requests (the evaluation is in docs/multi-vm.md): etcd3gw's watch blocks
+Why the gateway over requests (the evaluation is in docs/store.md): etcd3gw's watch blocks
 silently on a compacted revision and on an etcd restart; etcd3 (grpc) has had no release since
 2020 and does not import with today's protobuf. The gateway's wire format is small: keys and
 values in base64, int64s as strings, and fields at their default left out (a PUT event has no
@@ -78,9 +78,14 @@ class Entry:
     mod_revision: int
 
 
+def entry(kv: dict[str, Any], deleted: bool = False) -> Entry:
+    """A key-value as the gateway spells it (base64, revisions as strings, defaults left out)."""
+    return Entry(unb64(kv["key"]).decode(), None if deleted else unb64(kv.get("value", "")),
+                 int(kv.get("mod_revision", 0)))
+
+
 def entries(kvs: list[dict[str, Any]]) -> list[Entry]:
-    return [Entry(unb64(kv["key"]).decode(), unb64(kv.get("value", "")), int(kv.get("mod_revision", 0)))
-            for kv in kvs]
+    return [entry(kv) for kv in kvs]
 
 
 class Gateway:
@@ -104,8 +109,9 @@ class Gateway:
             raise _error(self.endpoint, answer)
         return answer.json()
 
-    def txn(self, success: list[dict[str, Any]], compare: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        return self.call("kv/txn", {"compare": compare or [], "success": success})
+    def txn(self, operations: list[dict[str, Any]]) -> dict[str, Any]:
+        """The operations, all at once or none: one revision."""
+        return self.call("kv/txn", {"success": operations})
 
     def compact(self, revision: int) -> None:
         self.call("kv/compaction", {"revision": str(revision), "physical": True})
@@ -131,9 +137,7 @@ class Gateway:
                         raise Compacted(int(result["compact_revision"]))
                     events = result.get("events", [])
                     if events:
-                        changed = [Entry(unb64(e["kv"]["key"]).decode(),
-                                         None if e.get("type") == "DELETE" else unb64(e["kv"].get("value", "")),
-                                         int(e["kv"]["mod_revision"])) for e in events]
+                        changed = [entry(e["kv"], deleted=e.get("type") == "DELETE") for e in events]
                         yield changed[-1].mod_revision, changed
         except requests.RequestException as exc:
             raise EtcdUnavailable(f"etcd at {self.endpoint}: the watch broke: {_reason(exc)}") from None
