@@ -17,7 +17,7 @@ from kproxy.lab.state import lab_dir, ns_path
 from kproxy.lab.supervisor import supervisor_pid
 from kproxy.store.etcd import EtcdStore
 from tests.conditions import wait_for
-from tests.labtools import kproxy, pod_ip, running_lab, status
+from tests.labtools import kproxy, running_lab, status
 from tests.test_lab import answer, lab_traces
 
 pytestmark = pytest.mark.kernel
@@ -43,12 +43,21 @@ def cluster_ip(lab: str, name: str) -> str:
     return json.loads(kproxy("get", "svc", name, "--lab", lab, "-o", "json").stdout)["spec"]["clusterIP"]
 
 
-def etcd_pid(lab: str) -> int:
-    """etcd's own pid: the child of the lab's etcd daemon."""
+def etcd_pid(lab: str) -> int | None:
+    """etcd's own pid, the child of the lab's etcd daemon; None while there is none (etcd has exited
+    and its daemon, about to exit too, has not yet been started again)."""
     daemon = processes.running_pid(processes.ETCD, lab_dir(lab), "control-plane")
-    assert daemon is not None
-    children = Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split()
-    return int(children[0])
+    try:
+        children = Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split() if daemon else []
+    except FileNotFoundError:
+        return None
+    return int(children[0]) if children else None
+
+
+def running_etcd(lab: str) -> int:
+    pid = etcd_pid(lab)
+    assert pid is not None, "no etcd runs"
+    return pid
 
 
 def test_a_lab_on_etcd_serves_its_services_and_down_leaves_nothing(tmp_path: Path) -> None:
@@ -65,7 +74,7 @@ def test_a_lab_on_etcd_serves_its_services_and_down_leaves_nothing(tmp_path: Pat
         assert stored["spec"]["clusterIP"] == ip and int(stored["metadata"]["resourceVersion"]) <= etcd.version()
         assert status(lab)["store"]["version"] == etcd.version()
         daemon = processes.running_pid(processes.ETCD, lab_dir(lab), "control-plane")
-        etcd_itself = etcd_pid(lab)
+        etcd_itself = running_etcd(lab)
     assert lab_traces(lab) == []
     for pid in (daemon, etcd_itself):
         assert not os.path.exists(f"/proc/{pid}")
@@ -74,15 +83,12 @@ def test_a_lab_on_etcd_serves_its_services_and_down_leaves_nothing(tmp_path: Pat
 def test_agents_follow_etcd_through_a_restart(tmp_path: Path) -> None:
     with running_lab("--store", "etcd") as lab:
         apply_service(lab, tmp_path, "before")
-        before = etcd_pid(lab)
+        before = running_etcd(lab)
         os.kill(before, signal.SIGKILL)  # the supervisor starts etcd again on the same data
-        wait_for("etcd restarted", lambda: processes.running_pid(processes.ETCD, lab_dir(lab), "control-plane")
-                 and etcd_pid(lab) != before, timeout=60)
+        wait_for("etcd restarted", lambda: etcd_pid(lab) not in (None, before), timeout=60)
         apply_service(lab, tmp_path, "after")  # apply waits until every agent has it programmed
-        info = status(lab)
         for service in ("before", "after"):
             assert answer(lab, "client", cluster_ip(lab, service), 80)["pod"].startswith("web-")
-        assert pod_ip(info, "client")
 
 
 def test_an_apply_while_etcd_is_down_is_one_line_and_stores_nothing(tmp_path: Path) -> None:
@@ -91,7 +97,7 @@ def test_an_apply_while_etcd_is_down_is_one_line_and_stores_nothing(tmp_path: Pa
         assert supervisor is not None
         os.kill(supervisor, signal.SIGSTOP)  # nobody starts etcd again meanwhile
         try:
-            os.kill(etcd_pid(lab), signal.SIGKILL)
+            os.kill(running_etcd(lab), signal.SIGKILL)
             status_code, error = apply_service(lab, tmp_path, "lost", check=False)
             assert status_code == 1
             assert error.startswith("kproxy: error: etcd at http://172.18.0.") and "is unreachable" in error
