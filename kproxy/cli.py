@@ -38,8 +38,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with lab_lock(topology.name):
         state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns, store=args.store)
-        cluster = Cluster(state.name)
-        lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
+        with Cluster(state.name) as cluster:
+            lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
     _warn_unready(report.unready)
     print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
@@ -216,8 +216,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     objects = _objects(args.file)
     lab = choose_lab(args.lab)
     _need_root()
-    with lab_lock(lab):
-        return _report(Cluster(lab).apply(objects))
+    with lab_lock(lab), Cluster(lab) as cluster:
+        return _report(cluster.apply(objects))
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -235,8 +235,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
         raise KproxyError("say what to delete: -f FILE, or KIND NAME...")
     lab = choose_lab(args.lab)
     _need_root()
-    with lab_lock(lab):
-        return _report(Cluster(lab).delete(targets, None if args.grace_period < 0 else args.grace_period))
+    with lab_lock(lab), Cluster(lab) as cluster:
+        return _report(cluster.delete(targets, None if args.grace_period < 0 else args.grace_period))
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -270,8 +270,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     lab = choose_lab(args.lab)
     _need_root()
-    with lab_lock(lab):
-        return _report(Cluster(lab).scale(args.namespace, args.ref, args.replicas))
+    with lab_lock(lab), Cluster(lab) as cluster:
+        return _report(cluster.scale(args.namespace, args.ref, args.replicas))
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
@@ -281,9 +281,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     lab = choose_lab(args.lab)
     _need_root()
-    with lab_lock(lab):
-        return _report(Cluster(lab).rollout_restart(args.namespace, args.ref,
-                                                    on_step=lambda step: print(f"  {step}")))
+    with lab_lock(lab), Cluster(lab) as cluster:
+        return _report(cluster.rollout_restart(args.namespace, args.ref, on_step=lambda step: print(f"  {step}")))
 
 
 def cmd_rules(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
 from kproxy.proxy import mode as proxy_mode
 from kproxy.scheduler import choose_node
-from kproxy.store import IDENTITY, Obj, View, carry_identity, open_store, timestamp
+from kproxy.store import IDENTITY, FollowingStore, Obj, View, carry_identity, open_store, timestamp
 
 SYNC_TIMEOUT = 15.0
 # Between a pod leaving every node's rules and its workload stopping, when neither the pod's
@@ -42,7 +42,14 @@ class Outcome:
 class Cluster:
     def __init__(self, lab: str) -> None:
         self.state: LabState = require(lab)
-        self.store = open_store(lab_dir(lab))
+        # One full read per operation; the kubelet's, the announcer's and a rollout's reads follow the watch.
+        self.store = FollowingStore(open_store(lab_dir(lab)))
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
 
     # Reading ---------------------------------------------------------------
     def view(self) -> View:
@@ -56,7 +63,7 @@ class Cluster:
         outcome.lagging = self.wait_synced(self.store.version(), timeout)
         # Announced once every node programs the change: a node announced before its agent has
         # its new local endpoint would drop a Local-policy client meanwhile.
-        announce.sync(self.state, self.store.read())
+        announce.sync(self.state, self.view())
         return outcome
 
     def wait_synced(self, version: int, timeout: float = SYNC_TIMEOUT) -> list[str]:

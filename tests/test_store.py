@@ -8,7 +8,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from kproxy.store import file as store_mod
-from kproxy.store import carry_identity, key_of
+from kproxy.store import FollowingStore, View, carry_identity, key_of
 from kproxy.store.file import FileStore
 
 
@@ -115,3 +115,39 @@ def test_a_lab_store_is_opened_only_through_open_store() -> None:
     naming = [str(path.relative_to(package)) for path in package.rglob("*.py")
               if path.parent.name != "store" and ("FileStore" in path.read_text() or "store.file" in path.read_text())]
     assert naming == []
+
+
+def test_a_following_store_loads_everything_once_and_sees_every_later_write(tmp_path: Path, monkeypatch) -> None:
+    loads = []
+    real_load = FileStore._load
+    monkeypatch.setattr(FileStore, "_load", lambda self, keep=None: loads.append(1) or real_load(self, keep))
+    FileStore(tmp_path).write({"Service/default/a": svc("a")})
+    following = FollowingStore(FileStore(tmp_path))
+    assert list(following.read().objects) == ["Service/default/a"]
+    following.write({"Service/default/b": svc("b")})
+    FileStore(tmp_path).write({"Service/default/a": None})  # another writer, as the supervisor is
+    view = following.read()
+    assert (view.version, list(view.objects)) == (3, ["Service/default/b"])
+    assert len(loads) == 1
+
+
+class _StuckWatcher:
+    view = View(1, {"Service/default/old": {}})
+
+    def poll(self) -> set[str]:
+        return set()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_following_store_whose_watch_lags_reads_in_full(tmp_path: Path, monkeypatch) -> None:
+    store = FileStore(tmp_path)
+    store.write({"Service/default/a": svc("a")})
+    store.write({"Service/default/b": svc("b")})
+    watches = iter([_StuckWatcher(), store.watch()])
+    monkeypatch.setattr(store, "watch", lambda keep=None: next(watches))
+    monkeypatch.setattr(FollowingStore, "CATCH_UP_SECONDS", 0.05)
+    following = FollowingStore(store)
+    assert list(following.read().objects) == ["Service/default/old"]  # the first read is the watch's view
+    assert list(following.read().objects) == ["Service/default/a", "Service/default/b"]

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from kproxy.lab.state import ns_name, ns_path
-from kproxy.store import Store, key_of
+from kproxy.store import FollowingStore, Store, key_of
 from kproxy.store import etcdserver
 from kproxy.store.etcd import EtcdStore, EtcdWatcher
 from kproxy.store.gateway import EtcdUnavailable
@@ -155,3 +155,17 @@ def test_a_write_while_etcd_is_down_is_one_line_and_stores_nothing(etcd: Etcd) -
     assert str(refused.value) == f"etcd at {ENDPOINT} is unreachable: [Errno 111] Connection refused"
     etcd.start()
     assert store.read() == before
+
+
+def test_a_following_store_reads_in_full_once_and_sees_a_write_at_once(etcd: Etcd, monkeypatch) -> None:
+    snapshots = []
+    real_snapshot = EtcdStore._snapshot
+    monkeypatch.setattr(EtcdStore, "_snapshot", lambda self, keep=None: snapshots.append(1) or real_snapshot(self, keep))
+    etcd.store().write({key_of("Service", "default", "a"): svc("a")})
+    with closing(FollowingStore(etcd.store())) as following:
+        assert list(following.read().objects) == ["Service/default/a"]
+        for name in ("b", "c"):  # each read right after another writer's write: the watch is waited for
+            revision = etcd.store().write({key_of("Service", "default", name): svc(name)})
+            view = following.read()
+            assert view.version >= revision and f"Service/default/{name}" in view.objects
+    assert len(snapshots) == 1

@@ -112,7 +112,7 @@ def labs(plan: Plan, step: Callable[[str], None]) -> Iterator[dict[str, BenchLab
         up_all(TOPOLOGY, {lab_name(plan, mode): ["--mode", mode] for mode in plan.modes}, downs)
         benched = {}
         for mode in plan.modes:
-            cluster = Cluster(lab_name(plan, mode))
+            cluster = downs.enter_context(Cluster(lab_name(plan, mode)))
             start_iperf_server(lab_name(plan, mode), "srv-cross", downs)
             settled(cluster, [*measured_services(), programmed_change(0)])
             route_pod_subnets_from_external(lab_name(plan, mode))

@@ -4,9 +4,9 @@
 
 For each store a fresh 2-node lab in iptables mode (`kproxy lab up --store S --no-dns`), side by side:
 - load: one apply of N Services into the fresh lab, until every node has them live;
-- programming: one Service change (its port flips) applied until every node's agent has it live,
-  the network-programming latency a user waits for at `kproxy apply` (p50 / p99 / max), with N
-  Services stored;
+- programming: one Service change (its port flips) applied, as one `kproxy apply` would (a
+  Cluster of its own, which reads the store in full once), until every node's agent has it live:
+  the network-programming latency a user waits for (p50 / p99 / max), with N Services stored;
 - watch: one change written straight to the store until a watcher in this process (as an agent
   holds one) has it, with N Services stored: what the store itself adds to each change.
 """
@@ -65,15 +65,16 @@ def measure(services: int, changes: int) -> dict[str, Any]:
         up_all(TOPOLOGY, {lab: ["--store", store] for store, lab in labs.items()}, downs)
         for store, lab in labs.items():
             print(f"step: {store}: loading {services} Services", file=sys.stderr, flush=True)
-            cluster = Cluster(lab)
             started = time.monotonic()
-            settled(cluster, [filler(i) for i in range(services)])
+            with Cluster(lab) as cluster:
+                settled(cluster, [filler(i) for i in range(services)])
             load = time.monotonic() - started
             print(f"step: {store}: {changes} changes applied until live", file=sys.stderr, flush=True)
             programming = []
             for generation in range(changes):
                 started = time.monotonic()
-                settled(cluster, [programmed_change(generation)])
+                with Cluster(lab) as cluster:  # each change as one `kproxy apply`: its own full read
+                    settled(cluster, [programmed_change(generation)])
                 programming.append(time.monotonic() - started)
             results[store] = {"load_s": load, "programming": summary(programming),
                               "watch": summary(watch_delays(lab, changes))}

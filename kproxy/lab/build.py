@@ -230,7 +230,8 @@ def _sync_store_dns(state: LabState, store: Store) -> None:
     if state.dns:
         from kproxy.cluster import Cluster  # the API server's part needs the lab's state saved: it is
 
-        Cluster(state.name).admit(addon.objects())
+        with Cluster(state.name) as cluster:
+            cluster.admit(addon.objects())
         return
     gone = {key: None for key, obj in store.read().objects.items() if addon.is_part_of_addon(obj)}
     if gone:

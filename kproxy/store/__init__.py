@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -100,6 +101,55 @@ class Store(Protocol):
 
     def watch(self, keep: Keep | None = None) -> Watcher:
         ...
+
+
+class FollowingStore:
+    """A store that one process reads many times (an apply: admit, the kubelet, the announcer, a
+    rollout's every step): the first read loads every object, and later reads follow the store's
+    watch up to its latest version, so each costs what changed since, not the whole cluster again.
+
+    Reads are as current as Store.read's: each first asks the store for its version (one small
+    request) and waits until the watch has delivered it, so a write of this process or of another
+    (the supervisor's restart counts) is seen. A read hands out the watcher's objects themselves;
+    what a reader changes in one it must write back."""
+
+    CATCH_UP_SECONDS = 10.0  # a watch that lags this long is replaced by a full read
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._watcher: Watcher | None = None
+
+    def read(self) -> View:
+        if self._watcher is None:
+            self._watcher = self.store.watch()
+        else:
+            self._catch_up(self.store.version())
+        return View(self._watcher.view.version, dict(self._watcher.view.objects))
+
+    def _catch_up(self, version: int) -> None:
+        assert self._watcher is not None
+        deadline = time.monotonic() + self.CATCH_UP_SECONDS
+        self._watcher.poll()
+        while self._watcher.view.version < version:
+            if time.monotonic() > deadline:
+                self._watcher.close()
+                self._watcher = self.store.watch()
+                return
+            time.sleep(0.001)
+            self._watcher.poll()
+
+    def version(self) -> int:
+        return self.store.version()
+
+    def write(self, changes: Mapping[str, Obj | None]) -> int:
+        return self.store.write(changes)
+
+    def watch(self, keep: Keep | None = None) -> Watcher:
+        return self.store.watch(keep)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
 
 
 def changed_keys(before: Mapping[str, Obj], after: Mapping[str, Obj]) -> set[str]:
