@@ -23,7 +23,7 @@ from kproxy.lab.build import require
 from kproxy.lab.state import LabState, lab_dir, save_state
 from kproxy.proxy import mode as proxy_mode
 from kproxy.scheduler import choose_node
-from kproxy.store import IDENTITY, FollowingStore, Obj, View, carry_identity, open_store, timestamp
+from kproxy.store import IDENTITY, Obj, View, carry_identity, open_following, timestamp
 
 SYNC_TIMEOUT = 15.0
 # Between a pod leaving every node's rules and its workload stopping, when neither the pod's
@@ -43,7 +43,7 @@ class Cluster:
     def __init__(self, lab: str) -> None:
         self.state: LabState = require(lab)
         # One full read per operation; the kubelet's, the announcer's and a rollout's reads follow the watch.
-        self.store = FollowingStore(open_store(lab_dir(lab)))
+        self.store = open_following(lab_dir(lab))
 
     def __enter__(self) -> Cluster:
         return self

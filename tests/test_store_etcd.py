@@ -14,9 +14,10 @@ from typing import Any, Iterator
 import pytest
 
 from kproxy.lab.state import ns_name, ns_path
-from kproxy.store import FollowingStore, Store, key_of
+from kproxy.store import FollowingStore, Store, View, key_of
 from kproxy.store import etcdserver
 from kproxy.store.etcd import EtcdStore, EtcdWatcher
+from kproxy.store.file import FileStore
 from kproxy.store.gateway import EtcdUnavailable
 from tests.conditions import wait_for
 from tests.labtools import unique_lab_name
@@ -169,3 +170,30 @@ def test_a_following_store_reads_in_full_once_and_sees_a_write_at_once(etcd: Etc
             view = following.read()
             assert view.version >= revision and f"Service/default/{name}" in view.objects
     assert len(snapshots) == 1
+
+
+def test_a_mirrored_following_store_reads_only_what_changed_since_its_mirror(etcd: Etcd, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    mirror = FileStore(tmp_path / "mirror")
+    etcd.store().write({key_of("Service", "default", "a"): svc("a")})
+    with closing(FollowingStore(etcd.store(), mirror)) as following:  # no mirror yet: one full read
+        assert list(following.read().objects) == ["Service/default/a"]
+    assert list(mirror.read().objects) == ["Service/default/a"]
+    etcd.store().write({key_of("Service", "default", "b"): svc("b")})  # while no process followed
+    monkeypatch.setattr(EtcdStore, "_snapshot", lambda self, keep=None: pytest.fail("read in full"))
+    with closing(FollowingStore(etcd.store(), mirror)) as following:
+        view = following.read()
+        assert list(view.objects) == ["Service/default/a", "Service/default/b"]
+        assert view.objects["Service/default/b"]["metadata"]["resourceVersion"] == str(etcd.store().version())
+        following.write({key_of("Service", "default", "a"): None})
+        assert list(following.read().objects) == ["Service/default/b"]
+    assert (mirror.read().version, list(mirror.read().objects)) == (etcd.store().version(), ["Service/default/b"])
+
+
+def test_a_mirror_of_another_etcd_history_is_not_followed(etcd: Etcd, tmp_path: Path) -> None:
+    mirror = FileStore(tmp_path / "mirror")
+    mirror.replace(View(10**6, {"Service/default/gone": svc("gone")}))  # an etcd since made anew
+    etcd.store().write({key_of("Service", "default", "a"): svc("a")})
+    with closing(FollowingStore(etcd.store(), mirror)) as following:
+        assert list(following.read().objects) == ["Service/default/a"]
+    assert list(mirror.read().objects) == ["Service/default/a"]

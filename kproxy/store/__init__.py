@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, cast
 
 Obj = dict[str, Any]  # a stored object in its Kubernetes form (kproxy.k8sform), as JSON loads it
 # What a watcher keeps of an object (key, obj): a part of it, or None to drop it. A follower that
@@ -103,6 +103,25 @@ class Store(Protocol):
         ...
 
 
+class Mirror(Protocol):
+    """A local copy of a networked store (a FileStore), at that store's version."""
+
+    def read(self) -> View:
+        ...
+
+    def record(self, version: int, changes: Mapping[str, Obj | None]) -> None:
+        ...
+
+    def replace(self, view: View) -> None:
+        ...
+
+
+class Resumable(Store, Protocol):
+    def watch_since(self, view: View) -> Watcher:
+        """A watcher starting from view (a copy of the store at view.version): reads only what came after."""
+        ...
+
+
 class FollowingStore:
     """A store that one process reads many times (an apply: admit, the kubelet, the announcer, a
     rollout's every step): the first read loads every object, and later reads follow the store's
@@ -111,32 +130,50 @@ class FollowingStore:
     Reads are as current as Store.read's: each first asks the store for its version (one small
     request) and waits until the watch has delivered it, so a write of this process or of another
     (the supervisor's restart counts) is seen. A read hands out the watcher's objects themselves;
-    what a reader changes in one it must write back."""
+    what a reader changes in one it must write back.
+
+    With a mirror (a networked store's local copy, kept in the lab's directory), even the first
+    read is local: the mirror, then the store's watch from the mirror's version on; what this
+    process saw is kept in the mirror when it closes. That is what an API server's watch cache
+    spares its clients, for a CLI that is a new process at every command."""
 
     CATCH_UP_SECONDS = 10.0  # a watch that lags this long is replaced by a full read
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, mirror: Mirror | None = None) -> None:
         self.store = store
+        self.mirror = mirror
         self._watcher: Watcher | None = None
+        self._mirrored = 0  # the version the mirror holds of what the watcher followed (0: none of it)
+        self._changed: set[str] = set()  # keys changed since that version
 
     def read(self) -> View:
         if self._watcher is None:
-            self._watcher = self.store.watch()
-        else:
-            self._catch_up(self.store.version())
+            self._watcher = self._start()
+        self._catch_up(self.store.version())
         return View(self._watcher.view.version, dict(self._watcher.view.objects))
+
+    def _start(self) -> Watcher:
+        if self.mirror is not None:
+            kept = self.mirror.read()
+            # A mirror past the store's version is of another history (an etcd made anew): not followed.
+            if kept.version and kept.version <= self.store.version():
+                self._mirrored = kept.version
+                return cast(Resumable, self.store).watch_since(kept)
+        self._mirrored = 0
+        return self.store.watch()
 
     def _catch_up(self, version: int) -> None:
         assert self._watcher is not None
         deadline = time.monotonic() + self.CATCH_UP_SECONDS
-        self._watcher.poll()
+        self._changed |= self._watcher.poll()
         while self._watcher.view.version < version:
             if time.monotonic() > deadline:
                 self._watcher.close()
+                self._mirrored = 0
                 self._watcher = self.store.watch()
                 return
             time.sleep(0.001)
-            self._watcher.poll()
+            self._changed |= self._watcher.poll()
 
     def version(self) -> int:
         return self.store.version()
@@ -148,8 +185,16 @@ class FollowingStore:
         return self.store.watch(keep)
 
     def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.close()
+        if self._watcher is None:
+            return
+        self._watcher.close()
+        view = self._watcher.view
+        if self.mirror is None:
+            return
+        if not self._mirrored:
+            self.mirror.replace(view)
+        elif self._changed and view.version > self._mirrored:
+            self.mirror.record(view.version, {key: view.objects.get(key) for key in self._changed})
 
 
 def changed_keys(before: Mapping[str, Obj], after: Mapping[str, Obj]) -> set[str]:
@@ -190,3 +235,17 @@ def open_store(lab_dir: Path, on_underlay: bool = False) -> Store:
     from kproxy.store.file import FileStore  # the store package's own backends import it
 
     return FileStore(lab_dir / "store")
+
+
+MIRROR = "store-mirror"  # in a lab's directory: FollowingStore's copy of a networked store
+
+
+def open_following(lab_dir: Path) -> FollowingStore:
+    """The lab's store for one operation of many reads (kproxy.cluster.Cluster); a networked store's
+    with its mirror in the lab's directory."""
+    store = open_store(lab_dir)
+    if config_of(lab_dir)["backend"] == "file":
+        return FollowingStore(store)
+    from kproxy.store.file import FileStore
+
+    return FollowingStore(store, FileStore(lab_dir / MIRROR))

@@ -92,14 +92,21 @@ class EtcdStore:
     def watch(self, keep: Keep | None = None) -> EtcdWatcher:
         return EtcdWatcher(self, keep)
 
+    def watch_since(self, view: View) -> EtcdWatcher:
+        """A watcher that starts from view, a copy of this store's objects at view.version that the
+        caller kept (kproxy.store.FollowingStore's mirror), and reads only what changed after it."""
+        return EtcdWatcher(self, since=view)
+
 
 class EtcdWatcher:
     """Follows an EtcdStore; poll() returns the keys that changed since the last call."""
 
-    def __init__(self, store: EtcdStore, keep: Keep | None = None) -> None:
+    def __init__(self, store: EtcdStore, keep: Keep | None = None, since: View | None = None) -> None:
         self.store = store
         self.keep = keep
-        self.view, self._read_at = store._snapshot(keep)
+        # Every write to the prefix also puts the version key, so nothing changed the objects
+        # between since.version and the revision a read would have been made at.
+        self.view, self._read_at = (since, since.version) if since is not None else store._snapshot(keep)
         self._arrived: queue.SimpleQueue[tuple[int, list[Entry]] | Compacted] = queue.SimpleQueue()
         self._following = False  # the stream opens at the first poll
         self._closed = threading.Event()

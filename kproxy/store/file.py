@@ -79,26 +79,45 @@ class FileStore:
         with self._locked():
             version = self.version() + 1
             stamp(changes, version)
-            line = json.dumps({"v": version, "changes": dict(changes)}, separators=(",", ":")) + "\n"
-            with open(self.dir / JOURNAL, "ab") as journal:
-                journal.write(line.encode())
-                journal_size = journal.tell()
-            tmp = self.dir / f".{VERSION}.tmp"
-            tmp.write_text(str(version))
-            os.replace(tmp, self.dir / VERSION)
-            snapshot = self.dir / SNAPSHOT
-            if journal_size > max(COMPACT_MIN_BYTES, snapshot.stat().st_size if snapshot.exists() else 0):
-                self._compact()
+            self._append(version, changes)
             return version
 
-    def _compact(self) -> None:
-        view, _, _ = self._load()
+    def record(self, version: int, changes: Mapping[str, Obj | None]) -> None:
+        """Keep a batch another store stamped, at that store's version (a mirror of it); a batch at
+        or below the version kept already is old news and left out."""
+        with self._locked():
+            if version > self.version():
+                self._append(version, changes)
+
+    def replace(self, view: View) -> None:
+        """Hold exactly view, at its version (a mirror's first copy)."""
+        with self._locked():
+            self._snapshot(view)
+
+    def _append(self, version: int, changes: Mapping[str, Obj | None]) -> None:
+        line = json.dumps({"v": version, "changes": dict(changes)}, separators=(",", ":")) + "\n"
+        with open(self.dir / JOURNAL, "ab") as journal:
+            journal.write(line.encode())
+            journal_size = journal.tell()
+        self._set_version(version)
+        snapshot = self.dir / SNAPSHOT
+        if journal_size > max(COMPACT_MIN_BYTES, snapshot.stat().st_size if snapshot.exists() else 0):
+            self._snapshot(self._load()[0])
+
+    def _set_version(self, version: int) -> None:
+        tmp = self.dir / f".{VERSION}.tmp"
+        tmp.write_text(str(version))
+        os.replace(tmp, self.dir / VERSION)
+
+    def _snapshot(self, view: View) -> None:
+        """view as the snapshot, with an empty journal after it (a compaction, or a mirror's copy)."""
         tmp = self.dir / f".{SNAPSHOT}.tmp"
         tmp.write_text(json.dumps({"version": view.version, "objects": view.objects}, separators=(",", ":")))
         empty = self.dir / f".{JOURNAL}.tmp"
         empty.write_bytes(json.dumps({"base": view.version}).encode() + b"\n")
         os.replace(tmp, self.dir / SNAPSHOT)
         os.replace(empty, self.dir / JOURNAL)
+        self._set_version(view.version)
 
     def watch(self, keep: Keep | None = None) -> FileWatcher:
         return FileWatcher(self, keep)
