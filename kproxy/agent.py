@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 from kproxy.controllers import SERVICE_CIDR
+from kproxy.errors import KproxyError
 from kproxy.healthcheck import HealthServer
 from kproxy.proxy import DEFAULT_MODE, MODES, mode as proxy_mode
 from kproxy.proxy.mode import Proxier, parse_option_pairs
@@ -45,10 +46,6 @@ PROGRAMMING_BUCKETS = (0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
                        22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
                        44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 65, 70, 75, 80, 85,
                        90, 95, 100, 105, 110, 115, 120, 150, 180, 210, 240, 270, 300)
-
-
-def status_path(lab_dir: Path, node: str) -> Path:
-    return lab_dir / "agents" / f"{node}.json"
 
 
 class Metrics:
@@ -79,7 +76,8 @@ class Agent:
         self.mode = proxy_mode(mode)
         self.mode_options = self.mode.options_of(mode_options or {})
         self.cluster_cidr = cluster_cidr
-        self.watcher = open_store(lab_dir, on_underlay=True).watch()
+        self.store = open_store(lab_dir, on_underlay=True)
+        self.watcher = self.store.watch()
         self.metrics = Metrics()
         self.proxier: Proxier | None = None
         self.tracker = StateTracker(self.mode.service_info)
@@ -87,6 +85,8 @@ class Agent:
         self.last_ok = 0.0
         self.last_error = ""
         self.full_syncs = 0  # a restarted agent's first sync is full: the report shows it
+        self.unsent: dict[str, Any] = {}  # the latest report, until the store has it
+        self.report_failed_at: object = None  # the version of the last report that could not be sent
         self.health = HealthServer(self.healthy)
 
     def healthy(self) -> bool:
@@ -142,13 +142,21 @@ class Agent:
         self._report(view.version, ok=True, full=result.full, seconds=took, tracker_seconds=started - tracking)
 
     def _report(self, version: int, ok: bool, **extra: Any) -> None:
-        path = status_path(self.lab_dir, self.node)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"version": version, "ok": ok, "mode": self.mode.name, "error": self.last_error,
-                                   "time": time.time(), "pid": os.getpid(), "fullSyncs": self.full_syncs,
-                                   **extra}))
-        os.replace(tmp, path)
+        """The sync's report into the store (apply waits for it); one the store did not take (etcd
+        away) is sent again by run()."""
+        self.unsent = {"version": version, "ok": ok, "mode": self.mode.name, "error": self.last_error,
+                       "time": time.time(), "pid": os.getpid(), "fullSyncs": self.full_syncs, **extra}
+        self._send_report()
+
+    def _send_report(self) -> None:
+        try:
+            self.store.put_report(self.node, self.unsent)
+        except KproxyError as exc:
+            if self.unsent.get("version") != self.report_failed_at:  # one line per report, not per retry
+                print(f"kproxy-agent {self.node}: could not report: {exc}", file=sys.stderr, flush=True)
+                self.report_failed_at = self.unsent.get("version")
+            return
+        self.unsent = {}
 
     def run(self) -> None:
         self.sync(set())
@@ -165,6 +173,8 @@ class Agent:
                 # Nothing for us in this change, but apply waits for every agent's version.
                 self._report(self.watcher.view.version, ok=not self.last_error)
                 reported = self.watcher.view.version
+            elif self.unsent:
+                self._send_report()
             time.sleep(POLL_SECONDS)
 
 

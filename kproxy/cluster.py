@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kproxy import controllers
-from kproxy.agent import status_path
 from kproxy.controllers import name_of, obj_key
 from kproxy.errors import KproxyError
 from kproxy.lab import announce, kubelet
@@ -72,11 +71,9 @@ class Cluster:
         pending = set(self.state.nodes)
         failed = []
         while pending and time.monotonic() < deadline:
+            reports = self.store.reports()
             for node in list(pending):
-                try:
-                    status = json.loads(status_path(lab_dir(self.state.name), node).read_text())
-                except (FileNotFoundError, ValueError):
-                    continue
+                status = reports.get(node, {})
                 if status.get("version", 0) >= version:
                     pending.discard(node)
                     if not status.get("ok"):

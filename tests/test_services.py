@@ -18,8 +18,8 @@ import pytest
 from cni.masq import IPTABLES_SAVE
 from cni.netns import entered
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
-from kproxy.agent import status_path
 from kproxy.lab.state import lab_dir
+from kproxy.store import open_store
 from tests.labtools import Lab, asking_meanwhile, kproxy, running_lab, status
 from tests.servicelab import MANIFESTS
 from tests.runtime import in_ns
@@ -220,7 +220,7 @@ def swap_modes(tmp_path, first: str, then: tuple[str, ...]) -> None:
             # `lab up` returned once the new agents had synced: each reports its mode after its
             # first sync (the old agent's report went when it stopped), and the Service answers.
             for node in nodes:
-                assert json.loads(status_path(lab_dir(name), node).read_text())["mode"] == mode
+                assert open_store(lab_dir(name)).reports()[node]["mode"] == mode
             assert f"{mode} mode" in up_done.stdout
             assert status(name)["mode"] == mode
             for node in nodes:
@@ -243,7 +243,7 @@ def test_mode_options_reach_the_agents_are_kept_and_a_change_restarts_them(tmp_p
         """Each node's agent: its pid and its command line."""
         out = {}
         for node in nodes:
-            pid = json.loads(status_path(lab_dir(name), node).read_text())["pid"]
+            pid = open_store(lab_dir(name)).reports()[node]["pid"]
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 out[node] = (pid, f.read().decode().split("\0"))
         return out

@@ -150,3 +150,16 @@ def test_a_following_store_whose_watch_lags_reads_in_full(tmp_path: Path, monkey
     monkeypatch.setattr(FollowingStore, "CATCH_UP_SECONDS", 0.05)
     view = FollowingStore(store).read()  # the stuck watch never reaches version 2: a full read does
     assert (view.version, list(view.objects)) == (2, ["Service/default/a", "Service/default/b"])
+
+
+def test_an_agents_report_sits_beside_the_objects(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    store.write({"Service/default/a": svc("a")})
+    watcher = store.watch()
+    store.put_report("node1", {"version": 1, "ok": True})
+    store.put_report("node2", {"version": 0, "ok": False})
+    store.put_report("node2", {"version": 1, "ok": True})
+    assert store.reports() == {"node1": {"version": 1, "ok": True}, "node2": {"version": 1, "ok": True}}
+    assert store.version() == 1 and watcher.poll() == set()
+    store.delete_report("node1")
+    assert list(store.reports()) == ["node2"]

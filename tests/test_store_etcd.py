@@ -197,3 +197,22 @@ def test_a_mirror_of_another_etcd_history_is_not_followed(etcd: Etcd, tmp_path: 
     with closing(FollowingStore(etcd.store(), mirror)) as following:
         assert list(following.read().objects) == ["Service/default/a"]
     assert list(mirror.read().objects) == ["Service/default/a"]
+
+
+def test_an_agents_report_wakes_no_watcher_and_leaves_the_version(etcd: Etcd) -> None:
+    store = etcd.store()
+    version = store.write({key_of("Service", "default", "a"): svc("a")})
+    with closing(store.watch()) as watcher:
+        watcher.poll()
+        store.put_report("node1", {"version": version, "ok": True})
+        store.put_report("node2", {"version": version, "ok": False})
+        assert store.reports() == {"node1": {"version": version, "ok": True},
+                                   "node2": {"version": version, "ok": False}}
+        store.delete_report("node2")
+        later = store.write({key_of("Service", "default", "b"): svc("b")})
+        assert polled_until(watcher, store, "the write after the reports") == {"Service/default/b"}
+        assert store.version() == later and list(store.reports()) == ["node1"]
+        assert etcd.store("/kproxy/other/").reports() == {}
+    # Out of what watchers follow: else each agent's report would wake every other agent, whose
+    # report of the new version would wake the first again.
+    assert not store.watched[0] <= store.reports_prefix + "node1" < store.watched[1]

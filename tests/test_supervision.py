@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from cni.netns import entered
-from kproxy.agent import status_path
 from kproxy.bench.controlplane import CLUSTER_CIDR, endpoint_slice, node_object, service
 from kproxy.controllers import record_restart
 from kproxy.lab import processes, supervisor
@@ -63,10 +62,7 @@ def restart_count(pod: dict[str, Any]) -> int:
 
 
 def agent_report(lab: str, node: str) -> dict[str, Any]:
-    try:
-        return json.loads(status_path(lab_dir(lab), node).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
+    return open_store(lab_dir(lab)).reports().get(node, {})
 
 
 def status_row(lab: str, node: str) -> str:

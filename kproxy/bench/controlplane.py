@@ -17,7 +17,6 @@ a fresh node namespace and its own agent process, which starts with a full sync:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cni.netns import entered
-from kproxy.agent import status_path
 from kproxy.bench import SYNC_TIMEOUT, SyncFailed
 from kproxy.bench.machine import cpu_seconds, peak_rss_mib
 from kproxy.bench.stats import spread
@@ -84,10 +82,7 @@ def wait_version(lab_dir: Path, version: int, pid: int, poll: float) -> dict[str
     """The agent's status once it has synced version; SyncFailed if it failed to, or exited."""
     deadline = time.monotonic() + SYNC_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            status = json.loads(status_path(lab_dir, NODE).read_text())
-        except (FileNotFoundError, ValueError):
-            status = {}
+        status = open_store(lab_dir).reports().get(NODE, {})
         if status.get("version", 0) >= version:
             if not status.get("ok"):
                 raise SyncFailed(f"the agent's sync failed: {status.get('error')}")
@@ -136,7 +131,7 @@ def agent_on_fresh_node(lab_dir: Path, ns_name: str, mode: str) -> Iterator[int]
                     ["--lab-dir", str(lab_dir), "--node", NODE, "--mode", mode, "--cluster-cidr", CLUSTER_CIDR])
     finally:
         stop(AGENT, lab_dir, NODE)
-        status_path(lab_dir, NODE).unlink(missing_ok=True)  # the next agent reports afresh
+        open_store(lab_dir).delete_report(NODE)  # the next agent reports afresh
         subprocess.run(["ip", "netns", "del", ns_name], capture_output=True)
 
 

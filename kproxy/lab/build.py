@@ -18,7 +18,6 @@ from typing import Any, Callable
 from cni.netns import entered, iproute_in, write_sysctl
 from kproxy import children, kmod
 from kproxy.dns import addon
-from kproxy.agent import status_path
 from kproxy.errors import KproxyError
 from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
 from kproxy.lab import announce, kubelet, overlay, processes, supervisor
@@ -245,8 +244,9 @@ def _stop_agents(previous: LabState, clean: bool) -> None:
     present = set(lab_namespaces(previous.name))
     supervisor.ensure(directory, [w for w in supervisor.current(directory) if w.kind != processes.AGENT.kind],
                       wait_running=False)
+    store = open_store(directory)
     for node, spec in previous.nodes.items():
-        status_path(directory, node).unlink(missing_ok=True)  # waiting for the new agent, not the old one
+        store.delete_report(node)  # waiting for the new agent, not the old one
         if clean and ns_name(previous.name, node) in present:
             old = proxy_mode(previous.mode)
             with entered(ns_path(previous.name, node)):

@@ -102,6 +102,18 @@ class Store(Protocol):
     def watch(self, keep: Keep | None = None) -> Watcher:
         ...
 
+    def put_report(self, node: str, report: Mapping[str, Any]) -> None:
+        """The node agent's report of its last sync (the version it reached, whether it succeeded):
+        beside the objects, not one of them, so it neither bumps the version nor wakes a watcher."""
+        ...
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """Every agent's latest report, by node."""
+        ...
+
+    def delete_report(self, node: str) -> None:
+        ...
+
 
 class Mirror(Protocol):
     """A local copy of a networked store (a FileStore), at that store's version."""
@@ -183,6 +195,15 @@ class FollowingStore:
 
     def watch(self, keep: Keep | None = None) -> Watcher:
         return self.store.watch(keep)
+
+    def put_report(self, node: str, report: Mapping[str, Any]) -> None:
+        self.store.put_report(node, report)
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        return self.store.reports()
+
+    def delete_report(self, node: str) -> None:
+        self.store.delete_report(node)
 
     def close(self) -> None:
         if self._watcher is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from typing import Mapping
+from typing import Any, Mapping
 
 from kproxy.store import Keep, Obj, View, changed_keys, stamp
 from kproxy.store.gateway import Compacted, EtcdError, EtcdUnavailable, Entry, Gateway, delete, entries, prefix_end, \
@@ -48,6 +48,10 @@ class EtcdStore:
         self.prefix = prefix
         self.objects_prefix = prefix + "objects/"
         self.version_key = prefix + "version"
+        # Agents' reports sort before the objects, out of the range watchers follow
+        # (objects/ to version): a report wakes no watcher, so no agent answers one with its own.
+        self.reports_prefix = prefix + "agents/"
+        self.watched = (self.objects_prefix, self.version_key + "\0")
 
     def _snapshot(self, keep: Keep | None = None) -> tuple[View, int]:
         """The view, and etcd's revision it was read at (one transaction: both ranges at once)."""
@@ -92,6 +96,17 @@ class EtcdStore:
     def watch(self, keep: Keep | None = None) -> EtcdWatcher:
         return EtcdWatcher(self, keep)
 
+    def put_report(self, node: str, report: Mapping[str, Any]) -> None:
+        self.gateway.txn([put(self.reports_prefix + node, json.dumps(report))])
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        found = self.gateway.call("kv/range", range_of(self.reports_prefix, prefix_end(self.reports_prefix))
+                                  ["request_range"]).get("kvs", [])
+        return {e.key[len(self.reports_prefix):]: json.loads(e.value or b"{}") for e in entries(found)}
+
+    def delete_report(self, node: str) -> None:
+        self.gateway.txn([delete(self.reports_prefix + node)])
+
     def watch_since(self, view: View) -> EtcdWatcher:
         """A watcher that starts from view, a copy of this store's objects at view.version that the
         caller kept (kproxy.store.FollowingStore's mirror), and reads only what changed after it."""
@@ -122,7 +137,7 @@ class EtcdWatcher:
         failures = 0
         while not self._closed.is_set():
             try:
-                for seen, changed in self.store.gateway.watch(self.store.prefix, revision, READ_TIMEOUT):
+                for seen, changed in self.store.gateway.watch(*self.store.watched, revision, READ_TIMEOUT):
                     if self._closed.is_set():
                         return
                     self._arrived.put((seen, changed))

@@ -15,7 +15,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from kproxy.store import Keep, Obj, View, changed_keys, stamp
 
@@ -23,6 +23,7 @@ SNAPSHOT = "snapshot.json"
 JOURNAL = "journal.jsonl"
 VERSION = "version"  # the latest version, so a writer need not read the whole store
 LOCK = "lock"
+REPORTS = "reports"  # the agents' reports, one file per node
 COMPACT_MIN_BYTES = 1 << 20
 
 
@@ -121,6 +122,28 @@ class FileStore:
 
     def watch(self, keep: Keep | None = None) -> FileWatcher:
         return FileWatcher(self, keep)
+
+    def _report_path(self, node: str) -> Path:
+        return self.dir / REPORTS / f"{node}.json"
+
+    def put_report(self, node: str, report: Mapping[str, Any]) -> None:
+        path = self._report_path(node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report))
+        os.replace(tmp, path)
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        found = {}
+        for path in (self.dir / REPORTS).glob("*.json"):
+            try:
+                found[path.stem] = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):  # removed meanwhile; a report is replaced whole
+                continue
+        return found
+
+    def delete_report(self, node: str) -> None:
+        self._report_path(node).unlink(missing_ok=True)
 
 
 def _apply_lines(view: View, data: bytes, changed: set[str] | None = None, keep: Keep | None = None) -> int | None:

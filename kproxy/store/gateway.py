@@ -116,11 +116,13 @@ class Gateway:
     def compact(self, revision: int) -> None:
         self.call("kv/compaction", {"revision": str(revision), "physical": True})
 
-    def watch(self, prefix: str, start_revision: int, read_timeout: float) -> Iterator[tuple[int, list[Entry]]]:
-        """Every change under prefix from start_revision on: (revision, entries changed there), all of
-        one revision in one answer. Raises Compacted, or EtcdUnavailable when the stream breaks (or is
-        silent for read_timeout): the caller resumes from the revision after the last it saw."""
-        body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix)),
+    def watch(self, key: str, range_end: str, start_revision: int,
+              read_timeout: float) -> Iterator[tuple[int, list[Entry]]]:
+        """Every change of the keys from key to range_end (not included) from start_revision on:
+        (revision, entries changed there), all of one revision in one answer. Raises Compacted, or
+        EtcdUnavailable when the stream breaks (or is silent for read_timeout): the caller resumes
+        from the revision after the last it saw."""
+        body = {"create_request": {"key": b64(key), "range_end": b64(range_end),
                                    "start_revision": str(start_revision), "progress_notify": True}}
         try:
             with entered(self.netns), self.session.post(f"{self.endpoint}/v3/watch", json=body, stream=True,
