@@ -14,7 +14,9 @@ import pytest
 
 from kproxy.lab import processes
 from kproxy.lab.probe import parse_answer, probe_tcp, probe_udp
+from kproxy.lab.overlay import lease_annotations
 from kproxy.lab.state import NETNS_DIR, lab_dir, ns_name, ns_path
+from kproxy.store import open_store
 from kproxy.packets.netns import Sniffer
 from tests.conditions import wait_for
 from tests.labtools import kproxy, node_ip, pod_ip, running_lab, status, unique_lab_name, write_topology
@@ -124,7 +126,7 @@ def test_a_dead_udp_copier_is_restarted_and_down_leaves_nothing() -> None:
         info = status(lab)
         pidfile = lab_dir(lab) / "flanneld-node1.pid"
         pid = int(pidfile.read_text())
-        assert b"kproxy.lab.udpoverlay" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert b"kproxy.lab.flanneld" in Path(f"/proc/{pid}/cmdline").read_bytes()
         os.kill(pid, signal.SIGKILL)
         wait_for("a new copier on node1", lambda: pidfile.exists() and int(pidfile.read_text()) != pid, timeout=60)
         wait_for("client reaching web-3 again",
@@ -139,10 +141,10 @@ def _answers(lab: str, src: str, ip: str) -> str | None:
         return None
 
 
-def overlay_entries(lab: str, node: str) -> str:
+def overlay_entries(lab: str, node: str, overlay: str = "vxlan") -> str:
     ns = ns_path(lab, node)
-    return "\n".join(in_ns(ns, *cmd).stdout for cmd in (
-        ("ip", "route"), ("bridge", "fdb", "show", "dev", "flannel.1"), ("ip", "neigh", "show", "dev", "flannel.1")))
+    vtep = (("bridge", "fdb", "show", "dev", "flannel.1"), ("ip", "neigh", "show", "dev", "flannel.1"))
+    return "\n".join(in_ns(ns, *cmd).stdout for cmd in (("ip", "route"), *(vtep if overlay == "vxlan" else ())))
 
 
 def test_adding_and_removing_a_node_updates_every_other_node() -> None:
@@ -159,6 +161,26 @@ def test_adding_and_removing_a_node_updates_every_other_node() -> None:
             entries = overlay_entries(lab, node)
             assert node4["podCIDR"] not in entries and node4["ip"] not in entries
         assert not (NETNS_DIR / ns_name(lab, "node4")).exists()
+
+
+@pytest.mark.parametrize("overlay", ["vxlan", "host-gw"])
+def test_a_node_leased_in_the_store_from_elsewhere_is_a_peer_of_every_node(overlay: str) -> None:
+    """As a node another machine joins: only its Node object (with flannel's lease) reaches this one."""
+    far = {"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": "far", "annotations": lease_annotations(overlay, "172.18.0.200", "0a:00:00:00:00:c8")},
+           "spec": {"podCIDR": "10.244.200.0/24"}}
+    wanted = {"vxlan": ["10.244.200.0/24 via 10.244.200.0 dev flannel.1 onlink",
+                        "0a:00:00:00:00:c8 dst 172.18.0.200 self permanent",
+                        "10.244.200.0 lladdr 0a:00:00:00:00:c8 PERMANENT"],
+              "host-gw": ["10.244.200.0/24 via 172.18.0.200 dev eth0"]}[overlay]
+    with running_lab("--overlay", overlay) as lab:
+        store = open_store(lab_dir(lab))
+        store.write({"Node/far": far})
+        for node in ("node1", "node2", "node3"):
+            wait_for(f"{node}'s flanneld routing far", lambda: all(w in overlay_entries(lab, node, overlay) for w in wanted))
+        store.write({"Node/far": None})
+        for node in ("node1", "node2", "node3"):
+            wait_for(f"{node}'s flanneld forgetting far", lambda: "10.244.200.0" not in overlay_entries(lab, node, overlay))
 
 
 def test_reapplying_a_topology_adds_a_node_with_a_pod_reachable_from_everywhere(tmp_path: Path) -> None:

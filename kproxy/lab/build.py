@@ -15,12 +15,12 @@ import json
 import shutil
 from typing import Any, Callable
 
-from cni.netns import entered, iproute_in, write_sysctl
+from cni.netns import entered, write_sysctl
 from kproxy import children, kmod
 from kproxy.dns import addon
 from kproxy.errors import KproxyError
 from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
-from kproxy.lab import announce, kubelet, overlay, processes, supervisor
+from kproxy.lab import announce, flanneld, kubelet, overlay, processes, supervisor
 from kproxy.lab.state import NETNS_DIR, LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, \
     ns_prefix, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
@@ -32,6 +32,7 @@ from kproxy.scheduler import node_labels
 from kproxy.store import Store, carry_identity, config_of, configure, open_store
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
+OVERLAY_TIMEOUT = 30.0  # for every flanneld to program the Nodes written (Python starting in a loaded guest is slow)
 
 
 def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
@@ -87,9 +88,11 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
 
 
 def node_object(state: LabState, name: str) -> dict[str, Any]:
+    """The Node, with the lease flanneld keeps on it (kproxy.lab.flanneld)."""
     node = state.nodes[name]
     return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": node_labels(name, node.labels)},
+            "metadata": {"name": name, "labels": node_labels(name, node.labels),
+                         "annotations": overlay.lease_annotations(state.overlay, node.ip, node.vtep_mac)},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
                                      {"type": "Hostname", "address": name}],
@@ -107,8 +110,9 @@ def topology_pod_objects(topology: Topology, placement: dict[str, str]) -> dict[
     return out
 
 
-def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> None:
-    """Nodes and the topology's pods into the store; pods of vanished nodes out."""
+def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> int:
+    """Nodes (with their overlay leases) and the topology's pods into the store; pods of vanished
+    nodes out. Returns the store's version with them."""
     view = store.read()
     changes: dict[str, Any] = {}
     topology_pods = {f"Pod/default/{p.name}" for p in topology.pods}
@@ -131,8 +135,7 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> N
         carry_identity(obj, old)
         if old is None or {k: old[k] for k in ("metadata", "spec")} != {k: obj[k] for k in ("metadata", "spec")}:
             changes[key] = obj
-    if changes:
-        store.write(changes)
+    return store.write(changes) if changes else store.version()
 
 
 def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str] | None = None,
@@ -188,17 +191,16 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
         (cni_dir / f"{node}.conf").write_text(json.dumps(cni_config(state, node), indent=2) + "\n")
     ensure_uplink(state.name, EXTERNAL, state.external_ip, prefix)
     _ensure_store(state, prefix)
-    for node, spec in state.nodes.items():
-        peers = [overlay.Peer(name, n.ip, n.pod_cidr, n.vtep_mac) for name, n in sorted(state.nodes.items())
-                 if name != node]
-        with iproute_in(ns_path(state.name, node)) as ipr:
-            overlay.apply(ipr, state.overlay, state.pod_cidr, spec.ip, spec.pod_cidr, spec.vtep_mac, peers)
     # External clients reach NodePorts on node IPs; a route to the pod network is
     # not theirs to have, exactly like a client outside a cluster.
     store = open_store(directory)
-    _sync_store_topology(state, topology, store)
+    leases = _sync_store_topology(state, topology, store)
     _sync_store_dns(state, store)
-    report = kubelet.sync(state, store)
+    report = kubelet.sync(state, store)  # starts each new node's flanneld, which programs its overlay first
+    lagging = flanneld.wait_programmed(directory, sorted(state.nodes), leases, OVERLAY_TIMEOUT)
+    if lagging:
+        raise KproxyError(f"flanneld did not program the overlay of {', '.join(lagging)} within "
+                          f"{OVERLAY_TIMEOUT:.0f} s (see {directory}/flanneld-{lagging[0]}.log)")
     announce.pin_connections(state)
     announce.sync(state, store.read())
     if previous is not None and previous.dns != state.dns:

@@ -19,7 +19,7 @@ from typing import Any
 from kproxy import controllers
 from kproxy.dns import READY_PORT, addon
 from kproxy.proxy import mode as proxy_mode
-from kproxy.lab import overlay, processes, supervisor
+from kproxy.lab import processes, supervisor
 from kproxy.lab.probe import http_get, probe_tcp
 from kproxy.lab.state import LabState, PodState, lab_dir, lab_namespaces, member_name, ns_name, ns_path
 from kproxy.lab.workloadspec import DEFAULT_PORT
@@ -169,6 +169,13 @@ def agent_args(state: LabState, node: str) -> list[str]:
                for arg in ("--mode-opt", f"{name}={value}")])
 
 
+def flannelds(state: LabState) -> list[supervisor.Wanted]:
+    return [supervisor.Wanted(processes.FLANNELD.kind, node, ns_path(state.name, node),
+                              ("--lab-dir", str(lab_dir(state.name)), "--node", node, "--overlay", state.overlay,
+                               "--cluster-cidr", state.pod_cidr))
+            for node in sorted(state.nodes)]
+
+
 def control_plane(state: LabState) -> list[supervisor.Wanted]:
     """etcd, where the lab keeps its store there (started first: everything else reads the store)."""
     if state.store != "etcd":
@@ -178,14 +185,10 @@ def control_plane(state: LabState) -> list[supervisor.Wanted]:
 
 
 def _workloads(state: LabState) -> list[supervisor.Wanted]:
-    """The control plane's etcd, each node's workload that has a spec (the kubelet's sync writes it),
-    each wired DNS pod's server, and with the udp overlay each node's copier (what carries pods'
-    packets between nodes)."""
+    """The control plane's etcd, each node's flanneld (what carries pods' packets between nodes), each
+    node's workload that has a spec (the kubelet's sync writes it), and each wired DNS pod's server."""
     directory = lab_dir(state.name)
-    copiers = [supervisor.Wanted(processes.UDP_OVERLAY.kind, node, ns_path(state.name, node),
-                                 ("--lab-dir", str(directory), "--node", node))
-               for node in sorted(state.nodes)] if overlay.runs_copier(state.overlay) else []
-    return control_plane(state) + copiers + [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
+    return control_plane(state) + flannelds(state) + [supervisor.Wanted(processes.WORKLOAD.kind, node, ns_path(state.name, node),
                               ("--spec", str(processes.spec_path(directory, node))))
             for node in sorted(state.nodes) if processes.spec_path(directory, node).exists()] + \
         [supervisor.Wanted(processes.DNS.kind, member, ns_path(state.name, member), ("--lab-dir", str(directory)))

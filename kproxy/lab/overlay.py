@@ -5,8 +5,11 @@ subnet's .0/32 as its address, MTU = underlay MTU - 50) and, per remote node,
 one FDB entry (VTEP MAC -> node IP), one permanent neighbour (remote .0 ->
 VTEP MAC) and one onlink route (remote /24 via remote .0).
 host-gw: per remote node a route to its /24 via its node IP.
-udp: nothing here but the MTU; flannel0 and its copier are a daemon per node
-(kproxy.lab.udpoverlay), and the kernel routes the pod network into flannel0.
+udp: nothing here but the MTU; flannel0 and its copier (kproxy.lab.udpoverlay)
+are flanneld's, and the kernel routes the pod network into flannel0.
+
+Each node's part comes from the leases on the Node objects (lease_of), which
+kproxy.lab.flanneld follows in every node.
 
 desired_* are pure; apply() makes one node's kernel match, removing entries of
 nodes that are gone.
@@ -15,8 +18,10 @@ nodes that are gone.
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from pyroute2 import IPRoute
 
@@ -34,11 +39,6 @@ RTNH_F_ONLINK = 4
 RTPROT_BOOT = 3  # what flannel's routes carry (ip route shows no proto for it)
 
 
-def runs_copier(overlay: str) -> bool:
-    """Whether each node runs flannel0's copier (kproxy.lab.udpoverlay) for this overlay."""
-    return overlay == "udp"
-
-
 def pod_mtu(overlay: str) -> int:
     """The pods' MTU: the underlay's, less what the overlay wraps around each packet."""
     return UNDERLAY_MTU - {"vxlan": VXLAN_OVERHEAD, "udp": UDP_OVERHEAD}.get(overlay, 0)
@@ -46,6 +46,8 @@ def pod_mtu(overlay: str) -> int:
 
 @dataclass(frozen=True)
 class Peer:
+    """A node's lease, as flannel's kube subnet manager keeps it on the Node object."""
+
     name: str
     node_ip: str
     pod_cidr: str
@@ -54,6 +56,30 @@ class Peer:
     @property
     def vtep_ip(self) -> str:
         return str(ipaddress.ip_network(self.pod_cidr).network_address)
+
+
+ANNOTATIONS = "flannel.alpha.coreos.com/"
+BACKEND_TYPE = ANNOTATIONS + "backend-type"
+BACKEND_DATA = ANNOTATIONS + "backend-data"
+PUBLIC_IP = ANNOTATIONS + "public-ip"
+SUBNET_MANAGER = ANNOTATIONS + "kube-subnet-manager"
+
+
+def lease_annotations(overlay: str, node_ip: str, vtep_mac: str) -> dict[str, str]:
+    """What flanneld writes on its Node: the backend, its data (vxlan: VNI and VTEP MAC), the public IP."""
+    data = json.dumps({"VNI": VXLAN_VNI, "VtepMAC": vtep_mac}, separators=(",", ":")) if overlay == "vxlan" \
+        else "null"
+    return {BACKEND_DATA: data, BACKEND_TYPE: overlay, SUBNET_MANAGER: "true", PUBLIC_IP: node_ip}
+
+
+def lease_of(node: Mapping[str, Any]) -> Peer | None:
+    """The lease a Node object holds; None while it has none (no podCIDR or no flannel annotations)."""
+    annotations = node["metadata"].get("annotations") or {}
+    cidr = (node.get("spec") or {}).get("podCIDR")
+    if not cidr or PUBLIC_IP not in annotations:
+        return None
+    data = json.loads(annotations.get(BACKEND_DATA) or "null") or {}
+    return Peer(node["metadata"]["name"], annotations[PUBLIC_IP], cidr, data.get("VtepMAC", ""))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The lab's own daemons (per node the pod workload, the node agent and with the udp overlay flanneld's
-copier; per DNS pod its server; with the etcd store, etcd): start, find, stop.
+"""The lab's own daemons (per node the pod workload, the node agent and flanneld; per DNS pod its
+server; with the etcd store, etcd): start, find, stop.
 
 Each runs inside its node's namespace, detached, with a pidfile in the lab
 directory that the daemon writes once it is initialised. In a lab they are
@@ -39,9 +39,9 @@ class Daemon:
 WORKLOAD = Daemon("workload", "kproxy.lab.workload")
 AGENT = Daemon("agent", "kproxy.agent")
 DNS = Daemon("dns", "kproxy.dns.server")  # one per cluster DNS pod: its "node" is the pod's member name
-UDP_OVERLAY = Daemon("flanneld", "kproxy.lab.udpoverlay")  # per node with the udp overlay: flannel0's copier
+FLANNELD = Daemon("flanneld", "kproxy.lab.flanneld")  # per node: its overlay, from the Nodes' leases
 ETCD = Daemon("etcd", "kproxy.store.etcdserver")  # with --store etcd: its "node" is the control-plane member
-DAEMONS = (AGENT, WORKLOAD, DNS, UDP_OVERLAY, ETCD)
+DAEMONS = (AGENT, WORKLOAD, DNS, FLANNELD, ETCD)
 
 
 def spec_path(lab_dir: Path, node: str) -> Path:

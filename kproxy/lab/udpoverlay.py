@@ -7,7 +7,7 @@ flanneld's oldest backend, as flannel's backend/udp does it:
   pods into it (the node's own /24 stays on cni0, the longer prefix); its
   MTU is the underlay's less the 28 bytes of the outer IPv4 and UDP headers,
   and so is the pods';
-- this process reads each packet the kernel routes into flannel0, finds the
+- the copier reads each packet the kernel routes into flannel0, finds the
   node whose subnet holds the destination, and sends the whole IP packet as
   the payload of one UDP datagram to that node's port 8285; what arrives on
   8285 from a node of the lab it writes back into flannel0, and the kernel
@@ -15,48 +15,33 @@ flanneld's oldest backend, as flannel's backend/udp does it:
 
 Every packet crosses into userspace twice (a read and a send here, a receive
 and a write on the other side): that is why the seeds call it the slowest
-backend. One process per node, run by the lab's supervisor (restarted if it
-dies; the TUN device goes with it and comes back with the new one). It
-follows the lab's state file, so nodes added or removed are peers at once.
-
-    python -m kproxy.lab.udpoverlay --lab-dir /run/kproxy/LAB --node node1 [--pidfile F]
+backend. The copier runs inside the node's flanneld (kproxy.lab.flanneld),
+which gives it the other nodes' leases as they change; the TUN device lives
+and dies with that process.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import ipaddress
-import json
 import os
 import select
-import signal
 import socket
 import struct
-import sys
-from pathlib import Path
-from typing import Any
 
 from pyroute2 import IPRoute
 
-from kproxy.lab.overlay import UDP_DEVICE as TUN_DEVICE, UDP_PORT, pod_mtu
-from kproxy.lab.workload import remove_pidfile, write_pidfile
+from kproxy.lab.overlay import UDP_DEVICE as TUN_DEVICE, UDP_PORT, Peer, pod_mtu
 
 MTU = pod_mtu("udp")
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000  # bare IP packets, no 4-byte packet-information header
-RELOAD_SECONDS = 0.5  # how often the state file is looked at
 
 
-def log(message: str) -> None:
-    print(f"kproxy-udpoverlay: {message}", file=sys.stderr, flush=True)
-
-
-def peers_of(state: dict[str, Any], node: str) -> dict[int, str]:
-    """Every other node's /24 (its network address >> 8) -> that node's IP, from the lab's state (pure)."""
-    return {int(ipaddress.IPv4Network(spec["pod_cidr"]).network_address) >> 8: spec["ip"]
-            for name, spec in state["nodes"].items() if name != node}
+def peer_table(peers: list[Peer]) -> dict[int, str]:
+    """Every other node's /24 (its network address >> 8) -> that node's IP (pure)."""
+    return {int(ipaddress.IPv4Network(p.pod_cidr).network_address) >> 8: p.node_ip for p in peers}
 
 
 def open_tun(name: str) -> int:
@@ -76,35 +61,24 @@ def configure(name: str, address: str, prefixlen: int) -> None:
 
 
 class Copier:
-    """The loop between flannel0 and UDP port 8285."""
+    """The loop between flannel0 and UDP port 8285, for the node with lease own."""
 
-    def __init__(self, state_file: Path, node: str) -> None:
-        self.state_file = state_file
-        self.node = node
-        self.running = True
-        self._mtime = 0.0
-        state = self._reload()
-        own = state["nodes"][node]
+    def __init__(self, own: Peer, cluster_cidr: str) -> None:
+        self.peers: dict[int, str] = {}
+        self.known: set[str] = set()
         self.tun = open_tun(TUN_DEVICE)
-        network = ipaddress.IPv4Network(state["pod_cidr"])
-        configure(TUN_DEVICE, str(ipaddress.IPv4Network(own["pod_cidr"]).network_address), network.prefixlen)
+        network = ipaddress.IPv4Network(cluster_cidr)
+        configure(TUN_DEVICE, own.vtep_ip, network.prefixlen)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((own["ip"], UDP_PORT))
+        self.sock.bind((own.node_ip, UDP_PORT))
         self.sock.setblocking(False)
+        self.poller = select.poll()
+        self.poller.register(self.tun, select.POLLIN)
+        self.poller.register(self.sock.fileno(), select.POLLIN)
 
-    def _reload(self) -> dict[str, Any]:
-        state: dict[str, Any] = json.loads(self.state_file.read_text())
-        self.peers = peers_of(state, self.node)
+    def set_peers(self, peers: list[Peer]) -> None:
+        self.peers = peer_table(peers)
         self.known = set(self.peers.values())
-        self._mtime = self.state_file.stat().st_mtime
-        return state
-
-    def _maybe_reload(self) -> None:
-        try:
-            if self.state_file.stat().st_mtime != self._mtime:
-                self._reload()
-        except (OSError, ValueError, KeyError) as exc:  # mid-rewrite or gone: keep the peers we have
-            log(f"state not reloaded: {exc}")
 
     def _from_tun(self) -> None:
         while True:
@@ -133,51 +107,14 @@ class Copier:
                 except OSError:
                     pass  # not an IP packet the kernel takes
 
-    def run(self) -> None:
-        poller = select.poll()
-        poller.register(self.tun, select.POLLIN)
-        poller.register(self.sock.fileno(), select.POLLIN)
-        while self.running:
-            for fd, _ in poller.poll(RELOAD_SECONDS * 1000):
-                if fd == self.tun:
-                    self._from_tun()
-                else:
-                    self._from_udp()
-            self._maybe_reload()
+    def serve(self, seconds: float) -> None:
+        """Copy what arrives within seconds (flanneld looks at its leases between two calls)."""
+        for fd, _ in self.poller.poll(seconds * 1000):
+            if fd == self.tun:
+                self._from_tun()
+            else:
+                self._from_udp()
 
     def close(self) -> None:
         self.sock.close()
         os.close(self.tun)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kproxy.lab.udpoverlay", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lab-dir", required=True, type=Path)
-    parser.add_argument("--node", required=True)
-    parser.add_argument("--pidfile", help="write our PID here (atomically) once flannel0 is up")
-    args = parser.parse_args(argv)
-    try:
-        copier = Copier(args.lab_dir / "state.json", args.node)
-    except (OSError, ValueError, KeyError) as exc:
-        log(f"cannot start: {exc}")
-        return 1
-
-    def stop(signum: int, frame: Any) -> None:
-        copier.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        if args.pidfile:
-            write_pidfile(args.pidfile)
-        log(f"{TUN_DEVICE} up, {len(copier.peers)} peers, UDP {UDP_PORT}")
-        copier.run()
-    finally:
-        copier.close()
-        if args.pidfile:
-            remove_pidfile(args.pidfile)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
