@@ -97,9 +97,13 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     print(f"supervisor pid {supervisor}" if supervisor
           else "supervisor DEAD ('kproxy lab up' with this lab's topology starts a new one)")
     print()
-    rows = [["NODE", "IP", "POD CIDR", "LABELS", "AGENT", "RESTARTS", "WORKLOAD", "RESTARTS", "NETNS"]]
+    rows = [["NODE", "HOST", "IP", "POD CIDR", "LABELS", "AGENT", "RESTARTS", "WORKLOAD", "RESTARTS", "NETNS"]]
     for n in info["nodes"]:
-        rows.append([n["name"], n["ip"], n["podCIDR"], _fmt_labels(n["labels"]),
+        if n["namespace"] is None:  # on another machine: its processes are that machine's to show
+            rows.append([n["name"], n["host"] or "-", n["ip"], n["podCIDR"], _fmt_labels(n["labels"]),
+                         "-", "-", "-", "-", "elsewhere"])
+            continue
+        rows.append([n["name"], n["host"] or "-", n["ip"], n["podCIDR"], _fmt_labels(n["labels"]),
                      _daemon_state(n, "agent"), _restarts(n, "agent"),
                      _daemon_state(n, "workload"), _restarts(n, "workload"),
                      n["namespace"] if n["present"] else "MISSING"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,8 @@ def test_adding_and_removing_a_node_updates_every_other_node() -> None:
 def test_a_node_leased_in_the_store_from_elsewhere_is_a_peer_of_every_node(overlay: str) -> None:
     """As a node another machine joins: only its Node object (with flannel's lease) reaches this one."""
     far = {"apiVersion": "v1", "kind": "Node",
-           "metadata": {"name": "far", "annotations": lease_annotations(overlay, "172.18.0.200", "0a:00:00:00:00:c8")},
+           "metadata": {"name": "far", "annotations": {"kproxy.io/host": "kproxy-2",
+                                                       **lease_annotations(overlay, "172.18.0.200", "0a:00:00:00:00:c8")}},
            "spec": {"podCIDR": "10.244.200.0/24"}}
     wanted = {"vxlan": ["10.244.200.0/24 via 10.244.200.0 dev flannel.1 onlink",
                         "0a:00:00:00:00:c8 dst 172.18.0.200 self permanent",
@@ -178,6 +180,13 @@ def test_a_node_leased_in_the_store_from_elsewhere_is_a_peer_of_every_node(overl
         store.write({"Node/far": far})
         for node in ("node1", "node2", "node3"):
             wait_for(f"{node}'s flanneld routing far", lambda: all(w in overlay_entries(lab, node, overlay) for w in wanted))
+        shown = {n["name"]: n for n in status(lab)["nodes"]}
+        assert shown["node1"]["host"] == socket.gethostname() and shown["node1"]["present"]
+        assert {k: shown["far"][k] for k in ("host", "ip", "podCIDR", "namespace")} == \
+            {"host": "kproxy-2", "ip": "172.18.0.200", "podCIDR": "10.244.200.0/24", "namespace": None}
+        row = next(line for line in kproxy("lab", "status", lab).stdout.splitlines() if line.startswith("far "))
+        assert row.split() == ["far", "kproxy-2", "172.18.0.200", "10.244.200.0/24", "-", "-", "-", "-", "-",
+                               "elsewhere"]
         store.write({"Node/far": None})
         for node in ("node1", "node2", "node3"):
             wait_for(f"{node}'s flanneld forgetting far", lambda: "10.244.200.0" not in overlay_entries(lab, node, overlay))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+import socket
 from typing import Any, Callable
 
 from cni.netns import entered, write_sysctl
@@ -32,6 +33,7 @@ from kproxy.scheduler import node_labels
 from kproxy.store import Store, carry_identity, config_of, configure, open_store
 
 TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
+HOST_ANNOTATION = "kproxy.io/host"  # on a Node: the machine its namespace is on
 OVERLAY_TIMEOUT = 30.0  # for every flanneld to program the Nodes written (Python starting in a loaded guest is slow)
 
 
@@ -80,9 +82,11 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
     for node in topology.nodes:
         old = kept.get(node.name)
         if old is not None:
-            state.nodes[node.name] = NodeState(old.ip, old.pod_cidr, old.vtep_mac, dict(node.labels))
+            state.nodes[node.name] = NodeState(old.ip, old.pod_cidr, old.vtep_mac, dict(node.labels),
+                                               old.host or socket.gethostname())
         else:
-            state.nodes[node.name] = NodeState(next(free_ips), next(free_cidrs), random_mac(), dict(node.labels))
+            state.nodes[node.name] = NodeState(next(free_ips), next(free_cidrs), random_mac(), dict(node.labels),
+                                               socket.gethostname())
     state.topology = to_raw(topology)
     return state
 
@@ -92,7 +96,8 @@ def node_object(state: LabState, name: str) -> dict[str, Any]:
     node = state.nodes[name]
     return {"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": node_labels(name, node.labels),
-                         "annotations": overlay.lease_annotations(state.overlay, node.ip, node.vtep_mac)},
+                         "annotations": {HOST_ANNOTATION: node.host,
+                                         **overlay.lease_annotations(state.overlay, node.ip, node.vtep_mac)}},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
                                      {"type": "Hostname", "address": name}],
@@ -317,8 +322,9 @@ def status(lab: str) -> dict[str, Any]:
     supervised = supervisor.read_status(directory).get("daemons", {})
     nodes = []
     for name, spec in sorted(state.nodes.items()):
-        node: dict[str, Any] = {"name": name, "ip": spec.ip, "podCIDR": spec.pod_cidr, "labels": spec.labels,
-                                "namespace": ns_name(lab, name), "present": ns_name(lab, name) in have}
+        node: dict[str, Any] = {"name": name, "host": spec.host, "ip": spec.ip, "podCIDR": spec.pod_cidr,
+                                "labels": spec.labels, "namespace": ns_name(lab, name),
+                                "present": ns_name(lab, name) in have}
         for daemon in (processes.WORKLOAD, processes.AGENT):
             record = supervised.get(f"{daemon.kind}-{name}") or {}
             node[f"{daemon.kind}Pid"] = processes.running_pid(daemon, directory, name)
@@ -327,6 +333,8 @@ def status(lab: str) -> dict[str, Any]:
                 if record.get("restarts") else None
             node[f"{daemon.kind}Waiting"] = record.get("waiting")
         nodes.append(node)
+    store = _store_status(state)
+    nodes += _nodes_elsewhere(state, store)
     pods = []
     for member, spec in sorted(state.pods.items()):
         pods.append({"name": spec.name, "namespace": spec.namespace, "node": spec.node, "ip": spec.ip,
@@ -336,7 +344,23 @@ def status(lab: str) -> dict[str, Any]:
             "supervisorPid": supervisor.supervisor_pid(directory),
             "nodeCIDR": state.node_cidr, "loadBalancerCIDR": state.load_balancer_cidr,
             "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
-            "store": _store_status(state), "nodes": nodes, "pods": pods}
+            "store": store, "nodes": sorted(nodes, key=lambda n: n["name"]), "pods": pods}
+
+
+def _nodes_elsewhere(state: LabState, store: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lab's nodes that are on other machines: Nodes in the store this machine did not build."""
+    if "error" in store:
+        return []
+    elsewhere = []
+    for obj in open_store(lab_dir(state.name)).read().of_kind("Node"):
+        name = obj["metadata"]["name"]
+        lease = overlay.lease_of(obj)
+        if name in state.nodes or lease is None:
+            continue
+        elsewhere.append({"name": name, "host": (obj["metadata"].get("annotations") or {}).get(HOST_ANNOTATION, ""),
+                          "ip": lease.node_ip, "podCIDR": lease.pod_cidr,
+                          "labels": obj["metadata"].get("labels") or {}, "namespace": None, "present": None})
+    return elsewhere
 
 
 def _store_status(state: LabState) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class NodeState:
     pod_cidr: str
     vtep_mac: str
     labels: dict[str, str] = field(default_factory=dict)
+    host: str = ""  # the machine the node's namespace is on ("": a lab from before hosts were recorded)
 
 
 @dataclass
