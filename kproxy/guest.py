@@ -34,6 +34,9 @@ How one run works (one guest per test session, never one per test):
 
     python -m kproxy.guest build             # make the cache (idempotent)
     python -m kproxy.guest run -- CMD ARGS   # boot, run CMD in the repo, exit with its status
+
+Two guests at once, their lab NICs on one Ethernet segment, are kproxy/guestpair.py's (built from
+this module's command_script, prepare, qemu_argv, start and finish).
 """
 
 from __future__ import annotations
@@ -258,8 +261,8 @@ def run(argv: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None,
     kernel = ensure_kernel(log=log)
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix="kproxy-guest-") as tmp:
-            return _boot(kernel, argv, cwd, env, timeout, Path(tmp), log)
-    return _boot(kernel, argv, cwd, env, timeout, run_dir.resolve(), log)
+            return _boot(kernel, argv, cwd, env, timeout, Path(tmp))
+    return _boot(kernel, argv, cwd, env, timeout, run_dir.resolve())
 
 
 def _console(run_dir: Path) -> str:
@@ -269,50 +272,86 @@ def _console(run_dir: Path) -> str:
         return ""
 
 
-def _boot(kernel: GuestKernel, argv: list[str], cwd: Path, env: dict[str, str] | None, timeout: float, run_dir: Path,
-          log) -> GuestRun:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("status", "console.log"):
-        (run_dir / stale).unlink(missing_ok=True)
+def _boot(kernel: GuestKernel, argv: list[str], cwd: Path, env: dict[str, str] | None, timeout: float,
+          run_dir: Path) -> GuestRun:
+    prepare(run_dir, command_script(argv, cwd, env))
+    return finish(start(qemu_argv(kernel, run_dir), run_dir), timeout)
+
+
+def command_script(argv: list[str], cwd: Path, env: dict[str, str] | None, prelude: list[str] | None = None) -> str:
+    """The guest's command.sh: exports, the prelude's shell lines (as root, before cd), then exec argv in cwd."""
     exports = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
                "LANG": "C.UTF-8", IN_GUEST_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
     # Nothing is loaded before the command: the guest stands for a user's freshly booted VM, and
     # kproxy must load what it needs itself (a preloaded br_netfilter once hid a same-node bug).
-    script = ["set -e"] + [f"export {k}={shlex.quote(v)}" for k, v in exports.items()] + [
+    script = ["set -e"] + [f"export {k}={shlex.quote(v)}" for k, v in exports.items()] + (prelude or []) + [
         f"cd {shlex.quote(str(cwd))}", "exec " + shlex.join(argv)]
-    (run_dir / "command.sh").write_text("\n".join(script) + "\n")
+    return "\n".join(script) + "\n"
+
+
+def prepare(run_dir: Path, script: str) -> None:
+    """The results share, with command.sh and without a previous run's status and console."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("status", "console.log"):
+        (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "command.sh").write_text(script)
+
+
+def qemu_argv(kernel: GuestKernel, run_dir: Path, *, cpus: int = CPUS, devices: list[str] | None = None) -> list[str]:
+    """QEMU's argv for a guest whose results share is run_dir; devices: more -fsdev/-netdev/-device options."""
     # Resolved: the initramfs binds it before the chroot, where a symlinked cache would point elsewhere.
     modules = (kernel.root / "lib" / "modules").resolve()
     cmdline = (f"console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off rdinit=/init "
                f"kproxy.run={run_dir} kproxy.modules={modules}")
-    qemu = [QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(CPUS), "-m", str(MEMORY_MIB),
+    return [QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus), "-m", str(MEMORY_MIB),
             "-kernel", str(kernel.vmlinux), "-initrd", str(kernel.initramfs), "-append", cmdline,
             "-nographic", "-monitor", "none", "-no-reboot", "-nic", "none",
             "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
             "-fsdev", f"local,id=results,path={run_dir},security_model=none",
-            "-device", "virtio-9p-pci,fsdev=results,mount_tag=results"]
-    started = time.monotonic()
+            "-device", "virtio-9p-pci,fsdev=results,mount_tag=results", *(devices or [])]
+
+
+@dataclass
+class Booting:
+    """A QEMU process started on a prepared run directory."""
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+    started: float
+
+
+def start(qemu: list[str], run_dir: Path, cwd: Path | None = None) -> Booting:
+    """Start QEMU, its own output (the guest's kernel console among it) to run_dir/qemu.log."""
     with open(run_dir / "qemu.log", "wb") as out:
-        proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise GuestError(f"the guest did not finish within {timeout:.0f} s; console tail:\n"
-                             f"{_console(run_dir)[-3000:]}")
-        except BaseException:  # Ctrl-C: the guest goes with whoever booted it
-            proc.kill()
-            proc.wait()
-            raise
-    took = time.monotonic() - started
+        proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    return Booting(proc, run_dir, time.monotonic())
+
+
+def kill(guest: Booting) -> None:
+    guest.proc.kill()
+    guest.proc.wait()
+
+
+def finish(guest: Booting, timeout: float) -> GuestRun:
+    """Wait until timeout s after the start, then collect the command's status and console.
+
+    The guest is killed on a timeout or an interruption (Ctrl-C: it goes with whoever booted it)."""
     try:
-        status = int((run_dir / "status").read_text().strip())
+        guest.proc.wait(timeout=max(0.0, guest.started + timeout - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        kill(guest)
+        raise GuestError(f"the guest did not finish within {timeout:.0f} s\nconsole tail:\n"
+                         f"{_console(guest.run_dir)[-3000:]}")
+    except BaseException:
+        kill(guest)
+        raise
+    took = time.monotonic() - guest.started
+    try:
+        status = int((guest.run_dir / "status").read_text().strip())
     except (OSError, ValueError):
-        raise GuestError(f"the guest reported no exit status (qemu exited {proc.returncode}); "
-                         f"qemu log:\n{(run_dir / 'qemu.log').read_text(errors='replace')[-3000:]}")
-    return GuestRun(status, _console(run_dir), took)
+        raise GuestError(f"the guest reported no exit status (qemu exited {guest.proc.returncode})\nqemu log:\n"
+                         f"{(guest.run_dir / 'qemu.log').read_text(errors='replace')[-3000:]}")
+    return GuestRun(status, _console(guest.run_dir), took)
 
 
 def main(argv: list[str] | None = None) -> int:
