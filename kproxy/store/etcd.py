@@ -26,6 +26,7 @@ from kproxy.store.gateway import Compacted, EtcdError, EtcdUnavailable, Entry, G
 
 READ_TIMEOUT = 30.0  # a silent watch is reopened: etcd's progress notices come less often by default
 RETRY_SECONDS = (0.05, 0.1, 0.2, 0.5, 1.0)  # between attempts to reopen a broken watch
+CREATE_WAIT = 2.0  # at most, for etcd to make a new watch (it answers in about 2 ms; etcd away: on we go)
 
 
 def _without_revision(obj: Obj) -> str:
@@ -109,35 +110,48 @@ class EtcdStore:
 
     def watch_since(self, view: View) -> EtcdWatcher:
         """A watcher that starts from view, a copy of this store's objects at view.version that the
-        caller kept (kproxy.store.FollowingStore's mirror), and reads only what changed after it."""
-        return EtcdWatcher(self, since=view)
+        caller kept (kproxy.store.FollowingStore's mirror), and reads only what changed after it.
+
+        A copy that is still current is followed from etcd's present revision on: etcd serves a
+        watch that starts in the past from its history, catching it up every 100 ms (its
+        syncWatchersLoop), which an apply would wait out at every command."""
+        answer = self.gateway.call("kv/range", range_of(self.version_key)["request_range"])
+        versions = entries(answer.get("kvs", []))
+        current = (versions[0].mod_revision if versions else 0) == view.version
+        return EtcdWatcher(self, since=view, read_at=int(answer["header"]["revision"]) if current else view.version)
 
 
 class EtcdWatcher:
     """Follows an EtcdStore; poll() returns the keys that changed since the last call."""
 
-    def __init__(self, store: EtcdStore, keep: Keep | None = None, since: View | None = None) -> None:
+    def __init__(self, store: EtcdStore, keep: Keep | None = None, since: View | None = None,
+                 read_at: int = 0) -> None:
+        """since: start from that view, as of etcd's revision read_at (nothing changed the objects
+        between since.version and read_at: every write to them also puts the version key)."""
         self.store = store
         self.keep = keep
-        # Every write to the prefix also puts the version key, so nothing changed the objects
-        # between since.version and the revision a read would have been made at.
-        self.view, self._read_at = (since, since.version) if since is not None else store._snapshot(keep)
+        self.view, self._read_at = (since, read_at) if since is not None else store._snapshot(keep)
         self._arrived: queue.SimpleQueue[tuple[int, list[Entry]] | Compacted] = queue.SimpleQueue()
         self._following = False  # the stream opens at the first poll
         self._closed = threading.Event()
 
     def _follow_from(self, revision: int) -> None:
+        """Start the watch thread; returns once etcd has made the watch (or after CREATE_WAIT). A write
+        made before that would leave the watch starting in etcd's past, which etcd serves only at its
+        next catch-up, up to 100 ms later."""
         self._following = True
-        threading.Thread(target=self._follow, args=(revision,), daemon=True,
+        created = threading.Event()
+        threading.Thread(target=self._follow, args=(revision, created), daemon=True,
                          name=f"etcd-watch-{self.store.prefix}").start()
+        created.wait(CREATE_WAIT)
 
-    def _follow(self, revision: int) -> None:
+    def _follow(self, revision: int, created: threading.Event) -> None:
         """The watch thread: each answer queued in order; a broken stream reopened at the revision after
         the last one queued."""
         failures = 0
         while not self._closed.is_set():
             try:
-                for seen, changed in self.store.gateway.watch(*self.store.watched, revision, READ_TIMEOUT):
+                for seen, changed in self.store.gateway.watch(*self.store.watched, revision, READ_TIMEOUT, created):
                     if self._closed.is_set():
                         return
                     self._arrived.put((seen, changed))

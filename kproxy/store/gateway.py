@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -116,12 +117,12 @@ class Gateway:
     def compact(self, revision: int) -> None:
         self.call("kv/compaction", {"revision": str(revision), "physical": True})
 
-    def watch(self, key: str, range_end: str, start_revision: int,
-              read_timeout: float) -> Iterator[tuple[int, list[Entry]]]:
+    def watch(self, key: str, range_end: str, start_revision: int, read_timeout: float,
+              created: threading.Event | None = None) -> Iterator[tuple[int, list[Entry]]]:
         """Every change of the keys from key to range_end (not included) from start_revision on:
         (revision, entries changed there), all of one revision in one answer. Raises Compacted, or
         EtcdUnavailable when the stream breaks (or is silent for read_timeout): the caller resumes
-        from the revision after the last it saw."""
+        from the revision after the last it saw. created is set once etcd has made the watch."""
         body = {"create_request": {"key": b64(key), "range_end": b64(range_end),
                                    "start_revision": str(start_revision), "progress_notify": True}}
         try:
@@ -137,6 +138,8 @@ class Gateway:
                     result = message.get("result", {})
                     if "compact_revision" in result and int(result["compact_revision"]):
                         raise Compacted(int(result["compact_revision"]))
+                    if result.get("created") and created is not None:
+                        created.set()
                     events = result.get("events", [])
                     if events:
                         changed = [entry(e["kv"], deleted=e.get("type") == "DELETE") for e in events]
