@@ -37,7 +37,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     _need_root()
     started = time.monotonic()
     with lab_lock(topology.name):
-        state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns, store=args.store)
+        state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns, store=args.store,
+                                  nic=args.nic)
         with Cluster(state.name) as cluster:
             lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
     took = time.monotonic() - started
@@ -89,7 +90,8 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
-          f"external {info['external']['ip']}  load balancers {info['loadBalancerCIDR'] or '<none>'}")
+          f"external {info['external']['ip']}  load balancers {info['loadBalancerCIDR'] or '<none>'}"
+          + (f"  nic {info['nic']['mac']} ({info['nic']['name']})" if info["nic"] else ""))
     store = info["store"]
     print(f"store {store['backend']}{' at ' + store['endpoint'] if 'endpoint' in store else ''}  "
           + (f"version {store['version']}" if "version" in store else f"unreachable: {store['error']}"))
@@ -386,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the lab keeps its objects: file (embedded, nothing to install) or etcd (etcd 3.4 in "
                         "a control-plane namespace on the underlay; the agents watch it from their nodes) "
                         "(default: file for a new lab, the running lab's store for a running one)")
+    p.add_argument("--nic", metavar="MAC", type=cliargs.MAC,
+                   help="stretch the underlay over the dedicated NIC with this MAC (no address, no default route, "
+                        "MTU >= 1500): up moves it from the machine's root namespace into the lab's underlay as a "
+                        "port of br0, down gives it back (default: none for a new lab, the running lab's NIC)")
     p.set_defaults(func=cmd_lab_up)
     p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
     p.add_argument("name", nargs="?", type=cliargs.LAB, help=lab_help)

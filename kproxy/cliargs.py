@@ -10,6 +10,7 @@ import sys
 from typing import Callable, NoReturn
 
 from kproxy.errors import KproxyError
+from kproxy.lab.nic import parse_mac
 from kproxy.lab.topology import lab_name, valid_node_name
 # The rules manifests' metadata follows, so -n and names on the command line mean the same.
 from kproxy.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, MAX_GRACE_SECONDS
@@ -138,4 +139,5 @@ SECONDS = _argument("seconds", _seconds)
 GRACE_PERIOD = _argument("grace period", _grace_period)
 LABEL = _argument("label", _label)
 MODE_OPTION = _argument("mode option", parse_option)
+MAC = _argument("MAC address", parse_mac)
 DEPLOYMENT = _argument("deploy/NAME", _deployment)

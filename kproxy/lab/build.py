@@ -21,12 +21,12 @@ from kproxy import children, kmod
 from kproxy.dns import addon
 from kproxy.errors import KproxyError
 from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
-from kproxy.lab import announce, flanneld, kubelet, overlay, processes, supervisor
+from kproxy.lab import announce, flanneld, kubelet, nic as lab_nic, overlay, processes, supervisor
 from kproxy.lab.state import NETNS_DIR, LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, \
     ns_prefix, save_state
 from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
-from kproxy.lab.wiring import CONTROL_PLANE, ETC_NETNS, EXTERNAL, UNDERLAY, cni_config, delete_namespaces, \
-    ensure_default_route, ensure_namespaces, ensure_uplink, random_mac, remove_resolv_conf
+from kproxy.lab.wiring import CONTROL_PLANE, ETC_NETNS, EXTERNAL, UNDERLAY, UNDERLAY_BRIDGE, cni_config, \
+    delete_namespaces, ensure_default_route, ensure_namespaces, ensure_uplink, random_mac, remove_resolv_conf
 from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
 from kproxy.scheduler import node_labels
@@ -38,18 +38,22 @@ OVERLAY_TIMEOUT = 30.0  # for every flanneld to program the Nodes written (Pytho
 
 
 def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
-         mode_options: dict[str, str] | None = None, dns: bool | None = None, store: str | None = None) -> LabState:
+         mode_options: dict[str, str] | None = None, dns: bool | None = None, store: str | None = None,
+         nic: str | None = None) -> LabState:
     """The state this topology asks for, keeping every assignment previous made. mode_options
     are merged over the running lab's when the mode stays, and replace them when it changes;
     dns None keeps the running lab's cluster DNS (a new lab has it); store None keeps the running
-    lab's store (a new lab has the file store)."""
+    lab's store (a new lab has the file store); nic (a MAC) None keeps the running lab's lab NIC
+    (a new lab has none)."""
     mode = mode or (previous.mode if previous else DEFAULT_MODE)
     kept_options = previous.mode_options if previous is not None and previous.mode == mode else {}
     options = {**kept_options, **(mode_options or {})}
     proxy_mode(mode).options_of(options)  # refused here, before anything is made
     store = store or (previous.store if previous else "file")
+    nic = nic if nic is not None else previous.nic if previous else ""
     if previous is not None:
-        for what, old, new in (("store", previous.store, store), ("overlay", previous.overlay, topology.overlay),
+        for what, old, new in (("store", previous.store, store), ("NIC", previous.nic or "none", nic or "none"),
+                               ("overlay", previous.overlay, topology.overlay),
                                ("podCIDR", previous.pod_cidr, str(topology.pod_cidr)),
                                ("nodeCIDR", previous.node_cidr, str(topology.node_cidr)),
                                ("loadBalancerCIDR", previous.load_balancer_cidr or str(topology.load_balancer_cidr),
@@ -72,6 +76,8 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
         dns=dns if dns is not None else previous.dns if previous else True,
         store=store,
         control_plane_ip=str(hosts[-2]) if store == "etcd" else "",
+        nic=nic,
+        nic_name=previous.nic_name if previous else "",
     )
     wanted = {n.name for n in topology.nodes}
     kept = {name: n for name, n in (previous.nodes if previous else {}).items() if name in wanted}
@@ -145,14 +151,20 @@ def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> i
 
 def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str] | None = None,
        say: Callable[[str], object] = print, dns: bool | None = None,
-       store: str | None = None) -> tuple[LabState, kubelet.Report]:
-    """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded);
-    dns: with cluster DNS or without (None: as the running lab, a new one with); store: "file"
-    or "etcd" (None: as the running lab, a new one the file store)."""
+       store: str | None = None, nic: str | None = None) -> tuple[LabState, kubelet.Report]:
+    """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded, the
+    lab NIC moved); dns: with cluster DNS or without (None: as the running lab, a new one with);
+    store: "file" or "etcd" (None: as the running lab, a new one the file store); nic: the MAC
+    of a dedicated NIC to make the underlay's port (None: as the running lab, a new one none)."""
     previous = load_state(topology.name)
     if previous is None and lab_namespaces(topology.name):
         teardown(topology.name)  # leftovers of a crash before any state was written
-    state = plan(topology, previous, mode, mode_options, dns, store)
+    state = plan(topology, previous, mode, mode_options, dns, store, nic)
+    in_underlay = True  # the lab NIC, if any, is the underlay's already
+    if state.nic:  # found and judged before anything is made: a refusal changes nothing
+        found, in_underlay = lab_nic.find(state.nic, ns_path(state.name, UNDERLAY))
+        if not in_underlay:
+            state.nic_name = found.name
     chosen = proxy_mode(state.mode)
     options = chosen.options_of(state.mode_options)
     if previous is not None and previous.mode != state.mode:  # the Services stored must suit the new mode
@@ -195,6 +207,11 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
         cni_dir.mkdir(parents=True, exist_ok=True)
         (cni_dir / f"{node}.conf").write_text(json.dumps(cni_config(state, node), indent=2) + "\n")
     ensure_uplink(state.name, EXTERNAL, state.external_ip, prefix)
+    if state.nic:
+        if not in_underlay:
+            say(f"kproxy: moving NIC {state.nic_name} ({state.nic}) from the machine's root namespace into lab "
+                f"{state.name}'s underlay (machine-wide; 'kproxy lab down' gives it back)")
+        lab_nic.attach(state.nic, ns_path(state.name, UNDERLAY), UNDERLAY_BRIDGE)
     _ensure_store(state, prefix)
     # External clients reach NodePorts on node IPs; a route to the pod network is
     # not theirs to have, exactly like a client outside a cluster.
@@ -273,6 +290,7 @@ def teardown(name: str) -> list[str]:
         for node in processes.nodes_with(daemon, directory):
             processes.stop(daemon, directory, node)
     names = lab_namespaces(name)
+    _give_back_nic(name)
     # What is still in them (a command a crash left there) would keep each namespace, its links and
     # its routes alive after the delete, out of everyone's sight.
     children.end_all_in([NETNS_DIR / ns for ns in names])
@@ -281,6 +299,17 @@ def teardown(name: str) -> list[str]:
         remove_resolv_conf(leftover.name)
     shutil.rmtree(directory, ignore_errors=True)
     return names
+
+
+def _give_back_nic(name: str) -> None:
+    """The lab NIC back in the machine's root namespace with its name, before its namespace goes;
+    also after a crash that lost the state: whatever link is in the underlay and not ours."""
+    try:
+        state = load_state(name)
+    except KproxyError:  # damaged: down still cleans up
+        state = None
+    names = {state.nic: state.nic_name} if state is not None and state.nic and state.nic_name else {}
+    lab_nic.give_back(ns_path(name, UNDERLAY), {"lo", UNDERLAY_BRIDGE}, names)
 
 
 def require(lab: str) -> LabState:
@@ -344,6 +373,7 @@ def status(lab: str) -> dict[str, Any]:
             "supervisorPid": supervisor.supervisor_pid(directory),
             "nodeCIDR": state.node_cidr, "loadBalancerCIDR": state.load_balancer_cidr,
             "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
+            "nic": {"mac": state.nic, "name": state.nic_name} if state.nic else None,
             "store": store, "nodes": sorted(nodes, key=lambda n: n["name"]), "pods": pods}
 
 

@@ -83,6 +83,8 @@ class LabState:
     load_balancer_cidr: str = ""  # the pool LoadBalancer Services get addresses from; "": none (an older lab)
     store: str = "file"  # the lab's store: "file" (embedded) or "etcd" (etcd in the control-plane member)
     control_plane_ip: str = ""  # the control-plane member's underlay address ("": the lab has none)
+    nic: str = ""  # the MAC of the NIC that is a port of the underlay's bridge (lab up --nic; "": none)
+    nic_name: str = ""  # that NIC's name in the root namespace before up moved it, restored by down
 
     @property
     def load_balancer_pool(self) -> ipaddress.IPv4Network | None:
