@@ -47,7 +47,7 @@ ip -n lab addr add "192.168.77.$KPROXY_GUEST_INDEX/24" dev "$nic"
 # which only root may write), says it is ready once tcpdump listens, and answers (its kernel does)
 # until guest 2 is done.
 ANSWER = COMMON + r"""
-ip netns exec lab timeout 120 tcpdump -i "$nic" -Z root -n -U -c 1 -w "$share/echo.pcap" 'icmp[icmptype] = icmp-echo' \
+ip netns exec lab timeout 120 tcpdump -i "$nic" -Z root -n -U --immediate-mode -c 1 -w "$share/echo.pcap" 'icmp[icmptype] = icmp-echo' \
     2> "$share/tcpdump.err" &
 capture=$!
 touch "$share/tcpdump.err"
@@ -57,7 +57,10 @@ until grep -q "listening on" "$share/tcpdump.err"; do
 done
 touch "$share/ready"
 wait_for "$share/done"
-# tcpdump has exited on its own if the echo request came; if not, stop it: the capture shows what came.
+# tcpdump exits on its own once the echo request came (immediate mode: not held in a buffer block);
+# if none came within 10 s, stop it: the capture shows what came.
+end=$(( $(date +%s) + 10 ))
+while kill -0 "$capture" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.1; done
 kill "$capture" 2>/dev/null || true
 """
 
