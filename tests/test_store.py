@@ -7,8 +7,10 @@ import re
 from multiprocessing import Pool
 from pathlib import Path
 
+import pytest
+
 from kproxy.store import file as store_mod
-from kproxy.store import FollowingStore, View, carry_identity, key_of
+from kproxy.store import Conflict, FollowingStore, View, carry_identity, key_of
 from kproxy.store.file import FileStore
 
 
@@ -163,3 +165,13 @@ def test_an_agents_report_sits_beside_the_objects(tmp_path: Path) -> None:
     assert store.version() == 1 and watcher.poll() == set()
     store.delete_report("node1")
     assert list(store.reports()) == ["node2"]
+
+
+def test_a_conditional_write_lands_only_on_the_version_it_read(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    read = store.write({key_of("Service", "default", "a"): svc("a")})
+    store.write({key_of("Service", "default", "b"): svc("b")})  # another writer, meanwhile
+    with pytest.raises(Conflict, match=r"^the store is at version 2, not 1: it changed meanwhile$"):
+        store.write({key_of("Service", "default", "c"): svc("c")}, expect=read)
+    assert sorted(store.read().objects) == ["Service/default/a", "Service/default/b"] and store.version() == 2
+    assert store.write({key_of("Service", "default", "c"): svc("c")}, expect=2) == 3

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from kproxy.lab.state import ns_name, ns_path
-from kproxy.store import FollowingStore, Store, View, key_of
+from kproxy.store import Conflict, FollowingStore, Store, View, key_of
 from kproxy.store import etcdserver
 from kproxy.store.etcd import EtcdStore, EtcdWatcher
 from kproxy.store.file import FileStore
@@ -216,3 +216,16 @@ def test_an_agents_report_wakes_no_watcher_and_leaves_the_version(etcd: Etcd) ->
     # Out of what watchers follow: else each agent's report would wake every other agent, whose
     # report of the new version would wake the first again.
     assert not store.watched[0] <= store.reports_prefix + "node1" < store.watched[1]
+
+
+def test_a_conditional_write_is_one_transaction_that_holds_only_on_the_revision_read(etcd: Etcd) -> None:
+    store = etcd.store()
+    assert store.write({key_of("Service", "default", "a"): svc("a")}, expect=0) > 0  # a new lab: no version yet
+    read = store.version()
+    store.write({key_of("Service", "default", "b"): svc("b")})
+    with pytest.raises(Conflict, match=rf"^the lab's store is no longer at version {read}: it changed meanwhile$"):
+        store.write({key_of("Service", "default", "c"): svc("c"), key_of("Service", "default", "a"): None},
+                    expect=read)
+    assert sorted(store.read().objects) == ["Service/default/a", "Service/default/b"]
+    now = store.version()
+    assert store.write({key_of("Service", "default", "c"): svc("c")}, expect=now) > now

@@ -24,11 +24,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, cast
 
+from kproxy.errors import KproxyError
+
 Obj = dict[str, Any]  # a stored object in its Kubernetes form (kproxy.k8sform), as JSON loads it
 # What a watcher keeps of an object (key, obj): a part of it, or None to drop it. A follower that
 # needs a few fields of a few kinds (cluster DNS) holds only those, not the whole cluster.
 Keep = Callable[[str, Obj], "Obj | None"]
 IDENTITY = ("uid", "creationTimestamp", "resourceVersion")
+
+
+class Conflict(KproxyError):
+    """A conditional write found the store at another version than the writer read."""
 
 
 def timestamp() -> str:
@@ -94,9 +100,10 @@ class Store(Protocol):
         """The latest version, without reading the objects."""
         ...
 
-    def write(self, changes: Mapping[str, Obj | None]) -> int:
+    def write(self, changes: Mapping[str, Obj | None], expect: int | None = None) -> int:
         """Apply a batch (None deletes) all at once or not at all, stamping its objects in place;
-        returns the new version."""
+        returns the new version. expect: only if the store is still at that version, else
+        Conflict and nothing written (the API server's optimistic concurrency, for a whole batch)."""
         ...
 
     def watch(self, keep: Keep | None = None) -> Watcher:
@@ -190,8 +197,8 @@ class FollowingStore:
     def version(self) -> int:
         return self.store.version()
 
-    def write(self, changes: Mapping[str, Obj | None]) -> int:
-        return self.store.write(changes)
+    def write(self, changes: Mapping[str, Obj | None], expect: int | None = None) -> int:
+        return self.store.write(changes, expect)
 
     def watch(self, keep: Keep | None = None) -> Watcher:
         return self.store.watch(keep)

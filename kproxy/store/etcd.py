@@ -20,9 +20,9 @@ import queue
 import threading
 from typing import Any, Mapping
 
-from kproxy.store import Keep, Obj, View, changed_keys, stamp
+from kproxy.store import Conflict, Keep, Obj, View, changed_keys, stamp
 from kproxy.store.gateway import Compacted, EtcdError, EtcdUnavailable, Entry, Gateway, delete, entries, prefix_end, \
-    put, range_of
+    modified_at, put, range_of
 
 READ_TIMEOUT = 30.0  # a silent watch is reopened: etcd's progress notices come less often by default
 RETRY_SECONDS = (0.05, 0.1, 0.2, 0.5, 1.0)  # between attempts to reopen a broken watch
@@ -77,18 +77,21 @@ class EtcdStore:
         versions = entries(self.gateway.call("kv/range", range_of(self.version_key)["request_range"]).get("kvs", []))
         return versions[0].mod_revision if versions else 0
 
-    def write(self, changes: Mapping[str, Obj | None]) -> int:
+    def write(self, changes: Mapping[str, Obj | None], expect: int | None = None) -> int:
         stamp(changes, 0)  # uid and creationTimestamp now; resourceVersion once etcd names the revision
         ops = [put(self.objects_prefix + key, _without_revision(obj)) if obj is not None
                else delete(self.objects_prefix + key) for key, obj in changes.items()]
         ops.append(put(self.version_key, str(len(changes))))
         try:
-            revision = int(self.gateway.txn(ops)["header"]["revision"])
+            answer = self.gateway.txn(ops, None if expect is None else [modified_at(self.version_key, expect)])
         except EtcdError as exc:
             if "too many operations" in str(exc) or "too large" in str(exc) or "larger than max" in str(exc):
                 raise EtcdError(f"{exc} (a batch of {len(changes)} changes is one transaction: start etcd with "
                                 f"--max-txn-ops and --max-request-bytes that hold it)") from None
             raise
+        if expect is not None and not answer.get("succeeded"):
+            raise Conflict(f"the lab's store is no longer at version {expect}: it changed meanwhile")
+        revision = int(answer["header"]["revision"])
         for obj in changes.values():
             if obj is not None:
                 obj["metadata"]["resourceVersion"] = str(revision)

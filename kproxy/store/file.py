@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from kproxy.store import Keep, Obj, View, changed_keys, stamp
+from kproxy.store import Conflict, Keep, Obj, View, changed_keys, stamp
 
 SNAPSHOT = "snapshot.json"
 JOURNAL = "journal.jsonl"
@@ -75,10 +75,12 @@ class FileStore:
         except FileNotFoundError:
             return 0
 
-    def write(self, changes: Mapping[str, Obj | None]) -> int:
+    def write(self, changes: Mapping[str, Obj | None], expect: int | None = None) -> int:
         """Apply a batch atomically, stamping its objects in place; returns the new version."""
         with self._locked():
             version = self.version() + 1
+            if expect is not None and version - 1 != expect:
+                raise Conflict(f"the store is at version {version - 1}, not {expect}: it changed meanwhile")
             stamp(changes, version)
             self._append(version, changes)
             return version

@@ -62,6 +62,11 @@ def put(key: str, value: str) -> dict[str, Any]:
     return {"request_put": {"key": b64(key), "value": b64(value)}}
 
 
+def modified_at(key: str, revision: int) -> dict[str, Any]:
+    """A txn comparison: key was last written at revision (0: key absent)."""
+    return {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
+
+
 def delete(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": b64(key)}}
 
@@ -110,9 +115,10 @@ class Gateway:
             raise _error(self.endpoint, answer)
         return answer.json()
 
-    def txn(self, operations: list[dict[str, Any]]) -> dict[str, Any]:
-        """The operations, all at once or none: one revision."""
-        return self.call("kv/txn", {"success": operations})
+    def txn(self, operations: list[dict[str, Any]], compare: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The operations, all at once or none: one revision; with compare, only if every
+        comparison holds (the answer's "succeeded" says whether they did)."""
+        return self.call("kv/txn", {"compare": compare or [], "success": operations})
 
     def compact(self, revision: int) -> None:
         self.call("kv/compaction", {"revision": str(revision), "physical": True})
