@@ -50,6 +50,27 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     return _report_lagging(lagging)
 
 
+def cmd_lab_join(args: argparse.Namespace) -> int:
+    from kproxy.cluster import Cluster
+    from kproxy.lab import join
+    from kproxy.lab.lock import lab_lock
+    from kproxy.lab.topology import read_topology_file
+
+    raw = read_topology_file(Path(args.file))
+    name = join.name_of(raw, args.name)
+    _need_root()
+    started = time.monotonic()
+    with lab_lock(name):
+        state, report = join.join(raw, args.store, args.nic, name)
+        with Cluster(state.name) as cluster:
+            lagging = cluster.wait_synced(cluster.store.version())  # every node of the lab, ours too
+    _warn_unready(report.unready)
+    print(f"joined lab {state.name} at {state.joined} ({state.overlay}, {state.mode} mode): {len(state.nodes)} "
+          f"nodes, {len(state.pods)} pods here ({report.wired} wired now) in {time.monotonic() - started:.2f}s")
+    print(f"  kproxy lab status {state.name}    kproxy lab down {state.name} (takes this machine's nodes out)")
+    return _report_lagging(lagging)
+
+
 def cmd_lab_down(args: argparse.Namespace) -> int:
     from kproxy.lab import build
     from kproxy.lab.lock import lab_lock
@@ -90,7 +111,8 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
-          f"external {info['external']['ip']}  load balancers {info['loadBalancerCIDR'] or '<none>'}"
+          + (f"joined {info['joined']}" if info["joined"] else f"external {info['external']['ip']}")
+          + f"  load balancers {info['loadBalancerCIDR'] or '<none>'}"
           + (f"  nic {info['nic']['mac']} ({info['nic']['name']})" if info["nic"] else ""))
     store = info["store"]
     print(f"store {store['backend']}{' at ' + store['endpoint'] if 'endpoint' in store else ''}  "
@@ -393,7 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "MTU >= 1500): up moves it from the machine's root namespace into the lab's underlay as a "
                         "port of br0, down gives it back (default: none for a new lab, the running lab's NIC)")
     p.set_defaults(func=cmd_lab_up)
-    p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash)")
+    p = lab_sub.add_parser("join", help="add this machine's nodes to a lab another machine runs with --store etcd",
+                           description="Build the topology's nodes and pods on this machine as part of the lab "
+                                       "whose etcd is at --store, over the NIC with --nic on the same Ethernet "
+                                       "segment as that lab's. The lab's overlay, networks, proxy mode and DNS "
+                                       "come from its store; node IPs and pod CIDRs are the first no machine has. "
+                                       "Again on a machine that joined: reconciles. 'kproxy lab down' takes this "
+                                       "machine's nodes out of the lab.")
+    p.add_argument("-f", "--file", required=True,
+                   help="topology YAML with name, nodes and pods (overlay and the CIDRs are the lab's; - for stdin)")
+    p.add_argument("--name", type=cliargs.LAB, help="lab name (default: the file's name field)")
+    p.add_argument("--store", required=True, metavar="etcd://IP:PORT",
+                   help="the lab's etcd, on its underlay (its maker's 'kproxy lab status' shows it)")
+    p.add_argument("--nic", required=True, metavar="MAC", type=cliargs.MAC,
+                   help="this machine's dedicated NIC on the lab's segment (no address, no default route, MTU >= "
+                        "1500), moved into the lab's underlay; down gives it back")
+    p.set_defaults(func=cmd_lab_join)
+    p = lab_sub.add_parser("down", help="remove everything of a lab (also after a crash); a joined machine's "
+                                        "nodes leave the lab's store")
     p.add_argument("name", nargs="?", type=cliargs.LAB, help=lab_help)
     p.set_defaults(func=cmd_lab_down)
     p = lab_sub.add_parser("ls", help="list labs on this machine")

@@ -61,14 +61,17 @@ class Cluster:
         save_state(self.state)
         outcome.lagging = self.wait_synced(self.store.version(), timeout)
         # Announced once every node programs the change: a node announced before its agent has
-        # its new local endpoint would drop a Local-policy client meanwhile.
-        announce.sync(self.state, self.view())
+        # its new local endpoint would drop a Local-policy client meanwhile. The lab's router is
+        # the machine's that made the lab.
+        if not self.state.joined:
+            announce.sync(self.state, self.view())
         return outcome
 
     def wait_synced(self, version: int, timeout: float = SYNC_TIMEOUT) -> list[str]:
-        """Nodes whose agent did not sync version in time, or failed to (with its error)."""
+        """Nodes whose agent did not sync version in time, or failed to (with its error): every
+        node of the lab, on this machine and on the machines that joined it."""
         deadline = time.monotonic() + timeout
-        pending = set(self.state.nodes)
+        pending = set(self.state.nodes) | {node["metadata"]["name"] for node in self.view().of_kind("Node")}
         failed = []
         while pending and time.monotonic() < deadline:
             reports = self.store.reports()

@@ -16,7 +16,7 @@ from jsonschema import ValidationError
 
 from kproxy import controllers, getcmd
 from kproxy.controllers import obj_key
-from kproxy.lab.build import node_object, plan, topology_pod_objects
+from kproxy.lab.planning import node_object, plan, topology_pod_objects
 from kproxy.lab.topology import parse_topology, place_pods
 from kproxy.model import parse_manifests
 from kproxy.store import Store, View

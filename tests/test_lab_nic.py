@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kproxy.errors import KproxyError
-from kproxy.lab.build import plan
+from kproxy.lab.planning import plan
 from kproxy.lab.nic import Link, choose, foreign, parse_mac
 from kproxy.lab.topology import parse_topology
 

@@ -603,7 +603,7 @@ def test_other_builders_make_what_a_manifest_would() -> None:
     """The lab's topology pods and the benchmark's Services come from k8sform's builders,
     as manifests do: each parses to itself, every default written out."""
     from kproxy.bench.controlplane import service as bench_service
-    from kproxy.lab.build import TOPOLOGY_ANNOTATION, topology_pod_objects
+    from kproxy.lab.planning import TOPOLOGY_ANNOTATION, topology_pod_objects
     from kproxy.lab.topology import parse_topology, place_pods
 
     topology = parse_topology({"nodes": [{"name": "node1"}],

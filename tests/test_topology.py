@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from kproxy.errors import KproxyError
-from kproxy.lab.build import plan
+from kproxy.lab.planning import plan
 from kproxy.lab.topology import default_topology_path, load_topology, parse_topology, place_pods
 
 

@@ -13,157 +13,120 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
-import socket
-from typing import Any, Callable
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from cni.netns import entered, write_sysctl
 from kproxy import children, kmod
 from kproxy.dns import addon
 from kproxy.errors import KproxyError
-from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
-from kproxy.lab import announce, flanneld, kubelet, nic as lab_nic, overlay, processes, supervisor
-from kproxy.lab.state import NETNS_DIR, LabState, NodeState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, \
+from kproxy.lab import announce, flanneld, kubelet, labconfig, nic as lab_nic, overlay, processes, supervisor
+from kproxy.lab.planning import HOST_ANNOTATION, TOPOLOGY_ANNOTATION, Others, node_object, others_in, plan, \
+    topology_pod_objects
+from kproxy.lab.state import NETNS_DIR, LabState, lab_dir, lab_namespaces, load_state, ns_name, ns_path, \
     ns_prefix, save_state
-from kproxy.lab.topology import Topology, node_subnet_count, parse_topology, place_pods, to_raw
+from kproxy.lab.topology import Topology, parse_topology, place_pods
 from kproxy.lab.wiring import CONTROL_PLANE, ETC_NETNS, EXTERNAL, UNDERLAY, UNDERLAY_BRIDGE, cni_config, \
-    delete_namespaces, ensure_default_route, ensure_namespaces, ensure_uplink, random_mac, remove_resolv_conf
-from kproxy.proxy import DEFAULT_MODE, mode as proxy_mode
+    delete_namespaces, ensure_default_route, ensure_namespaces, ensure_uplink, remove_resolv_conf
+from kproxy.proxy import mode as proxy_mode
 from kproxy.proxy.types import NodeInfo
-from kproxy.scheduler import node_labels
-from kproxy.store import Store, carry_identity, config_of, configure, open_store
+from kproxy.store import Conflict, Store, carry_identity, config_of, configure, open_store
 
-TOPOLOGY_ANNOTATION = "kproxy.io/from-topology"
-HOST_ANNOTATION = "kproxy.io/host"  # on a Node: the machine its namespace is on
+CLAIM_ATTEMPTS = 5  # writes of this machine's Nodes that other machines' writes may overtake
 OVERLAY_TIMEOUT = 30.0  # for every flanneld to program the Nodes written (Python starting in a loaded guest is slow)
 
 
-def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
-         mode_options: dict[str, str] | None = None, dns: bool | None = None, store: str | None = None,
-         nic: str | None = None) -> LabState:
-    """The state this topology asks for, keeping every assignment previous made. mode_options
-    are merged over the running lab's when the mode stays, and replace them when it changes;
-    dns None keeps the running lab's cluster DNS (a new lab has it); store None keeps the running
-    lab's store (a new lab has the file store); nic (a MAC) None keeps the running lab's lab NIC
-    (a new lab has none)."""
-    mode = mode or (previous.mode if previous else DEFAULT_MODE)
-    kept_options = previous.mode_options if previous is not None and previous.mode == mode else {}
-    options = {**kept_options, **(mode_options or {})}
-    proxy_mode(mode).options_of(options)  # refused here, before anything is made
-    store = store or (previous.store if previous else "file")
-    nic = nic if nic is not None else previous.nic if previous else ""
-    if previous is not None:
-        for what, old, new in (("store", previous.store, store), ("NIC", previous.nic or "none", nic or "none"),
-                               ("overlay", previous.overlay, topology.overlay),
-                               ("podCIDR", previous.pod_cidr, str(topology.pod_cidr)),
-                               ("nodeCIDR", previous.node_cidr, str(topology.node_cidr)),
-                               ("loadBalancerCIDR", previous.load_balancer_cidr or str(topology.load_balancer_cidr),
-                                str(topology.load_balancer_cidr))):
-            if old != new:
-                raise KproxyError(f"lab {topology.name} runs with {what} {old}, not {new}; "
-                                  f"take it down first ('kproxy lab down {topology.name}')")
-    hosts = list(topology.node_cidr.hosts())
-    state = LabState(
-        name=topology.name,
-        overlay=topology.overlay,
-        pod_cidr=str(topology.pod_cidr),
-        node_cidr=str(topology.node_cidr),
-        external_ip=str(hosts[-1]),
-        load_balancer_cidr=str(topology.load_balancer_cidr),
-        mode=mode,
-        mode_options=options,
-        generation=previous.generation if previous else 0,
-        pods=dict(previous.pods) if previous else {},
-        dns=dns if dns is not None else previous.dns if previous else True,
-        store=store,
-        control_plane_ip=str(hosts[-2]) if store == "etcd" else "",
-        nic=nic,
-        nic_name=previous.nic_name if previous else "",
-    )
-    wanted = {n.name for n in topology.nodes}
-    kept = {name: n for name, n in (previous.nodes if previous else {}).items() if name in wanted}
-    # .1 stays free; the last two are the external client's and the control plane's
-    free_ips = (str(ip) for ip in hosts[1:-2] if str(ip) not in {n.ip for n in kept.values()})
-    subnets = list(topology.pod_cidr.subnets(new_prefix=24))[1:1 + node_subnet_count(topology.pod_cidr)]
-    free_cidrs = (str(net) for net in subnets if str(net) not in {n.pod_cidr for n in kept.values()})
-    for node in topology.nodes:
-        old = kept.get(node.name)
-        if old is not None:
-            state.nodes[node.name] = NodeState(old.ip, old.pod_cidr, old.vtep_mac, dict(node.labels),
-                                               old.host or socket.gethostname())
-        else:
-            state.nodes[node.name] = NodeState(next(free_ips), next(free_cidrs), random_mac(), dict(node.labels),
-                                               socket.gethostname())
-    state.topology = to_raw(topology)
-    return state
-
-
-def node_object(state: LabState, name: str) -> dict[str, Any]:
-    """The Node, with the lease flanneld keeps on it (kproxy.lab.flanneld)."""
-    node = state.nodes[name]
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": node_labels(name, node.labels),
-                         "annotations": {HOST_ANNOTATION: node.host,
-                                         **overlay.lease_annotations(state.overlay, node.ip, node.vtep_mac)}},
-            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
-            "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
-                                     {"type": "Hostname", "address": name}],
-                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                       "message": "kubelet is posting ready status"}]}}
-
-
-def topology_pod_objects(topology: Topology, placement: dict[str, str]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for pod in topology.pods:
-        spec = pod_spec([container("workload", ports=[container_port(p) for p in pod.ports])],
-                        node_name=placement[pod.name])
-        meta = metadata(pod.name, "default", pod.labels, {TOPOLOGY_ANNOTATION: "true"})
-        out[f"Pod/default/{pod.name}"] = pod_object(meta, spec)
-    return out
-
-
-def _sync_store_topology(state: LabState, topology: Topology, store: Store) -> int:
-    """Nodes (with their overlay leases) and the topology's pods into the store; pods of vanished
-    nodes out. Returns the store's version with them."""
+def _sync_store_topology(state: LabState, topology: Topology, store: Store, gone_nodes: Iterable[str],
+                         expect: int | None = None) -> int:
+    """This machine's Nodes (with their overlay leases) and its topology's pods into the store, the
+    Nodes it no longer has and the pods of vanished nodes out; the lab's parameters (labconfig)
+    where other machines may join it. Other machines' Nodes and pods stay as they are. expect: the
+    version the plan's view of other machines was read at (a claim that fails if they changed).
+    Returns the store's version with them."""
     view = store.read()
     changes: dict[str, Any] = {}
+    gone = set(gone_nodes)
+    nodes_after = ({o["metadata"]["name"] for o in view.of_kind("Node")} - gone) | set(state.nodes)
     topology_pods = {f"Pod/default/{p.name}" for p in topology.pods}
     for key, obj in view.objects.items():
-        if key.startswith("Node/") and obj["metadata"]["name"] not in state.nodes:
+        if key.startswith("Node/") and obj["metadata"]["name"] in gone:
             changes[key] = None
         if key.startswith("Pod/"):
+            node = obj["spec"].get("nodeName")
             from_topology = (obj["metadata"].get("annotations") or {}).get(TOPOLOGY_ANNOTATION)
-            if obj["spec"].get("nodeName") not in state.nodes or (from_topology and key not in topology_pods):
+            if node not in nodes_after or (from_topology and node in state.nodes and key not in topology_pods):
                 changes[key] = None
     for name in state.nodes:
         old = view.objects.get(f"Node/{name}")
         obj = carry_identity(node_object(state, name), old)
         if old != obj:
             changes[f"Node/{name}"] = obj
+    if state.store == "etcd" and not state.joined:
+        old = view.objects.get(labconfig.KEY)
+        obj = carry_identity(labconfig.config_map(state), old)
+        if old != obj:
+            changes[labconfig.KEY] = obj
     existing = {o["metadata"]["name"]: o["spec"]["nodeName"] for k, o in view.objects.items()
                 if k.startswith("Pod/default/") and k not in changes}
     for key, obj in topology_pod_objects(topology, place_pods(topology, existing)).items():
         old = view.objects.get(key)
+        if old is not None and old["spec"].get("nodeName") not in state.nodes:
+            raise KproxyError(f"lab {state.name} has a pod {obj['metadata']['name']} on node "
+                              f"{old['spec'].get('nodeName')} of another machine; choose another name")
         carry_identity(obj, old)
         if old is None or {k: old[k] for k in ("metadata", "spec")} != {k: obj[k] for k in ("metadata", "spec")}:
             changes[key] = obj
-    return store.write(changes) if changes else store.version()
+    return store.write(changes, expect) if changes else store.version()
+
+
+def _claim(state: LabState, topology: Topology, store: Store, previous: LabState | None, others: Others) -> int:
+    """_sync_store_topology, on a networked store only if no other machine wrote meanwhile (it
+    might have taken a name, IP or pod CIDR of ours); when one did but took none of ours, again.
+    Returns the store's version with our Nodes."""
+    had = list(previous.nodes) if previous is not None else []
+    gone = [n for n in had if n not in state.nodes]
+    if state.store != "etcd":
+        return _sync_store_topology(state, topology, store, gone)
+    for _ in range(CLAIM_ATTEMPTS):
+        try:
+            return _sync_store_topology(state, topology, store, gone, others.version)
+        except Conflict:
+            others = others_in(store.read(), had)
+            if set(state.nodes) & set(others.hosts) or {n.ip for n in state.nodes.values()} & others.ips or \
+                    {n.pod_cidr for n in state.nodes.values()} & others.pod_cidrs:
+                raise Conflict(f"another machine took a node name, IP or pod CIDR of lab {state.name} meanwhile; "
+                               "run the command again") from None
+    raise Conflict(f"lab {state.name}'s store changed {CLAIM_ATTEMPTS} times while this machine wrote its nodes; "
+                   "run the command again")
 
 
 def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str] | None = None,
        say: Callable[[str], object] = print, dns: bool | None = None,
-       store: str | None = None, nic: str | None = None) -> tuple[LabState, kubelet.Report]:
+       store: str | None = None, nic: str | None = None, joined: str = "",
+       others: Others | None = None) -> tuple[LabState, kubelet.Report]:
     """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded, the
     lab NIC moved); dns: with cluster DNS or without (None: as the running lab, a new one with);
     store: "file" or "etcd" (None: as the running lab, a new one the file store); nic: the MAC
-    of a dedicated NIC to make the underlay's port (None: as the running lab, a new one none)."""
+    of a dedicated NIC to make the underlay's port (None: as the running lab, a new one none).
+    joined: the etcd endpoint of another machine's lab that this topology's nodes join
+    (kproxy.lab.join), with others, what that lab's other machines hold; such a machine builds
+    its nodes and pods only: no etcd, no external client, no cluster DNS of its own."""
     previous = load_state(topology.name)
     if previous is None and lab_namespaces(topology.name):
         teardown(topology.name)  # leftovers of a crash before any state was written
-    state = plan(topology, previous, mode, mode_options, dns, store, nic)
+    if previous is not None and previous.joined != joined:
+        raise KproxyError(f"lab {topology.name} on this machine "
+                          + (f"joined the lab at {previous.joined}: change it with 'kproxy lab join'" if previous.joined
+                             else "was made here: change it with 'kproxy lab up'"))
+    if others is None:  # a lab made here: with etcd, other machines may have joined it
+        others = others_in(open_store(lab_dir(topology.name)).read(), previous.nodes) \
+            if previous is not None and previous.store == "etcd" else Others()
+    state = plan(topology, previous, mode, mode_options, dns, store, nic, others, joined)
     in_underlay = True  # the lab NIC, if any, is the underlay's already
     if state.nic:  # found and judged before anything is made: a refusal changes nothing
         found, in_underlay = lab_nic.find(state.nic, ns_path(state.name, UNDERLAY))
-        if not in_underlay:
+        if not in_underlay or not state.nic_name:  # lab join moved it already
             state.nic_name = found.name
     chosen = proxy_mode(state.mode)
     options = chosen.options_of(state.mode_options)
@@ -173,7 +136,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(options)])
     if loaded:
         say(kmod.notice(loaded))
-    if state.store == "etcd":  # likewise etcd: fetched now (scripts/setup has it already), or refused now
+    if state.store == "etcd" and not joined:  # likewise etcd: fetched now (scripts/setup has it), or refused now
         from kproxy.store import etcdserver
 
         etcdserver.binary(log=say)
@@ -194,8 +157,8 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     present = lab_namespaces(state.name)
     delete_namespaces([ns_name(state.name, n) for n in gone_nodes if ns_name(state.name, n) in present])
 
-    control_plane = [CONTROL_PLANE] if state.store == "etcd" else []
-    ensure_namespaces(state.name, [UNDERLAY, EXTERNAL, *state.nodes, *control_plane])
+    made_here = [] if joined else [EXTERNAL, *([CONTROL_PLANE] if state.store == "etcd" else [])]
+    ensure_namespaces(state.name, [UNDERLAY, *made_here, *state.nodes])
     prefix = ipaddress.ip_network(state.node_cidr).prefixlen
     for node, spec in state.nodes.items():
         ensure_uplink(state.name, node, spec.ip, prefix)
@@ -206,25 +169,27 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
         cni_dir = directory / "cni"
         cni_dir.mkdir(parents=True, exist_ok=True)
         (cni_dir / f"{node}.conf").write_text(json.dumps(cni_config(state, node), indent=2) + "\n")
-    ensure_uplink(state.name, EXTERNAL, state.external_ip, prefix)
+    if not joined:
+        ensure_uplink(state.name, EXTERNAL, state.external_ip, prefix)
     if state.nic:
         if not in_underlay:
-            say(f"kproxy: moving NIC {state.nic_name} ({state.nic}) from the machine's root namespace into lab "
-                f"{state.name}'s underlay (machine-wide; 'kproxy lab down' gives it back)")
+            say(lab_nic.notice(state.nic_name, state.nic, state.name))
         lab_nic.attach(state.nic, ns_path(state.name, UNDERLAY), UNDERLAY_BRIDGE)
     _ensure_store(state, prefix)
     # External clients reach NodePorts on node IPs; a route to the pod network is
     # not theirs to have, exactly like a client outside a cluster.
     store = open_store(directory)
-    leases = _sync_store_topology(state, topology, store)
-    _sync_store_dns(state, store)
+    leases = _claim(state, topology, store, previous, others)
+    if not joined:  # the lab's maker stores its DNS addon, and routes its load balancer (announce)
+        _sync_store_dns(state, store)
     report = kubelet.sync(state, store)  # starts each new node's flanneld, which programs its overlay first
     lagging = flanneld.wait_programmed(directory, sorted(state.nodes), leases, OVERLAY_TIMEOUT)
     if lagging:
         raise KproxyError(f"flanneld did not program the overlay of {', '.join(lagging)} within "
                           f"{OVERLAY_TIMEOUT:.0f} s (see {directory}/flanneld-{lagging[0]}.log)")
-    announce.pin_connections(state)
-    announce.sync(state, store.read())
+    if not joined:
+        announce.pin_connections(state)
+        announce.sync(state, store.read())
     if previous is not None and previous.dns != state.dns:
         for member in state.pods:
             kubelet.write_resolver(state, member)
@@ -239,6 +204,10 @@ def _ensure_store(state: LabState, prefix: int) -> None:
     directory = lab_dir(state.name)
     if state.store != "etcd":
         configure(directory, {"backend": "file"})
+        return
+    if state.joined:  # another machine's etcd, reached over the underlay from our first node
+        configure(directory, {"backend": "etcd", "endpoint": state.joined, "prefix": f"/kproxy/{state.name}/",
+                              "netns": ns_path(state.name, sorted(state.nodes)[0])})
         return
     from kproxy.store import etcdserver  # requests and etcd's flags: for labs that use etcd only
 
@@ -285,6 +254,7 @@ def _stop_agents(previous: LabState, clean: bool) -> None:
 def teardown(name: str) -> list[str]:
     """Remove every trace of the lab: processes, namespaces, state. Returns the namespaces removed."""
     directory = lab_dir(name)
+    _leave_store(name)
     supervisor.stop(directory)  # first: nothing restarts what is stopped next
     for daemon in processes.DAEMONS:  # what a dead supervisor left behind
         for node in processes.nodes_with(daemon, directory):
@@ -299,6 +269,22 @@ def teardown(name: str) -> list[str]:
         remove_resolv_conf(leftover.name)
     shutil.rmtree(directory, ignore_errors=True)
     return names
+
+
+def _leave_store(name: str) -> None:
+    """A machine that joined another's lab takes its part out of the lab's store first (its Nodes,
+    their pods, their endpoints). A store that cannot be reached is said in one line and down goes
+    on: those Nodes stay, as a crashed machine's would."""
+    try:
+        state = load_state(name)
+    except KproxyError:
+        return
+    if state is None or not state.joined or config_of(lab_dir(name))["backend"] != "etcd":
+        return
+    try:
+        kubelet.forget_nodes(state, open_store(lab_dir(name)))
+    except KproxyError as exc:
+        print(f"kproxy: lab {name}'s nodes stay in its store: {exc}", file=sys.stderr)
 
 
 def _give_back_nic(name: str) -> None:
@@ -372,7 +358,8 @@ def status(lab: str) -> dict[str, Any]:
     return {"name": lab, "overlay": state.overlay, "mode": state.mode, "modeOptions": state.mode_options, "podCIDR": state.pod_cidr,
             "supervisorPid": supervisor.supervisor_pid(directory),
             "nodeCIDR": state.node_cidr, "loadBalancerCIDR": state.load_balancer_cidr,
-            "external": {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
+            "external": None if state.joined else {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
+            "joined": state.joined or None,
             "nic": {"mac": state.nic, "name": state.nic_name} if state.nic else None,
             "store": store, "nodes": sorted(nodes, key=lambda n: n["name"]), "pods": pods}
 
@@ -399,7 +386,7 @@ def _store_status(state: LabState) -> dict[str, Any]:
     shown: dict[str, Any] = {"backend": config["backend"]}
     if "endpoint" in config:
         shown["endpoint"] = config["endpoint"]
-        shown["namespace"] = ns_name(state.name, CONTROL_PLANE)
+        shown["namespace"] = Path(config["netns"]).name
     try:
         shown["version"] = open_store(lab_dir(state.name)).version()
     except KproxyError as exc:

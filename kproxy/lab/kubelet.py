@@ -126,14 +126,28 @@ def sync(state: LabState, store: Store) -> Report:
     changes = _pod_statuses(state, desired, fresh)
     report.unready = sorted(f"{p['metadata']['namespace']}/{p['metadata']['name']}"
                             for p in changes.values() if not controllers.pod_is_ready(p))
+    # Every pod of the lab, also those the kubelets of other machines wired (a lab others joined).
     pods_now = [changes.get(f"Pod/{pod['metadata']['namespace']}/{pod['metadata']['name']}") or pod
-                for pod in desired.values()]
+                for pod in view.of_kind("Pod")]
     previous = {key: obj for key, obj in view.objects.items() if key.startswith(("EndpointSlice/", "Endpoints/"))}
     changes.update(controllers.all_endpoint_slices(services, pods_now, previous))
     changes.update(controllers.workload_statuses({k: v for k, v in (view.objects | changes).items() if v is not None}))
     if changes:
         store.write(changes)
     return report
+
+
+def forget_nodes(state: LabState, store: Store) -> None:
+    """This machine's Nodes out of the store, with their pods, and every Service's EndpointSlices
+    without those pods: in one write, what a machine leaving a lab others share leaves behind."""
+    view = store.read()
+    gone = {key: None for key, obj in view.objects.items()
+            if (key.startswith("Node/") and obj["metadata"]["name"] in state.nodes)
+            or (key.startswith("Pod/") and obj["spec"].get("nodeName") in state.nodes)}
+    pods = [pod for pod in view.of_kind("Pod") if f"Pod/{pod['metadata']['namespace']}/{pod['metadata']['name']}" not in gone]
+    previous = {key: obj for key, obj in view.objects.items() if key.startswith(("EndpointSlice/", "Endpoints/"))}
+    gone.update(controllers.all_endpoint_slices(view.of_kind("Service"), pods, previous))
+    store.write(gone)
 
 
 def write_resolver(state: LabState, member: str) -> None:

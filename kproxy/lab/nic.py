@@ -100,6 +100,12 @@ def find(mac: str, underlay_ns: str) -> tuple[Link, bool]:
     return choose(mac, root_links, under)
 
 
+def notice(name: str, mac: str, lab: str) -> str:
+    """What a person is told when the NIC leaves the root namespace: a machine-wide act."""
+    return (f"kproxy: moving NIC {name} ({mac}) from the machine's root namespace into lab {lab}'s underlay "
+            "(machine-wide; 'kproxy lab down' gives it back)")
+
+
 def attach(mac: str, underlay_ns: str, bridge: str) -> None:
     """The NIC with mac moved into underlay_ns (the kernel keeps its name), a port of bridge, up.
     Not promiscuous by hand: a bridge port is made promiscuous by the bridge (dev_set_promiscuity

@@ -85,6 +85,7 @@ class LabState:
     control_plane_ip: str = ""  # the control-plane member's underlay address ("": the lab has none)
     nic: str = ""  # the MAC of the NIC that is a port of the underlay's bridge (lab up --nic; "": none)
     nic_name: str = ""  # that NIC's name in the root namespace before up moved it, restored by down
+    joined: str = ""  # the etcd endpoint of the lab this machine's nodes joined (lab join); "": made here
 
     @property
     def load_balancer_pool(self) -> ipaddress.IPv4Network | None:

@@ -195,14 +195,17 @@ def parse_topology(raw: object, name: str | None = None, overlay: str | None = N
     return topology
 
 
-def load_topology(path: Path | None, name: str | None = None, overlay: str | None = None) -> Topology:
-    path = path or default_topology_path()
+def read_topology_file(path: Path) -> Any:
+    """The YAML of a topology file ("-": standard input), not yet validated."""
     text = read_text(str(path), "topology")
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise KproxyError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_topology(raw, name, overlay)
+
+
+def load_topology(path: Path | None, name: str | None = None, overlay: str | None = None) -> Topology:
+    return parse_topology(read_topology_file(path or default_topology_path()), name, overlay)
 
 
 def default_topology_path() -> Path:

@@ -115,16 +115,23 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-def ensure_uplink(lab: str, member: str, address: str, prefixlen: int) -> None:
-    """member's eth0 on the underlay bridge, with its address; fixed up if anything is off."""
-    member_ns = ns_path(lab, member)
-    port = underlay_port(member)
-    with iproute_in(ns_path(lab, UNDERLAY)) as under, iproute_in(member_ns) as inside:
+def ensure_bridge(lab: str) -> int:
+    """The underlay's bridge, up; its index."""
+    with iproute_in(ns_path(lab, UNDERLAY)) as under:
         bridge = _index(under, UNDERLAY_BRIDGE)
         if bridge is None:
             under.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
             bridge = _index(under, UNDERLAY_BRIDGE)
         under.link("set", index=bridge, state="up")
+        return bridge
+
+
+def ensure_uplink(lab: str, member: str, address: str, prefixlen: int) -> None:
+    """member's eth0 on the underlay bridge, with its address; fixed up if anything is off."""
+    member_ns = ns_path(lab, member)
+    port = underlay_port(member)
+    bridge = ensure_bridge(lab)
+    with iproute_in(ns_path(lab, UNDERLAY)) as under, iproute_in(member_ns) as inside:
         uplink, peer = _index(inside, NODE_UPLINK), _index(under, port)
         if uplink is None or peer is None:
             for ipr, index in ((inside, uplink), (under, peer)):
