@@ -131,3 +131,46 @@ def test_bad_size_overrides_are_refused(tmp_path: Path, name: str, value: str) -
     done = validate(tmp_path, **{name: value})
     assert done.returncode != 0
     assert f"{name}={value!r}".replace("'", '"') in done.stdout + done.stderr
+
+
+# One machine's config, as `vagrant up` would load it for libvirt (absent here: usability not checked).
+SHOW_MACHINES = r"""
+require "json"
+require "vagrant"
+env = Vagrant::Environment.new(cwd: Dir.pwd, local_data_path: ENV.fetch("VAGRANT_DOTFILE_PATH"))
+puts JSON.generate(env.machine_names.to_h { |name|
+  vm = env.vagrantfile.machine_config(name, :libvirt, env.boxes, nil, false)[:config].vm
+  [name, {hostname: vm.hostname, lab_nics: vm.networks.select { |kind, _| kind == :private_network }.map { |_, o|
+            o.slice(:auto_config, :mac, :libvirt__network_name, :libvirt__dhcp_enabled, :libvirt__forward_mode) },
+          provisioners: vm.provisioners.map { |p| p.name.to_s },
+          lab: vm.provisioners.select { |p| p.name.to_s == "kproxy-lab" }.map { |p| p.config.inline }}]
+})
+"""
+
+
+def test_kproxy_vms_makes_that_many_vms_each_with_a_bare_lab_nic_on_one_network(tmp_path: Path) -> None:
+    assert validate(tmp_path, KPROXY_VMS="2").returncode == 0
+    done = subprocess.run(["ruby", "-e", SHOW_MACHINES], cwd=VAGRANT_DIR, env=vagrant_env(tmp_path, KPROXY_VMS="2"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    machines = json.loads(done.stdout.strip().splitlines()[-1])
+    assert list(machines) == ["kproxy-1", "kproxy-2"]
+    for i, name in enumerate(machines, start=1):
+        machine = machines[name]
+        assert machine["hostname"] == name
+        assert machine["lab_nics"] == [{"auto_config": False, "mac": f"52:54:00:6b:70:0{i}",
+                                        "libvirt__network_name": "kproxy-lab", "libvirt__dhcp_enabled": False,
+                                        "libvirt__forward_mode": "none"}]
+        assert machine["provisioners"] == ["kproxy-setup", "kproxy-lab"]  # setup first: kproxy is installed
+    [up] = machines["kproxy-1"]["lab"]
+    assert "kproxy lab up -f /vagrant/examples/lab.yaml --store etcd --nic 52:54:00:6b:70:01" in up
+    [join] = machines["kproxy-2"]["lab"]
+    assert "printf 'name: kproxy\\nnodes: [vm2-node]\\npods: []\\n' > /run/kproxy-join.yaml" in join
+    assert ("kproxy lab join -f /run/kproxy-join.yaml --store etcd://172.18.0.253:2379 --nic 52:54:00:6b:70:02 "
+            "&& exit 0") in join
+
+
+@pytest.mark.parametrize("value", ["0", "10", "two"])
+def test_a_bad_number_of_vms_is_refused(tmp_path: Path, value: str) -> None:
+    done = validate(tmp_path, KPROXY_VMS=value)
+    assert done.returncode != 0 and "KPROXY_VMS=" in done.stdout + done.stderr

@@ -113,7 +113,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     (kproxy.lab.join), with others, what that lab's other machines hold; such a machine builds
     its nodes and pods only: no etcd, no external client, no cluster DNS of its own."""
     previous = load_state(topology.name)
-    if previous is None and lab_namespaces(topology.name):
+    if previous is None and lab_namespaces(topology.name) and not joined:  # (join made its underlay already)
         teardown(topology.name)  # leftovers of a crash before any state was written
     if previous is not None and previous.joined != joined:
         raise KproxyError(f"lab {topology.name} on this machine "

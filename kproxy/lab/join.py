@@ -116,8 +116,10 @@ def join(raw: Any, url: str, mac: str, name: str, say: Callable[[str], object] =
     if previous is not None and previous.nic != mac:
         raise KproxyError(f"lab {name} runs with NIC {previous.nic}, not {mac}; take it down first "
                           f"('kproxy lab down {name}')")
+    if previous is None and lab_namespaces(name):
+        build.teardown(name)  # leftovers of a crash before any state was written
     found, in_underlay = lab_nic.find(mac, ns_path(name, UNDERLAY))  # refused here, before anything is made
-    fresh = not lab_namespaces(name)
+    fresh = previous is None
     had = list(previous.nodes) if previous else []
     try:
         ensure_namespaces(name, [UNDERLAY])

@@ -116,11 +116,12 @@ def _index(ipr: IPRoute, name: str) -> int | None:
 
 
 def ensure_bridge(lab: str) -> int:
-    """The underlay's bridge, up; its index."""
+    """The underlay's bridge, up; its index. With a MAC of its own: a bridge without one takes its
+    first port's, and the lab NIC, found by its MAC, must be the only link that has it."""
     with iproute_in(ns_path(lab, UNDERLAY)) as under:
         bridge = _index(under, UNDERLAY_BRIDGE)
         if bridge is None:
-            under.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
+            under.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge", address=random_mac())
             bridge = _index(under, UNDERLAY_BRIDGE)
         under.link("set", index=bridge, state="up")
         return bridge
