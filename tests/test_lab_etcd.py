@@ -91,6 +91,16 @@ def test_agents_follow_etcd_through_a_restart(tmp_path: Path) -> None:
             assert answer(lab, "client", cluster_ip(lab, service), 80)["pod"].startswith("web-")
 
 
+def test_etcd_goes_with_its_daemon_and_the_next_one_serves(tmp_path: Path) -> None:
+    with running_lab("--store", "etcd") as lab:
+        daemon, etcd = processes.running_pid(processes.ETCD, lab_dir(lab), "control-plane"), running_etcd(lab)
+        os.kill(daemon, signal.SIGKILL)  # etcd itself is not signalled: it must not outlive its daemon
+        wait_for("etcd gone with its daemon", lambda: not os.path.exists(f"/proc/{etcd}"), timeout=30)
+        wait_for("etcd started again", lambda: etcd_pid(lab) not in (None, etcd), timeout=60)
+        apply_service(lab, tmp_path, "after")
+        assert answer(lab, "client", cluster_ip(lab, "after"), 80)["pod"].startswith("web-")
+
+
 def test_an_apply_while_etcd_is_down_is_one_line_and_stores_nothing(tmp_path: Path) -> None:
     with running_lab("--store", "etcd") as lab:
         supervisor = supervisor_pid(lab_dir(lab))

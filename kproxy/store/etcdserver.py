@@ -15,6 +15,7 @@ addresses). The flags a lab needs beyond the defaults:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import shutil
@@ -36,6 +37,7 @@ CACHE = Path(__file__).resolve().parent.parent.parent / ".cache" / "etcd"
 CLIENT_PORT = 2379
 PEER_PORT = 2380
 START_TIMEOUT = 30.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MAX_TXN_OPS = 1_000_000
 MAX_REQUEST_BYTES = 1 << 30  # etcd's own ceiling is 2 GiB; an apply of 100k objects is ~150 MiB
 
@@ -68,13 +70,21 @@ def start(name: str, ip: str, data_dir: Path, log_path: Path, netns: str | None 
     command = [*(["nsenter", f"--net={netns}", "--"] if netns else []), *argv(binary(), name, ip, data_dir)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                env=_environment())
+                                env=_environment(), preexec_fn=_die_with_parent)
     try:
         wait_healthy(f"http://{ip}:{CLIENT_PORT}", proc, log_path, netns)
     except BaseException:
         children.end(proc)
         raise
     return proc
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when its parent dies, however it dies. A daemon killed with
+    SIGKILL would otherwise leave etcd holding the ports, and the one the supervisor starts next
+    could not listen."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _environment() -> dict[str, str]:
