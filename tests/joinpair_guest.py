@@ -90,6 +90,22 @@ def answers(member: str, ip: str, port: int, want: set[str], tries: int = 60) ->
     return sorted(set(got))
 
 
+def etcd_itself() -> int:
+    """etcd's pid: the child of the lab's etcd daemon (which exits when it does, to be started again)."""
+    deadline = time.monotonic() + 60
+    while True:
+        daemon = processes.running_pid(processes.ETCD, lab_dir(LAB), CONTROL_PLANE)
+        try:
+            found = Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split() if daemon else []
+        except FileNotFoundError:
+            found = []
+        if found:
+            return int(found[0])
+        if time.monotonic() > deadline:
+            raise RuntimeError("no etcd runs")
+        time.sleep(0.2)
+
+
 def status() -> dict[str, Any]:
     return json.loads(kproxy("lab", "status", LAB, "-o", "json").stdout)
 
@@ -152,8 +168,7 @@ def maker(overlay: str, seen: dict[str, Any]) -> None:
     wait_for("checked")
 
     # etcd dies under every agent, in both machines; the supervisor starts it again.
-    etcd = processes.running_pid(processes.ETCD, lab_dir(LAB), CONTROL_PLANE)
-    os.kill(etcd, signal.SIGKILL)
+    os.kill(etcd_itself(), signal.SIGKILL)
     applied = kproxy("apply", "--lab", LAB, "-f", "-", stdin=service("web3"), check=False)
     seen["web3Apply"] = [applied.returncode, applied.stdout, applied.stderr]
     tell("restarted", {"web3": cluster_ip("web3")})
@@ -163,7 +178,7 @@ def maker(overlay: str, seen: dict[str, Any]) -> None:
     supervisor = supervisor_pid(lab_dir(LAB))
     os.kill(supervisor, signal.SIGSTOP)
     try:
-        os.kill(processes.running_pid(processes.ETCD, lab_dir(LAB), CONTROL_PLANE), signal.SIGKILL)
+        os.kill(etcd_itself(), signal.SIGKILL)
         refused = kproxy("apply", "--lab", LAB, "-f", "-", stdin=service("web4"), check=False)
         seen["web4Apply"] = [refused.returncode, refused.stdout, refused.stderr]
     finally:

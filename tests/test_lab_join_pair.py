@@ -63,17 +63,19 @@ def test_the_joining_machines_node_takes_the_next_address_and_both_machines_see_
 def test_pods_reach_each_other_across_the_machines_over_the_wire(pair) -> None:
     overlay, maker, joiner, _ = pair
     assert maker["aToB"] == ["b"] and joiner["bToA"] == ["a"]
-    wire = maker["wire"]
-    assert len(wire) == 3, wire
-    if overlay == "vxlan":  # a pod's packet inside flannel's VXLAN (port 8472), between the two node IPs
-        for line in wire:
-            outer, _, inner = line.partition(": ")
-            assert outer.endswith(".8472") and {"172.18.0.2", "172.18.0.4"} == \
-                {".".join(end.split(".")[:4]) for end in outer.split()[-3::2]}, line
-            assert "10.244." in inner, line
+    wire = maker["wire"]  # 3 packets
+    if overlay == "vxlan":  # each: flannel's VXLAN (port 8472) between the node IPs, then the pods' packet inside
+        outer, inner = wire[0::2], wire[1::2]
+        assert len(outer) == len(inner) == 3, wire
+        for line in outer:
+            source, destination = line.split(" IP ", 1)[1].split(": ", 1)[0].split(" > ")
+            assert {source.rsplit(".", 1)[0], destination.rsplit(".", 1)[0]} == {"172.18.0.2", "172.18.0.4"}, line
+            assert destination.endswith(".8472"), line
+        assert all(line.startswith("IP 10.244.") and " > 10.244." in line for line in inner), wire
     else:  # host-gw: the pods' own addresses on the wire, routed by the node IPs
+        assert len(wire) == 3, wire
         for line in wire:
-            source, _, destination = line.split(" IP ", 1)[-1].partition(" > ")
+            source, destination = line.split(" IP ", 1)[1].split(": ", 1)[0].split(" > ")
             assert source.startswith("10.244.") and destination.startswith("10.244."), line
 
 
