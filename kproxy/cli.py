@@ -28,7 +28,7 @@ _need_root = cliargs.need_root
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
-    from kproxy.cluster import Cluster
+    from kproxy.cluster import FIRST_SYNC_TIMEOUT, Cluster
     from kproxy.lab import build
     from kproxy.lab.lock import lab_lock
     from kproxy.lab.topology import load_topology
@@ -40,7 +40,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns, store=args.store,
                                   nic=args.nic)
         with Cluster(state.name) as cluster:
-            lagging = cluster.wait_synced(cluster.store.version())  # the lab's Services are programmed
+            lagging = cluster.wait_synced(cluster.store.version(), FIRST_SYNC_TIMEOUT)  # the lab's Services are programmed
     took = time.monotonic() - started
     _warn_unready(report.unready)
     print(f"lab {state.name} is up ({state.overlay}, {state.mode} mode): {len(state.nodes)} nodes, "
@@ -51,7 +51,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_join(args: argparse.Namespace) -> int:
-    from kproxy.cluster import Cluster
+    from kproxy.cluster import FIRST_SYNC_TIMEOUT, Cluster
     from kproxy.lab import join
     from kproxy.lab.lock import lab_lock
     from kproxy.lab.topology import read_topology_file
@@ -63,7 +63,7 @@ def cmd_lab_join(args: argparse.Namespace) -> int:
     with lab_lock(name):
         state, report = join.join(raw, args.store, args.nic, name)
         with Cluster(state.name) as cluster:
-            lagging = cluster.wait_synced(cluster.store.version())  # every node of the lab, ours too
+            lagging = cluster.wait_synced(cluster.store.version(), FIRST_SYNC_TIMEOUT)  # every node of the lab, ours too
     _warn_unready(report.unready)
     print(f"joined lab {state.name} at {state.joined} ({state.overlay}, {state.mode} mode): {len(state.nodes)} "
           f"nodes, {len(state.pods)} pods here ({report.wired} wired now) in {time.monotonic() - started:.2f}s")

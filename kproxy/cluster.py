@@ -25,6 +25,9 @@ from kproxy.scheduler import choose_node
 from kproxy.store import IDENTITY, Obj, View, carry_identity, open_following, timestamp
 
 SYNC_TIMEOUT = 15.0
+# A new lab's agents start Python and program everything first: in a guest under load, with four labs
+# coming up at once (kproxy bench), that took over 15 s.
+FIRST_SYNC_TIMEOUT = 60.0
 # Between a pod leaving every node's rules and its workload stopping, when neither the pod's
 # terminationGracePeriodSeconds nor `delete --grace-period` says: kproxy's workload drains that long.
 GRACE_SECONDS = 0.3

@@ -44,7 +44,7 @@ def test_a_trace_follows_the_probe_to_an_endpoint_and_back(mode: str, overlay: s
         info = status(lab)
         client, endpoints = pod_ip(info, "client"), {p["ip"] for p in info["pods"] if p["labels"].get("app") == "web"}
         done = subprocess.run([KPROXY, "trace", "--lab", lab, "client", "web:80", "--json"],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         trace = json.loads(done.stdout)
         assert trace["answered"] and trace["mode"] == mode and trace["overlay"] == overlay
@@ -78,7 +78,7 @@ def test_two_traces_from_outside_at_once_show_the_masquerade_and_keep_apart(tmp_
         traces = [subprocess.Popen([KPROXY, "trace", "--lab", lab, "external", target, *extra], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
                   for target, extra in ((f"{node2}:30080", []), (f"{balancer}:80", ["--json"]))]
-        (node_port, err1), (by_balancer, err2) = (trace.communicate(timeout=120) for trace in traces)
+        (node_port, err1), (by_balancer, err2) = (trace.communicate(timeout=300) for trace in traces)
         assert [trace.returncode for trace in traces] == [0, 0], err1 + err2
         lines = node_port.splitlines()
         assert lines[0] == (f"trace external ({info['external']['ip']}) -> {node2}:30080/tcp, the NodePort 30080 on "
@@ -113,7 +113,7 @@ def test_a_udp_trace_asks_cluster_dns_and_gets_the_answer(source: str) -> None:
         info = status(lab)
         dns_pods = {p["name"] for p in info["pods"] if p["labels"].get("k8s-app") == "kube-dns"}
         done = subprocess.run([KPROXY, "trace", "--lab", lab, source, "kube-system/kube-dns:53", "--json"],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         trace = json.loads(done.stdout)
         assert trace["destination"] == {"ip": "10.96.0.10", "port": 53, "protocol": "udp",
