@@ -104,6 +104,17 @@ def test_two_labs_in_one_etcd_keep_apart(etcd: Etcd) -> None:
     assert two.read().objects == {} and two.version() == 0
 
 
+def test_deleting_a_labs_everything_leaves_the_etcd_as_before_it_and_other_labs_alone(etcd: Etcd) -> None:
+    """What `lab down` of a lab made on another machine's etcd does there."""
+    one, other = etcd.store("/kproxy/one/"), etcd.store("/kproxy/one-b/")  # a prefix of one's name, not one's
+    one.write({key_of("Service", "default", "a"): svc("a")})
+    one.put_report("node1", {"version": one.version(), "ok": True})
+    other.write({key_of("Service", "default", "b"): svc("b")})
+    one.delete_everything()
+    assert (one.read().objects, one.version(), one.reports()) == ({}, 0, {})
+    assert list(other.read().objects) == [key_of("Service", "default", "b")] and other.version() > 0
+
+
 def test_a_watcher_sees_each_change_once_and_keeps_what_it_asks_for(etcd: Etcd) -> None:
     store = etcd.store()
     store.write({key_of("Service", "default", "a"): svc("a")})

@@ -15,6 +15,7 @@ carry_identity), and metadata.resourceVersion, the version of this write.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, cast
+from urllib.parse import urlsplit
 
 from kproxy.errors import KproxyError
 
@@ -233,6 +235,20 @@ def changed_keys(before: Mapping[str, Obj], after: Mapping[str, Obj]) -> set[str
 
 CONFIG = "store.json"  # in a lab's directory: which store it uses; none: the file store
 BACKENDS = ("file", "etcd")
+
+
+def etcd_url(url: str) -> str:
+    """etcd://IP:PORT (an etcd on the lab's underlay) as the gateway's http://IP:PORT."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+        ip = ipaddress.IPv4Address(parts.hostname or "")
+    except ValueError:
+        port, ip = None, None
+    if parts.scheme != "etcd" or ip is None or port is None or parts.path not in ("", "/"):
+        raise KproxyError(f"{url!r} is not etcd://IP:PORT (an etcd on the lab's underlay, e.g. "
+                          "etcd://172.18.0.253:2379, as 'kproxy lab status' shows it on the machine that runs it)")
+    return f"http://{ip}:{port}"
 
 
 def configure(lab_dir: Path, config: dict[str, str]) -> None:

@@ -100,6 +100,10 @@ class EtcdStore:
     def watch(self, keep: Keep | None = None) -> EtcdWatcher:
         return EtcdWatcher(self, keep)
 
+    def delete_everything(self) -> None:
+        """Every key of the lab (objects, version, agents' reports): what the lab made in this etcd."""
+        self.gateway.txn([delete(self.prefix, prefix_end(self.prefix))])
+
     def put_report(self, node: str, report: Mapping[str, Any]) -> None:
         self.gateway.txn([put(self.reports_prefix + node, json.dumps(report))])
 

@@ -67,8 +67,8 @@ def modified_at(key: str, revision: int) -> dict[str, Any]:
     return {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
 
 
-def delete(key: str) -> dict[str, Any]:
-    return {"request_delete_range": {"key": b64(key)}}
+def delete(key: str, end: str | None = None) -> dict[str, Any]:
+    return {"request_delete_range": {"key": b64(key), **({"range_end": b64(end)} if end else {})}}
 
 
 def range_of(key: str, end: str | None = None) -> dict[str, Any]:
