@@ -29,7 +29,7 @@ _need_root = cliargs.need_root
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
     from kproxy.cluster import FIRST_SYNC_TIMEOUT, Cluster
-    from kproxy.lab import build
+    from kproxy.lab import build, join
     from kproxy.lab.lock import lab_lock
     from kproxy.lab.topology import load_topology
 
@@ -37,8 +37,13 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     _need_root()
     started = time.monotonic()
     with lab_lock(topology.name):
-        state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns, store=args.store,
-                                  nic=args.nic)
+        if args.store in STORE_BACKENDS or args.store is None:
+            state, report = build.up(topology, args.mode, dict(args.mode_opt), dns=args.dns, store=args.store,
+                                      nic=args.nic)
+        elif args.nic is None:
+            raise KproxyError(f"--store {args.store} is reached over the lab's underlay: give its NIC with --nic MAC")
+        else:
+            state, report = join.make_on(topology, args.store, args.nic, args.mode, dict(args.mode_opt), args.dns)
         with Cluster(state.name) as cluster:
             lagging = cluster.wait_synced(cluster.store.version(), FIRST_SYNC_TIMEOUT)  # the lab's Services are programmed
     took = time.monotonic() - started
@@ -65,7 +70,7 @@ def cmd_lab_join(args: argparse.Namespace) -> int:
         with Cluster(state.name) as cluster:
             lagging = cluster.wait_synced(cluster.store.version(), FIRST_SYNC_TIMEOUT)  # every node of the lab, ours too
     _warn_unready(report.unready)
-    print(f"joined lab {state.name} at {state.joined} ({state.overlay}, {state.mode} mode): {len(state.nodes)} "
+    print(f"joined lab {state.name} at {state.store_endpoint} ({state.overlay}, {state.mode} mode): {len(state.nodes)} "
           f"nodes, {len(state.pods)} pods here ({report.wired} wired now) in {time.monotonic() - started:.2f}s")
     print(f"  kproxy lab status {state.name}    kproxy lab down {state.name} (takes this machine's nodes out)")
     return _report_lagging(lagging)
@@ -111,7 +116,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"lab {info['name']}  overlay {info['overlay']}  mode {info['mode']}  podCIDR {info['podCIDR']}  nodeCIDR {info['nodeCIDR']}  "
-          + (f"joined {info['joined']}" if info["joined"] else f"external {info['external']['ip']}")
+          + ("joined" if info["joined"] else f"external {info['external']['ip']}")
           + f"  load balancers {info['loadBalancerCIDR'] or '<none>'}"
           + (f"  nic {info['nic']['mac']} ({info['nic']['name']})" if info["nic"] else ""))
     store = info["store"]
@@ -406,10 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dns", action=argparse.BooleanOptionalAction, default=None,
                    help="cluster DNS: kube-dns at 10.96.0.10 with two coredns pods, pods resolving through it "
                         "(default: on for a new lab, as it was for a running one; --no-dns leaves it out)")
-    p.add_argument("--store", choices=STORE_BACKENDS,
-                   help="where the lab keeps its objects: file (embedded, nothing to install) or etcd (etcd 3.4 in "
-                        "a control-plane namespace on the underlay; the agents watch it from their nodes) "
-                        "(default: file for a new lab, the running lab's store for a running one)")
+    p.add_argument("--store", type=cliargs.STORE, metavar="{file,etcd,etcd://IP:PORT}",
+                   help="where the lab keeps its objects: file (embedded, nothing to install), etcd (etcd 3.4 in "
+                        "a control-plane namespace on the underlay; the agents watch it from their nodes) or "
+                        "etcd://IP:PORT (an etcd another machine runs on the underlay's network, reached over "
+                        "--nic; down removes the lab's keys from it) (default: file for a new lab, the running "
+                        "lab's store for a running one)")
     p.add_argument("--nic", metavar="MAC", type=cliargs.MAC,
                    help="stretch the underlay over the dedicated NIC with this MAC (no address, no default route, "
                         "MTU >= 1500): up moves it from the machine's root namespace into the lab's underlay as a "
@@ -425,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", required=True,
                    help="topology YAML with name, nodes and pods (overlay and the CIDRs are the lab's; - for stdin)")
     p.add_argument("--name", type=cliargs.LAB, help="lab name (default: the file's name field)")
-    p.add_argument("--store", required=True, metavar="etcd://IP:PORT",
+    p.add_argument("--store", required=True, metavar="etcd://IP:PORT", type=cliargs.ETCD_ENDPOINT,
                    help="the lab's etcd, on its underlay (its maker's 'kproxy lab status' shows it)")
     p.add_argument("--nic", required=True, metavar="MAC", type=cliargs.MAC,
                    help="this machine's dedicated NIC on the lab's segment (no address, no default route, MTU >= "

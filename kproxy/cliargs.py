@@ -16,6 +16,7 @@ from kproxy.lab.topology import lab_name, valid_node_name
 from kproxy.fields import DNS1123_LABEL, DNS1123_SUBDOMAIN, MAX_GRACE_SECONDS
 from kproxy.selectors import label_key_error, label_value_error
 from kproxy.proxy.mode import parse_option
+from kproxy.store import BACKENDS, etcd_url
 
 USAGE_ERROR = 2
 
@@ -119,6 +120,20 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _store(text: str) -> str:
+    """--store of lab up: a backend, or an etcd another machine runs (etcd://IP:PORT)."""
+    if text.startswith("etcd://"):
+        etcd_url(text)
+    elif text not in BACKENDS:
+        raise KproxyError(f"{text!r} is not {', '.join(BACKENDS)} or etcd://IP:PORT (an etcd another machine runs)")
+    return text
+
+
+def _etcd_endpoint(text: str) -> str:
+    etcd_url(text)
+    return text
+
+
 def _deployment(text: str) -> str:
     kind, sep, name = text.partition("/")
     if not sep or kind not in ("deploy", "deployment", "deployments", "deployment.apps"):
@@ -141,3 +156,5 @@ LABEL = _argument("label", _label)
 MODE_OPTION = _argument("mode option", parse_option)
 MAC = _argument("MAC address", parse_mac)
 DEPLOYMENT = _argument("deploy/NAME", _deployment)
+STORE = _argument("store", _store)
+ETCD_ENDPOINT = _argument("etcd endpoint", _etcd_endpoint)

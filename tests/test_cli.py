@@ -77,8 +77,16 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
      "kproxy lab up: error: argument --mode: invalid choice: 'nft' (choose from 'iptables', 'userspace', 'ipvs', 'nftables') "
      "(see 'kproxy lab up --help')"),
     (["lab", "up", "--store", "nfs"],
-     "kproxy lab up: error: argument --store: invalid choice: 'nfs' (choose from 'file', 'etcd') "
+     "kproxy lab up: error: argument --store: 'nfs' is not file, etcd or etcd://IP:PORT (an etcd another machine "
+     "runs) (see 'kproxy lab up --help')"),
+    (["lab", "up", "--store", "etcd://172.18.0.253"],
+     "kproxy lab up: error: argument --store: 'etcd://172.18.0.253' is not etcd://IP:PORT (an etcd on the lab's "
+     "underlay, e.g. etcd://172.18.0.253:2379, as 'kproxy lab status' shows it on the machine that runs it) "
      "(see 'kproxy lab up --help')"),
+    (["lab", "join", "-f", "x.yaml", "--nic", "52:54:00:6b:70:02", "--store", "http://172.18.0.253:2379"],
+     "kproxy lab join: error: argument --store: 'http://172.18.0.253:2379' is not etcd://IP:PORT (an etcd on the "
+     "lab's underlay, e.g. etcd://172.18.0.253:2379, as 'kproxy lab status' shows it on the machine that runs it) "
+     "(see 'kproxy lab join --help')"),
     (["nonsense"],
      "kproxy: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'lab', 'apply', 'delete', 'get', "
      "'scale', 'rollout', 'rules', 'bench', 'modes', 'render', 'exec', 'capture', 'trace', 'packet-lab') "

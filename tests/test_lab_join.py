@@ -12,11 +12,11 @@ import pytest
 from kproxy import controllers
 from kproxy.errors import KproxyError
 from kproxy.lab import build, kubelet, labconfig
-from kproxy.lab.join import name_of, parse_endpoint, topology_of
+from kproxy.lab.join import name_of, topology_of
 from kproxy.lab.overlay import lease_annotations
 from kproxy.lab.planning import Others, node_object, others_in, plan
 from kproxy.lab.topology import parse_topology
-from kproxy.store import Conflict, View
+from kproxy.store import Conflict, View, etcd_url
 from kproxy.store.file import FileStore
 from tests.k8s_schema import validate
 
@@ -42,16 +42,16 @@ def far_pod(name: str, node: str, ip: str) -> dict[str, Any]:
 @pytest.mark.parametrize("url, endpoint", [("etcd://172.18.0.253:2379", "http://172.18.0.253:2379"),
                                            ("etcd://10.0.0.1:12379/", "http://10.0.0.1:12379")])
 def test_the_store_to_join_is_etcd_ip_port(url: str, endpoint: str) -> None:
-    assert parse_endpoint(url) == endpoint
+    assert etcd_url(url) == endpoint
 
 
 @pytest.mark.parametrize("url", ["172.18.0.253:2379", "http://172.18.0.253:2379", "etcd://172.18.0.253",
                                  "etcd://control-plane:2379", "etcd://172.18.0.253:99999", "etcd://172.18.0.253:2379/x"])
 def test_another_store_to_join_is_refused_in_one_line(url: str) -> None:
     with pytest.raises(KproxyError) as caught:
-        parse_endpoint(url)
-    assert str(caught.value) == (f"--store {url!r} is not etcd://IP:PORT (the lab's etcd on its underlay, e.g. "
-                                 "etcd://172.18.0.253:2379, as its maker's 'kproxy lab status' shows it)")
+        etcd_url(url)
+    assert str(caught.value) == (f"{url!r} is not etcd://IP:PORT (an etcd on the lab's underlay, e.g. "
+                                 "etcd://172.18.0.253:2379, as 'kproxy lab status' shows it on the machine that runs it)")
 
 
 def test_a_joining_machine_names_the_lab() -> None:
@@ -104,12 +104,36 @@ def test_a_joining_machines_nodes_take_what_no_other_machine_has() -> None:
     assert others == Others(7, {"node1": made.nodes["node1"].host, "node2": made.nodes["node2"].host},
                             frozenset({"172.18.0.2", "172.18.0.3"}), frozenset({"10.244.1.0/24", "10.244.2.0/24"}))
     joined = plan(parse_topology({"name": "two", "nodes": ["node3", "node4"], "pods": []}), None, store="etcd",
-                  others=others, joined="http://172.18.0.253:2379")
+                  others=others, joined=True, store_endpoint="http://172.18.0.253:2379")
     assert {n: (s.ip, s.pod_cidr) for n, s in joined.nodes.items()} == \
         {"node3": ("172.18.0.4", "10.244.3.0/24"), "node4": ("172.18.0.5", "10.244.4.0/24")}
-    assert joined.joined == "http://172.18.0.253:2379"
+    assert (joined.joined, joined.store_endpoint, joined.runs_etcd) == (True, "http://172.18.0.253:2379", False)
     with pytest.raises(KproxyError, match=r"^lab two has a node node2 already, on host .+; choose another name$"):
         plan(parse_topology({"name": "two", "nodes": ["node2"], "pods": []}), None, others=others)
+
+
+def test_a_lab_made_on_an_etcd_elsewhere_leaves_etcds_address_to_it_and_runs_no_etcd() -> None:
+    made = made_lab(store_endpoint="http://172.18.0.2:2379")
+    assert {n: s.ip for n, s in made.nodes.items()} == {"node1": "172.18.0.3", "node2": "172.18.0.4"}
+    assert (made.store_endpoint, made.control_plane_ip, made.runs_etcd, made.joined) == \
+        ("http://172.18.0.2:2379", "", False, False)
+    assert kubelet.control_plane(made) == []
+    again = plan(parse_topology(LAB), made)  # lab up without --store keeps that etcd
+    assert again.store_endpoint == "http://172.18.0.2:2379" and again.nodes == made.nodes
+    with pytest.raises(KproxyError) as caught:
+        plan(parse_topology(LAB), made, store="etcd")
+    assert str(caught.value) == ("lab two runs with store etcd://172.18.0.2:2379, not etcd; take it down first "
+                                 "('kproxy lab down two')")
+    assert made_lab().runs_etcd and made_lab().control_plane_ip == "172.18.0.253"
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.1", "172.18.0.0", "172.18.0.254"])
+def test_an_etcd_off_the_labs_underlay_is_refused(ip: str) -> None:
+    with pytest.raises(KproxyError) as caught:
+        made_lab(store_endpoint=f"http://{ip}:2379")
+    assert str(caught.value) == (f"etcd at {ip} is not an address for another machine on lab two's underlay (a host "
+                                 "of nodeCIDR 172.18.0.0/24 other than the external client's 172.18.0.254): its nodes "
+                                 "reach etcd there")
 
 
 def test_a_kept_assignment_another_machine_took_meanwhile_is_made_anew() -> None:
@@ -148,7 +172,7 @@ def test_a_claim_overtaken_by_a_harmless_write_is_made_again_and_one_that_took_o
     store = stored(made, tmp_path)
     others = others_in(store.read(), [])
     joined = plan(parse_topology({"name": "two", "nodes": ["node3"], "pods": []}), None, store="etcd",
-                  others=others, joined="http://172.18.0.253:2379")
+                  others=others, joined=True, store_endpoint="http://172.18.0.253:2379")
     store.write({"Service/default/web": {"kind": "Service", "metadata": {"name": "web", "namespace": "default"},
                                          "spec": {}}})  # meanwhile, on the lab's maker
     version = build._claim(joined, parse_topology({"name": "two", "nodes": ["node3"], "pods": []}), store, None, others)
@@ -156,7 +180,7 @@ def test_a_claim_overtaken_by_a_harmless_write_is_made_again_and_one_that_took_o
     assert version == store.version()
 
     rival = plan(parse_topology({"name": "two", "nodes": ["node4"], "pods": []}), None, store="etcd",
-                 others=others, joined="http://172.18.0.253:2379")  # read before node3 was written: .4 too
+                 others=others, joined=True, store_endpoint="http://172.18.0.253:2379")  # read before node3 was written: .4 too
     with pytest.raises(Conflict, match=r"^another machine took a node name, IP or pod CIDR of lab two meanwhile; "
                                        r"run the command again$"):
         build._claim(rival, parse_topology({"name": "two", "nodes": ["node4"], "pods": []}), store, None, others)
@@ -167,7 +191,7 @@ def test_a_machine_leaving_takes_its_nodes_pods_and_endpoints_out_of_the_store(t
     made = made_lab()
     store = stored(made, tmp_path)
     joined = plan(parse_topology({"name": "two", "nodes": ["node3"], "pods": []}), None, store="etcd",
-                  others=others_in(store.read(), []), joined="http://172.18.0.253:2379")
+                  others=others_in(store.read(), []), joined=True, store_endpoint="http://172.18.0.253:2379")
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
                "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
     store.write({"Node/node3": node_object(joined, "node3"), "Pod/default/b": far_pod("b", "node3", "10.244.3.2"),

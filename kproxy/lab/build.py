@@ -103,26 +103,28 @@ def _claim(state: LabState, topology: Topology, store: Store, previous: LabState
 
 def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str] | None = None,
        say: Callable[[str], object] = print, dns: bool | None = None,
-       store: str | None = None, nic: str | None = None, joined: str = "",
-       others: Others | None = None) -> tuple[LabState, kubelet.Report]:
+       store: str | None = None, nic: str | None = None, joined: bool = False,
+       others: Others | None = None, store_endpoint: str | None = None) -> tuple[LabState, kubelet.Report]:
     """Build or reconcile the lab; say() tells of machine-wide acts (kernel modules loaded, the
     lab NIC moved); dns: with cluster DNS or without (None: as the running lab, a new one with);
     store: "file" or "etcd" (None: as the running lab, a new one the file store); nic: the MAC
     of a dedicated NIC to make the underlay's port (None: as the running lab, a new one none).
-    joined: the etcd endpoint of another machine's lab that this topology's nodes join
-    (kproxy.lab.join), with others, what that lab's other machines hold; such a machine builds
-    its nodes and pods only: no etcd, no external client, no cluster DNS of its own."""
+    store_endpoint: the http://IP:PORT of an etcd that another machine runs on the underlay
+    (None: as the running lab, a new one runs its own); kproxy.lab.join makes the first contact.
+    joined: this topology's nodes join another machine's lab at store_endpoint, with others,
+    what that lab's other machines hold; such a machine builds its nodes and pods only: no
+    external client, no cluster DNS of its own."""
     previous = load_state(topology.name)
-    if previous is None and lab_namespaces(topology.name) and not joined:  # (join made its underlay already)
+    if previous is None and lab_namespaces(topology.name) and not store_endpoint:  # (join made its underlay)
         teardown(topology.name)  # leftovers of a crash before any state was written
     if previous is not None and previous.joined != joined:
         raise KproxyError(f"lab {topology.name} on this machine "
-                          + (f"joined the lab at {previous.joined}: change it with 'kproxy lab join'" if previous.joined
+                          + ("joined another machine's lab: change it with 'kproxy lab join'" if previous.joined
                              else "was made here: change it with 'kproxy lab up'"))
     if others is None:  # a lab made here: with etcd, other machines may have joined it
         others = others_in(open_store(lab_dir(topology.name)).read(), previous.nodes) \
             if previous is not None and previous.store == "etcd" else Others()
-    state = plan(topology, previous, mode, mode_options, dns, store, nic, others, joined)
+    state = plan(topology, previous, mode, mode_options, dns, store, nic, others, joined, store_endpoint)
     in_underlay = True  # the lab NIC, if any, is the underlay's already
     if state.nic:  # found and judged before anything is made: a refusal changes nothing
         found, in_underlay = lab_nic.find(state.nic, ns_path(state.name, UNDERLAY))
@@ -136,7 +138,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     loaded = kmod.ensure([*kmod.LAB_MODULES, *chosen.kernel_modules(options)])
     if loaded:
         say(kmod.notice(loaded))
-    if state.store == "etcd" and not joined:  # likewise etcd: fetched now (scripts/setup has it), or refused now
+    if state.runs_etcd:  # likewise etcd: fetched now (scripts/setup has it), or refused now
         from kproxy.store import etcdserver
 
         etcdserver.binary(log=say)
@@ -157,7 +159,7 @@ def up(topology: Topology, mode: str | None = None, mode_options: dict[str, str]
     present = lab_namespaces(state.name)
     delete_namespaces([ns_name(state.name, n) for n in gone_nodes if ns_name(state.name, n) in present])
 
-    made_here = [] if joined else [EXTERNAL, *([CONTROL_PLANE] if state.store == "etcd" else [])]
+    made_here = [] if joined else [EXTERNAL, *([CONTROL_PLANE] if state.runs_etcd else [])]
     ensure_namespaces(state.name, [UNDERLAY, *made_here, *state.nodes])
     prefix = ipaddress.ip_network(state.node_cidr).prefixlen
     for node, spec in state.nodes.items():
@@ -205,8 +207,8 @@ def _ensure_store(state: LabState, prefix: int) -> None:
     if state.store != "etcd":
         configure(directory, {"backend": "file"})
         return
-    if state.joined:  # another machine's etcd, reached over the underlay from our first node
-        configure(directory, {"backend": "etcd", "endpoint": state.joined, "prefix": f"/kproxy/{state.name}/",
+    if state.store_endpoint:  # another machine's etcd, reached over the underlay from our first node
+        configure(directory, {"backend": "etcd", "endpoint": state.store_endpoint, "prefix": f"/kproxy/{state.name}/",
                               "netns": ns_path(state.name, sorted(state.nodes)[0])})
         return
     from kproxy.store import etcdserver  # requests and etcd's flags: for labs that use etcd only
@@ -254,11 +256,11 @@ def _stop_agents(previous: LabState, clean: bool) -> None:
 def teardown(name: str) -> list[str]:
     """Remove every trace of the lab: processes, namespaces, state. Returns the namespaces removed."""
     directory = lab_dir(name)
-    _leave_store(name)
     supervisor.stop(directory)  # first: nothing restarts what is stopped next
     for daemon in processes.DAEMONS:  # what a dead supervisor left behind
         for node in processes.nodes_with(daemon, directory):
             processes.stop(daemon, directory, node)
+    _leave_store(name)  # from our first node, still there; no agent of ours reprograms meanwhile
     names = lab_namespaces(name)
     _give_back_nic(name)
     # What is still in them (a command a crash left there) would keep each namespace, its links and
@@ -272,19 +274,26 @@ def teardown(name: str) -> list[str]:
 
 
 def _leave_store(name: str) -> None:
-    """A machine that joined another's lab takes its part out of the lab's store first (its Nodes,
-    their pods, their endpoints). A store that cannot be reached is said in one line and down goes
-    on: those Nodes stay, as a crashed machine's would."""
+    """What this machine put into an etcd another machine runs comes out of it: a machine that
+    joined takes its Nodes out (their pods, their endpoints); a lab made on such an etcd removes
+    every key of the lab. A store that cannot be reached is said in one line and down goes on:
+    what is there stays, as a crashed machine's would."""
     try:
         state = load_state(name)
     except KproxyError:
         return
-    if state is None or not state.joined or config_of(lab_dir(name))["backend"] != "etcd":
+    if state is None or not state.store_endpoint or config_of(lab_dir(name))["backend"] != "etcd":
         return
+    from kproxy.store.etcd import EtcdStore  # requests: for labs that use etcd only
+
+    store = open_store(lab_dir(name))
     try:
-        kubelet.forget_nodes(state, open_store(lab_dir(name)))
+        if state.joined:
+            kubelet.forget_nodes(state, store)
+        elif isinstance(store, EtcdStore):
+            store.delete_everything()
     except KproxyError as exc:
-        print(f"kproxy: lab {name}'s nodes stay in its store: {exc}", file=sys.stderr)
+        print(f"kproxy: lab {name} stays in the etcd at {state.store_endpoint}: {exc}", file=sys.stderr)
 
 
 def _give_back_nic(name: str) -> None:
@@ -359,7 +368,7 @@ def status(lab: str) -> dict[str, Any]:
             "supervisorPid": supervisor.supervisor_pid(directory),
             "nodeCIDR": state.node_cidr, "loadBalancerCIDR": state.load_balancer_cidr,
             "external": None if state.joined else {"ip": state.external_ip, "namespace": ns_name(lab, EXTERNAL)},
-            "joined": state.joined or None,
+            "joined": state.joined,
             "nic": {"mac": state.nic, "name": state.nic_name} if state.nic else None,
             "store": store, "nodes": sorted(nodes, key=lambda n: n["name"]), "pods": pods}
 

@@ -32,24 +32,10 @@ from kproxy.lab.planning import others_in
 from kproxy.lab.state import LabState, lab_dir, lab_namespaces, load_state, ns_name, ns_path
 from kproxy.lab.topology import Topology, lab_name, parse_topology
 from kproxy.lab.wiring import UNDERLAY, UNDERLAY_BRIDGE, ensure_bridge, ensure_namespaces
-from kproxy.store import Conflict, open_store
+from kproxy.store import Conflict, View, etcd_url, open_store
 
 PROBES = 2  # ARP probes per address, and as many seconds to wait for an answer (RFC 5227 asks 3 over 1-2 s)
 CANDIDATES = 16  # addresses below etcd's tried for first contact
-
-
-def parse_endpoint(url: str) -> str:
-    """etcd://IP:PORT (the lab's etcd on its underlay) as the gateway's http://IP:PORT."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-        ip = ipaddress.IPv4Address(parts.hostname or "")
-    except ValueError:
-        port, ip = None, None
-    if parts.scheme != "etcd" or ip is None or port is None or parts.path not in ("", "/"):
-        raise KproxyError(f"--store {url!r} is not etcd://IP:PORT (the lab's etcd on its underlay, e.g. "
-                          "etcd://172.18.0.253:2379, as its maker's 'kproxy lab status' shows it)")
-    return f"http://{ip}:{port}"
 
 
 def answered(lab: str, address: str) -> bool:
@@ -103,34 +89,70 @@ def name_of(raw: Any, name: str | None = None) -> str:
     return lab_name(given)
 
 
+def _contact(name: str, endpoint: str, mac: str, say: Callable[[str], object]) -> View:
+    """Our lab NIC into our underlay's bridge, and the lab's store at endpoint read over it."""
+    found, in_underlay = lab_nic.find(mac, ns_path(name, UNDERLAY))
+    ensure_namespaces(name, [UNDERLAY])
+    ensure_bridge(name)
+    if not in_underlay:
+        say(lab_nic.notice(found.name, mac, name))
+    lab_nic.attach(mac, ns_path(name, UNDERLAY), UNDERLAY_BRIDGE)
+    from kproxy.store.etcd import EtcdStore  # requests: for labs that use etcd only
+
+    with borrowed_address(name, urlsplit(endpoint).hostname or ""):
+        return EtcdStore(endpoint, f"/kproxy/{name}/", ns_path(name, UNDERLAY)).read()
+
+
+@contextmanager
+def _first_time(name: str, fresh: bool) -> Iterator[None]:
+    """A first join or make that fails leaves nothing behind, here or in the lab's store."""
+    if fresh and lab_namespaces(name):
+        build.teardown(name)  # leftovers of a crash before any state was written
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            build.teardown(name)
+        raise
+
+
+def make_on(topology: Topology, url: str, mac: str, mode: str | None = None,
+            mode_options: dict[str, str] | None = None, dns: bool | None = None,
+            say: Callable[[str], object] = print) -> tuple[LabState, kubelet.Report]:
+    """`lab up --store etcd://IP:PORT --nic MAC`: the lab made here, its store in an etcd that
+    another machine runs on the underlay (reached over the NIC with mac), which must not hold a
+    lab of that name already; again on a running lab reconciles it."""
+    endpoint = etcd_url(url)
+    mac = lab_nic.parse_mac(mac)
+    if load_state(topology.name) is not None:  # up refuses another store or NIC
+        return build.up(topology, mode, mode_options, say, dns, "etcd", mac, store_endpoint=endpoint)
+    lab_nic.find(mac, ns_path(topology.name, UNDERLAY))  # refused here, before anything is made
+    with _first_time(topology.name, fresh=True):
+        view = _contact(topology.name, endpoint, mac, say)
+        if labconfig.KEY in view.objects:
+            raise KproxyError(f"the etcd at {url} holds a lab {topology.name} already, made by another machine: "
+                              "join it ('kproxy lab join') or choose another name")
+        return build.up(topology, mode, mode_options, say, dns, "etcd", mac, others=others_in(view, []),
+                        store_endpoint=endpoint)
+
+
 def join(raw: Any, url: str, mac: str, name: str, say: Callable[[str], object] = print) -> tuple[LabState, kubelet.Report]:
     """Build the topology's nodes and pods here, as part of lab name at url (etcd://IP:PORT), its
     underlay stretched over the NIC with mac; again on a machine that joined reconciles."""
-    endpoint = parse_endpoint(url)
+    endpoint = etcd_url(url)
     mac = lab_nic.parse_mac(mac)
     previous = load_state(name)
-    if previous is not None and previous.joined != endpoint:
+    if previous is not None and (not previous.joined or previous.store_endpoint != endpoint):
         raise KproxyError(f"lab {name} runs on this machine already "
-                          + (f"(joined at {previous.joined})" if previous.joined else "(made here)")
+                          + (f"(joined at {previous.store_endpoint})" if previous.joined else "(made here)")
                           + f"; take it down first ('kproxy lab down {name}')")
     if previous is not None and previous.nic != mac:
         raise KproxyError(f"lab {name} runs with NIC {previous.nic}, not {mac}; take it down first "
                           f"('kproxy lab down {name}')")
-    if previous is None and lab_namespaces(name):
-        build.teardown(name)  # leftovers of a crash before any state was written
-    found, in_underlay = lab_nic.find(mac, ns_path(name, UNDERLAY))  # refused here, before anything is made
-    fresh = previous is None
+    lab_nic.find(mac, ns_path(name, UNDERLAY))  # refused here, before anything is made
     had = list(previous.nodes) if previous else []
-    try:
-        ensure_namespaces(name, [UNDERLAY])
-        ensure_bridge(name)
-        if not in_underlay:
-            say(lab_nic.notice(found.name, mac, name))
-        lab_nic.attach(mac, ns_path(name, UNDERLAY), UNDERLAY_BRIDGE)
-        from kproxy.store.etcd import EtcdStore  # requests: for labs that use etcd only
-
-        with borrowed_address(name, urlsplit(endpoint).hostname or ""):
-            view = EtcdStore(endpoint, f"/kproxy/{name}/", ns_path(name, UNDERLAY)).read()
+    with _first_time(name, fresh=previous is None):
+        view = _contact(name, endpoint, mac, say)
         config = labconfig.lab_config(name, view)
         topology = topology_of(raw, config, name)
         others = others_in(view, had)
@@ -138,14 +160,9 @@ def join(raw: Any, url: str, mac: str, name: str, say: Callable[[str], object] =
         while True:
             try:
                 return build.up(topology, config.mode, config.mode_options, say, config.dns, "etcd", mac,
-                                joined=endpoint, others=others)
+                                joined=True, others=others, store_endpoint=endpoint)
             except Conflict:  # another machine took what we planned to: plan again, from what it wrote
                 if attempt == build.CLAIM_ATTEMPTS:
                     raise
                 attempt += 1
                 others = others_in(open_store(lab_dir(name)).read(), had)
-    except BaseException:
-        if fresh:  # a first join that failed leaves nothing behind, here or in the lab's store
-            build.teardown(name)
-        raise
-

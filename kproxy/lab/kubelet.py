@@ -191,9 +191,9 @@ def flannelds(state: LabState) -> list[supervisor.Wanted]:
 
 
 def control_plane(state: LabState) -> list[supervisor.Wanted]:
-    """etcd, where the lab keeps its store there and was made here (started first: everything else
+    """etcd, where this lab runs it in its control-plane member (started first: everything else
     reads the store)."""
-    if state.store != "etcd" or state.joined:
+    if not state.runs_etcd:
         return []
     return [supervisor.Wanted(processes.ETCD.kind, CONTROL_PLANE, ns_path(state.name, CONTROL_PLANE),
                               ("--lab-dir", str(lab_dir(state.name)), "--ip", state.control_plane_ip))]

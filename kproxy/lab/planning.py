@@ -5,9 +5,11 @@ Pure: nothing here touches the kernel or the store, so a plan is tested without 
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 from kproxy.errors import KproxyError
 from kproxy.k8sform import container, container_port, metadata, pod_object, pod_spec
@@ -52,22 +54,31 @@ def others_in(view: View, ours: Iterable[str]) -> Others:
 
 def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
          mode_options: dict[str, str] | None = None, dns: bool | None = None, store: str | None = None,
-         nic: str | None = None, others: Others = Others(), joined: str = "") -> LabState:
+         nic: str | None = None, others: Others = Others(), joined: bool = False,
+         store_endpoint: str | None = None) -> LabState:
     """The state this topology asks for, keeping every assignment previous made. mode_options
     are merged over the running lab's when the mode stays, and replace them when it changes;
     dns None keeps the running lab's cluster DNS (a new lab has it); store None keeps the running
     lab's store (a new lab has the file store); nic (a MAC) None keeps the running lab's lab NIC
     (a new lab has none). others: the nodes of the lab's other machines, whose names, IPs and
     pod CIDRs are not this machine's to take (a kept assignment one of them took is made anew);
-    joined: the etcd endpoint of the lab these nodes join ("": this machine makes the lab)."""
+    joined: these nodes join a lab another machine made; store_endpoint: the http://IP:PORT of an
+    etcd on the underlay that another machine runs (None: as the running lab, a new one none)."""
     mode = mode or (previous.mode if previous else DEFAULT_MODE)
     kept_options = previous.mode_options if previous is not None and previous.mode == mode else {}
     options = {**kept_options, **(mode_options or {})}
     proxy_mode(mode).options_of(options)  # refused here, before anything is made
-    store = store or (previous.store if previous else "file")
+    given_store, store = store, store or (previous.store if previous else "file")
     nic = nic if nic is not None else previous.nic if previous else ""
+    kept_endpoint = previous.store_endpoint if previous is not None and given_store is None else ""
+    endpoint = store_endpoint if store_endpoint is not None else kept_endpoint
+    hosts = list(topology.node_cidr.hosts())
+    if endpoint:
+        _refuse_etcd_off_the_underlay(endpoint, topology, hosts[-1])
     if previous is not None:
-        for what, old, new in (("store", previous.store, store), ("NIC", previous.nic or "none", nic or "none"),
+        for what, old, new in (("store", _store_as_given(previous.store, previous.store_endpoint),
+                                _store_as_given(store, endpoint)),
+                               ("NIC", previous.nic or "none", nic or "none"),
                                ("overlay", previous.overlay, topology.overlay),
                                ("podCIDR", previous.pod_cidr, str(topology.pod_cidr)),
                                ("nodeCIDR", previous.node_cidr, str(topology.node_cidr)),
@@ -80,7 +91,6 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
         if node.name in others.hosts:
             raise KproxyError(f"lab {topology.name} has a node {node.name} already, on host "
                               f"{others.hosts[node.name] or 'unknown'}; choose another name")
-    hosts = list(topology.node_cidr.hosts())
     state = LabState(
         name=topology.name,
         overlay=topology.overlay,
@@ -94,16 +104,17 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
         pods=dict(previous.pods) if previous else {},
         dns=dns if dns is not None else previous.dns if previous else True,
         store=store,
-        control_plane_ip=str(hosts[-2]) if store == "etcd" else "",
+        control_plane_ip=str(hosts[-2]) if store == "etcd" and not endpoint else "",
         nic=nic,
         nic_name=previous.nic_name if previous else "",
+        store_endpoint=endpoint,
         joined=joined,
     )
     wanted = {n.name for n in topology.nodes}
     kept = {name: n for name, n in (previous.nodes if previous else {}).items()
             if name in wanted and n.ip not in others.ips and n.pod_cidr not in others.pod_cidrs}
     # .1 stays free; the last two are the external client's and the control plane's
-    used_ips = {n.ip for n in kept.values()} | others.ips
+    used_ips = {n.ip for n in kept.values()} | others.ips | ({urlsplit(endpoint).hostname or ""} if endpoint else set())
     free_ips = iter([str(ip) for ip in hosts[1:-2] if str(ip) not in used_ips])
     subnets = list(topology.pod_cidr.subnets(new_prefix=24))[1:1 + node_subnet_count(topology.pod_cidr)]
     used_cidrs = {n.pod_cidr for n in kept.values()} | others.pod_cidrs
@@ -121,6 +132,20 @@ def plan(topology: Topology, previous: LabState | None, mode: str | None = None,
             state.nodes[node.name] = NodeState(ip, cidr, random_mac(), dict(node.labels), socket.gethostname())
     state.topology = to_raw(topology)
     return state
+
+
+def _store_as_given(store: str, endpoint: str) -> str:
+    """A store as --store names it: file, etcd, or etcd://IP:PORT (an etcd another machine runs)."""
+    return f"etcd://{urlsplit(endpoint).netloc}" if endpoint else store
+
+
+def _refuse_etcd_off_the_underlay(endpoint: str, topology: Topology, external_ip: Any) -> None:
+    """The nodes reach etcd on their underlay subnet, and it cannot be the external client."""
+    ip = ipaddress.IPv4Address(urlsplit(endpoint).hostname or "")
+    if ip not in topology.node_cidr or ip in (topology.node_cidr.network_address, external_ip):
+        raise KproxyError(f"etcd at {ip} is not an address for another machine on lab {topology.name}'s underlay "
+                          f"(a host of nodeCIDR {topology.node_cidr} other than the external client's {external_ip}): "
+                          "its nodes reach etcd there")
 
 
 def node_object(state: LabState, name: str) -> dict[str, Any]:

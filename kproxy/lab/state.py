@@ -85,7 +85,15 @@ class LabState:
     control_plane_ip: str = ""  # the control-plane member's underlay address ("": the lab has none)
     nic: str = ""  # the MAC of the NIC that is a port of the underlay's bridge (lab up --nic; "": none)
     nic_name: str = ""  # that NIC's name in the root namespace before up moved it, restored by down
-    joined: str = ""  # the etcd endpoint of the lab this machine's nodes joined (lab join); "": made here
+    # etcd's http://IP:PORT on the underlay when another machine runs it (lab join, lab up --store
+    # etcd://IP:PORT); "": the file store, or etcd in this lab's control-plane member
+    store_endpoint: str = ""
+    joined: bool = False  # this machine's nodes joined a lab another machine made (lab join)
+
+    @property
+    def runs_etcd(self) -> bool:
+        """etcd runs in this lab's control-plane member (lab up --store etcd)."""
+        return self.store == "etcd" and not self.store_endpoint
 
     @property
     def load_balancer_pool(self) -> ipaddress.IPv4Network | None:
