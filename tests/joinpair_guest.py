@@ -3,6 +3,9 @@
     python -m tests.joinpair_guest maker OVERLAY    # guest 1: lab up --store etcd --nic, two nodes
     python -m tests.joinpair_guest joiner OVERLAY   # guest 2: lab join, one node
 
+With a third argument, etcd-elsewhere, they go on: guest 2 runs an etcd of its own on its lab NIC,
+and guest 1 makes a second lab on it (lab up --store etcd://172.18.0.3:2379), then takes it down.
+
 They take turns through files in the pair's shared directory ("ready", "joined", ...), each
 carrying what the other needs as JSON, and each writes what it saw to ROLE.json there for the
 test to judge. A machine that fails writes "failed-ROLE" (with its error) so the other stops
@@ -21,6 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from kproxy import children
 from kproxy.lab import processes
 from kproxy.lab.probe import parse_answer, probe_tcp
 from kproxy.lab.state import lab_dir, ns_name, ns_path
@@ -29,6 +33,9 @@ from kproxy.lab.wiring import CONTROL_PLANE, EXTERNAL, UNDERLAY
 
 LAB = "twovm"
 ETCD = "etcd://172.18.0.253:2379"
+ON_ETCD = "onetcd"  # the lab made on guest 2's etcd
+ELSEWHERE_IP = "172.18.0.3"  # that etcd's address: a node IP the lab's nodes must leave to it
+ELSEWHERE = f"etcd://{ELSEWHERE_IP}:2379"
 NODE_PORT = 30080
 SHARE = Path(os.environ.get("KPROXY_PAIR_SHARE", "/nonexistent"))
 KPROXY = [sys.executable, "-m", "kproxy.cli"]
@@ -39,6 +46,9 @@ CAPTURE = {"vxlan": "udp port 8472", "host-gw": "src net 10.244.0.0/16 and dst n
 MAKER_TOPOLOGY = {"name": LAB, "nodes": ["node1", "node2"],
                   "pods": [{"name": "a", "nodeName": "node1", "labels": {"app": "web"}, "ports": [8080]},
                            {"name": "client1", "nodeName": "node2"}]}
+ON_ETCD_TOPOLOGY = {"name": ON_ETCD, "nodes": ["node1", "node2"],
+                    "pods": [{"name": "a", "nodeName": "node1", "labels": {"app": "web"}, "ports": [8080]},
+                             {"name": "client", "nodeName": "node2"}]}
 JOINER_TOPOLOGY = {"name": LAB, "nodes": ["node3"],
                    "pods": [{"name": "b", "nodeName": "node3", "labels": {"app": "web"}, "ports": [8080]},
                             {"name": "client2", "nodeName": "node3"}]}
@@ -75,13 +85,13 @@ def wait_for(name: str, timeout: float = HANDSHAKE_TIMEOUT) -> Any:
     return json.loads((SHARE / name).read_text())
 
 
-def answers(member: str, ip: str, port: int, want: set[str], tries: int = 60) -> list[str]:
+def answers(member: str, ip: str, port: int, want: set[str], tries: int = 60, lab: str = LAB) -> list[str]:
     """The pods that answered, connection after connection from member to ip:port, until every
     one of want has (or tries ran out); errors are kept as answers."""
     got: list[str] = []
     for _ in range(tries):
         try:
-            got.append(parse_answer(probe_tcp(ns_path(LAB, member), ip, port))["pod"])
+            got.append(parse_answer(probe_tcp(ns_path(lab, member), ip, port))["pod"])
         except OSError as exc:
             got.append(f"error: {exc}")
             time.sleep(0.2)
@@ -106,12 +116,12 @@ def etcd_itself() -> int:
         time.sleep(0.2)
 
 
-def status() -> dict[str, Any]:
-    return json.loads(kproxy("lab", "status", LAB, "-o", "json").stdout)
+def status(lab: str = LAB) -> dict[str, Any]:
+    return json.loads(kproxy("lab", "status", lab, "-o", "json").stdout)
 
 
-def cluster_ip(name: str) -> str:
-    return json.loads(kproxy("get", "svc", name, "--lab", LAB, "-o", "json").stdout)["spec"]["clusterIP"]
+def cluster_ip(name: str, lab: str = LAB) -> str:
+    return json.loads(kproxy("get", "svc", name, "--lab", lab, "-o", "json").stdout)["spec"]["clusterIP"]
 
 
 def lab_nic_name() -> str:
@@ -199,6 +209,51 @@ def maker(overlay: str, seen: dict[str, Any]) -> None:
     seen["nicAfter"], seen["namespacesAfter"] = lab_nic_name(), lab_namespaces_left()
 
 
+def maker_on_etcd_elsewhere(overlay: str, seen: dict[str, Any]) -> None:
+    """A second lab, made here with its store in the etcd guest 2 runs; down takes it out of there."""
+    wait_for("etcd-elsewhere")
+    (SHARE / "on-etcd.yaml").write_text(json.dumps(ON_ETCD_TOPOLOGY))
+    done = kproxy("lab", "up", "-f", str(SHARE / "on-etcd.yaml"), "--overlay", overlay, "--store", ELSEWHERE,
+                  "--nic", os.environ["KPROXY_LAB_NIC_MAC"], "--no-dns", check=False)
+    seen["onEtcdUp"] = [done.returncode, done.stdout, done.stderr]
+    if done.returncode != 0:
+        raise RuntimeError(f"lab up --store {ELSEWHERE} failed: {done.stdout}{done.stderr}")
+    kproxy("apply", "--lab", ON_ETCD, "-f", "-", stdin=service("web"))
+    seen["onEtcdStatus"] = status(ON_ETCD)
+    seen["onEtcdStatusText"] = kproxy("lab", "status", ON_ETCD).stdout
+    seen["onEtcdWeb"] = answers("client", cluster_ip("web", ON_ETCD), 80, {"a"}, lab=ON_ETCD)
+    tell("on-etcd-up")
+    wait_for("on-etcd-counted")
+    seen["onEtcdDown"] = kproxy("lab", "down", ON_ETCD).stdout
+    seen["onEtcdNicAfter"], seen["onEtcdNamespacesAfter"] = lab_nic_name(), lab_namespaces_left()
+    tell("on-etcd-down")
+
+
+def etcd_elsewhere(seen: dict[str, Any]) -> None:
+    """An etcd of this machine's own on its lab NIC, as a standalone etcd machine has it; what the
+    lab made on it keeps there while it runs, and after its down."""
+    from kproxy.store import etcdserver
+    from kproxy.store.etcd import EtcdStore
+
+    nic = lab_nic_name()
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)  # the guest's own init leaves it down
+    subprocess.run(["ip", "addr", "add", f"{ELSEWHERE_IP}/24", "dev", nic], check=True)
+    subprocess.run(["ip", "link", "set", nic, "up"], check=True)
+    etcd = etcdserver.start("elsewhere", ELSEWHERE_IP, Path("/tmp/etcd-elsewhere"), Path("/tmp/etcd-elsewhere.log"))
+    try:
+        store = EtcdStore(f"http://{ELSEWHERE_IP}:2379", f"/kproxy/{ON_ETCD}/")
+        tell("etcd-elsewhere")
+        wait_for("on-etcd-up")
+        seen["whileUp"] = sorted(store.read().objects)
+        tell("on-etcd-counted")
+        wait_for("on-etcd-down")
+        seen["afterDown"] = {"objects": sorted(store.read().objects), "version": store.version(),
+                             "reports": sorted(store.reports())}
+    finally:
+        children.end(etcd)
+        subprocess.run(["ip", "addr", "del", f"{ELSEWHERE_IP}/24", "dev", nic], check=False)
+
+
 def joiner(overlay: str, seen: dict[str, Any]) -> None:
     wait_for("ready")
     nic = lab_nic_name()
@@ -228,11 +283,16 @@ def joiner(overlay: str, seen: dict[str, Any]) -> None:
     tell("left")
 
 
-def main(role: str, overlay: str) -> int:
+def main(role: str, overlay: str, *more: str) -> int:
     Path("/proc/sys/kernel/hostname").write_text(f"kproxy-vm{ROLES.index(role) + 1}")
     seen: dict[str, Any] = {}
     try:
         {"maker": maker, "joiner": joiner}[role](overlay, seen)
+        if "etcd-elsewhere" in more:
+            if role == "maker":
+                maker_on_etcd_elsewhere(overlay, seen)
+            else:
+                etcd_elsewhere(seen)
         return 0
     except BaseException:
         seen["error"] = traceback.format_exc()
@@ -243,4 +303,4 @@ def main(role: str, overlay: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(*sys.argv[1:]))

@@ -1,7 +1,8 @@
 """One lab over two machines: two QEMU guests (Debian's stock kernel, nothing preloaded) whose lab
 NICs share one Ethernet segment (kproxy/guestpair.py). Guest 1 makes the lab (`lab up --store etcd
---nic`, two nodes); guest 2 joins it (`lab join --store etcd://... --nic`, one node). What each
-guest does is tests/joinpair_guest.py; this judges what they saw.
+--nic`, two nodes); guest 2 joins it (`lab join --store etcd://... --nic`, one node). With host-gw,
+guest 2 then runs an etcd of its own and guest 1 makes a second lab on it (`lab up --store
+etcd://...`). What each guest does is tests/joinpair_guest.py; this judges what they saw.
 
 Runs on the host (it boots its own pair), as root, like tests/test_lab_nic_pair.py.
 """
@@ -17,7 +18,8 @@ import pytest
 from kproxy import guestpair
 from kproxy.guest import REPO
 
-pytestmark = pytest.mark.kernel
+# The first test of each pair also boots it, and waits for both guests (run_pair's own timeout: 1500 s).
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1600)]
 
 GUEST = [sys.executable, "-m", "tests.joinpair_guest"]
 
@@ -27,7 +29,8 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                                                                                             dict[str, Any], str]:
     overlay = request.param
     run_dir = tmp_path_factory.mktemp(f"join-{overlay}")
-    first, second = guestpair.run_pair([*GUEST, "maker", overlay], [*GUEST, "joiner", overlay],
+    more = ["etcd-elsewhere"] if overlay == "host-gw" else []  # once: it does not depend on the overlay
+    first, second = guestpair.run_pair([*GUEST, "maker", overlay, *more], [*GUEST, "joiner", overlay, *more],
                                        env={"PYTHONPATH": str(REPO)}, timeout=1500, run_dir=run_dir)
     share = run_dir / "shared"
     consoles = f"guest 1:\n{first.console}\nguest 2:\n{second.console}"
@@ -54,10 +57,12 @@ def test_the_joining_machines_node_takes_the_next_address_and_both_machines_see_
     assert {k: v[:2] for k, v in nodes_of(maker["status"]).items()} == want
     assert {k: v[:2] for k, v in nodes_of(joiner["status"]).items()} == want
     assert nodes_of(joiner["status"])["node3"][2] is True and nodes_of(joiner["status"])["node1"][2] is None
-    assert joiner["status"]["joined"] == "http://172.18.0.253:2379" and joiner["status"]["external"] is None
+    assert joiner["status"]["joined"] is True and joiner["status"]["external"] is None
+    assert maker["status"]["joined"] is False and maker["status"]["external"]["ip"] == "172.18.0.254"
     assert joiner["status"]["store"]["endpoint"] == "http://172.18.0.253:2379"
     assert joiner["status"]["overlay"] == overlay and joiner["status"]["mode"] == maker["status"]["mode"]
-    assert "joined http://172.18.0.253:2379" in joiner["statusText"]
+    assert "  joined  " in joiner["statusText"] and "store etcd at http://172.18.0.253:2379  version " in \
+        joiner["statusText"]
 
 
 def test_pods_reach_each_other_across_the_machines_over_the_wire(pair) -> None:
@@ -108,3 +113,20 @@ def test_the_joining_machine_leaves_and_both_give_their_nics_back(pair) -> None:
     assert maker["webAfterLeave"] == ["a"]
     assert joiner["nicAfter"] == joiner["nicBefore"] and joiner["namespacesAfter"] == []
     assert maker["nicAfter"] and maker["namespacesAfter"] == []
+
+
+@pytest.mark.parametrize("pair", ["host-gw"], indirect=True)  # the pair that went on to etcd-elsewhere
+def test_a_lab_made_on_an_etcd_another_machine_runs_serves_and_down_takes_it_out_of_there(pair) -> None:
+    _, maker, joiner, _ = pair
+    code, out, err = maker["onEtcdUp"]
+    assert code == 0 and "lab onetcd is up (host-gw" in out, maker["onEtcdUp"]
+    status = maker["onEtcdStatus"]
+    assert status["store"]["backend"] == "etcd" and status["store"]["endpoint"] == "http://172.18.0.3:2379"
+    assert status["store"]["version"] > 0 and "control-plane" not in status["store"]["namespace"]
+    assert {n["name"]: n["ip"] for n in status["nodes"]} == {"node1": "172.18.0.2", "node2": "172.18.0.4"}
+    assert "store etcd at http://172.18.0.3:2379  version " in maker["onEtcdStatusText"]
+    assert maker["onEtcdWeb"] == ["a"]
+    assert {"ConfigMap/kube-system/kproxy-lab", "Node/node1", "Node/node2", "Pod/default/a",
+            "Service/default/web"} <= set(joiner["whileUp"])
+    assert joiner["afterDown"] == {"objects": [], "version": 0, "reports": []}
+    assert maker["onEtcdNicAfter"] and maker["onEtcdNamespacesAfter"] == []
