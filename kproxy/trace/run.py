@@ -35,10 +35,13 @@ class Recorder:
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
 
-    def start(self) -> None:
+    def launch(self) -> None:
         self._proc = subprocess.Popen(["nsenter", f"--net={self.member.netns_path}", "--", *WORKER, "record"],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self._proc.stderr is not None
+
+    def wait_ready(self) -> None:
+        """Once the worker records (its socket is bound); from then on its packets are kept."""
+        assert self._proc is not None and self._proc.stderr is not None
         if first_line(self._proc.stderr, READY_TIMEOUT) != b"ready":
             self.stop()
             raise KproxyError(f"cannot record packets in {self.member.name}")
@@ -167,9 +170,11 @@ def trace(flow: Flow, lab: str, mode: Mode, overlay: str, timeout: float) -> Tra
                                                                        flags="R", seq=seq + 1)], 0, raw_socket=True)
         in_node(flow.source.netns_path, "nft", "-f", "-", stdin=guard_table(probe, ip_id))
         recorders = [Recorder(member, caught, changed) for member in flow.listeners]
-        for recorder in recorders:
+        for recorder in recorders:  # all at once: each worker takes a while to import scapy
             cleanup.callback(recorder.stop)
-            recorder.start()
+            recorder.launch()
+        for recorder in recorders:
+            recorder.wait_ready()
         tracers = [mode.tracer(node.netns_path) for node in flow.nodes] if mode.tracer else []
         for tracer in tracers:
             cleanup.callback(tracer.disarm)
