@@ -146,6 +146,10 @@ class HostSide:
                                 f"freshly booted, TCG; timeout {timeout:.0f} s) ...", bold=True)
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
                 "-o", f"timeout={self.config.getini('timeout') or 300}",
+                # Each test's own time, not its fixtures': the last test's teardown there is every session-scoped
+                # lab's `down` at once, which under emulation once took it past its timeout. The guest session
+                # as a whole has its own timeout below, and each kproxy command in a test has one.
+                "-o", "timeout_func_only=true",
                 f"--junitxml={run_dir}/junit.xml", *files]
         env = {REPORT_ENV: str(run_dir / "reports.jsonl"), SELECT_ENV: str(run_dir / "select.txt")}
         started = time.monotonic()

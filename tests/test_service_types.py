@@ -305,9 +305,14 @@ def test_a_rollout_behind_a_local_policy_load_balancer_fails_no_request(typed: L
     assert set(served) & after  # the new pods served too
 
 
-def _delete_in_background(lab: Lab, pod: str, grace: int) -> threading.Thread:
+# Long enough that the pod still serves while a test sees it terminating and asks it: in the
+# emulated guest each `kproxy get` of that wait takes seconds, and a 6 s grace once ran out first.
+TERMINATING_GRACE = 20
+
+
+def _delete_in_background(lab: Lab, pod: str) -> threading.Thread:
     thread = threading.Thread(target=kproxy, args=("delete", "pod", pod, "--lab", lab.name,
-                                                   "--grace-period", str(grace)))
+                                                   "--grace-period", str(TERMINATING_GRACE)))
     thread.start()
     return thread
 
@@ -321,7 +326,7 @@ def _terminating(lab: Lab, pod: str) -> bool:
 
 def test_a_terminating_endpoint_serves_only_while_no_endpoint_is_ready(typed: Lab, tmp_path: Path) -> None:
     [first, second] = sorted(p["metadata"]["name"] for p in typed.pods("app=api"))
-    going = _delete_in_background(typed, first, grace=6)
+    going = _delete_in_background(typed, first)
     try:
         wait_for(f"{first} terminating", lambda: _terminating(typed, first), timeout=10)
         picks = Counter(typed.ask("client", typed.ip("api"), 80)["pod"] for _ in range(15))
@@ -329,7 +334,7 @@ def test_a_terminating_endpoint_serves_only_while_no_endpoint_is_ready(typed: La
     finally:
         going.join()
     local = programs(typed, "local", tmp_path)
-    lone = _delete_in_background(typed, "lone", grace=6)
+    lone = _delete_in_background(typed, "lone")
     try:
         wait_for("lone terminating", lambda: _terminating(typed, "lone"), timeout=10)
         # lone is the only endpoint, terminating and still serving: the Service falls back to it.
